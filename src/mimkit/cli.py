@@ -1,0 +1,103 @@
+"""``mimkit <command>``: thin wrappers that parse a config and call engine, eval and analysis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mimkit.config import ConfigError, load_config
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from mimkit.engine.run import run_pretraining
+
+    config = load_config(args.config, args.overrides)
+    resume: bool | str = args.resume if args.resume not in (None, "") else False
+    if args.resume == "":
+        resume = True
+    summary = run_pretraining(config, resume=resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from mimkit.analysis.reconstruct import reconstruct_files
+
+    path = reconstruct_files(
+        args.checkpoint, args.images, args.out, mask_ratio=args.mask_ratio, seed=args.seed, limit=args.limit
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mimkit.models.load import convert_checkpoint
+
+    out = convert_checkpoint(args.input, args.output, to=args.to)
+    print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mimkit.analysis.complexity import format_info, model_info
+    from mimkit.engine.pretrain import build_model
+
+    config = load_config(args.config, args.overrides)
+    print(format_info(model_info(build_model(config))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("pretrain", help="pretrain a masked image model")
+    p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
+    p.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+        help="continue from train.output_dir/last.pt, or from CHECKPOINT",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.blr=1e-3 train.epochs=2")
+    p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser("reconstruct", help="picture of originals, masks and reconstructions")
+    p.add_argument("--checkpoint", required=True, help="mimkit, MAE or HuggingFace checkpoint (file or directory)")
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--mask-ratio", type=float, default=None, help="mask ratio (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--limit", type=int, default=16, help="at most this many images")
+    p.set_defaults(func=_reconstruct)
+
+    p = commands.add_parser("convert", help="convert weights between mimkit, MAE and HuggingFace layouts")
+    p.add_argument("--to", required=True, choices=["mimkit", "mae", "hf"])
+    p.add_argument("input", help="checkpoint file or HuggingFace directory")
+    p.add_argument("output", help="output file (mimkit, mae) or directory (hf)")
+    p.set_defaults(func=_convert)
+
+    p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
+    p.add_argument("--config", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
+        print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mimkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Nested dataclass configuration <-> YAML, with dotted command-line overrides.
+
+Unknown keys and values of the wrong type are errors that name the key, raised before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``None`` fields take the preset of ``name`` / ``decoder``."""
+
+    name: str = "vit_tiny"
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 1
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    decoder: str = "tiny"
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+
+@dataclass
+class MaskConfig:
+    """Which patches are hidden."""
+
+    type: str = "random"
+    ratio: float = 0.75
+
+
+@dataclass
+class TargetConfig:
+    """What the decoder predicts and the loss on hidden patches."""
+
+    type: str = "pixel"
+    norm_pix: bool = True
+    loss: str = "mse"
+
+
+@dataclass
+class DataConfig:
+    """Training data and augmentation."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    in_memory: bool | None = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_workers: int = 2
+    limit: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with MAE's parameter groups; lr = blr * effective_batch / 256."""
+
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 1.0
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch, outputs, checkpoints."""
+
+    epochs: int = 1
+    batch_size: int = 256
+    output_dir: str = "runs/mae"
+    seed: int = 0
+    device: str = "auto"
+    save_every_epochs: int = 1
+    save_every_steps: int | None = None
+    max_steps: int | None = None
+    num_threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go."""
+
+    every_steps: int = 20
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Checks run at the end of pretraining."""
+
+    reconstruct: bool = True
+    num_images: int = 8
+    knn: bool = False
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_limit: int | None = 10000
+    knn_test_limit: int | None = 2000
+    knn_baseline: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)  # type: ignore[no-any-return]
+
+    def validate(self) -> Config:
+        """Cross-field checks that would otherwise fail hours into a run."""
+        from mimkit.layers import check_patch_grid
+        from mimkit.masking import MASKERS, num_hidden_patches
+        from mimkit.models.registry import DECODERS, ENCODERS
+        from mimkit.targets import LOSSES
+
+        def check(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+
+        check(self.model.name in ENCODERS, "model.name", f"unknown model {self.model.name!r}; one of {sorted(ENCODERS)}")
+        check(self.model.decoder in DECODERS, "model.decoder", f"unknown preset; one of {sorted(DECODERS)}")
+        try:
+            check_patch_grid(self.model.img_size, self.model.patch_size)
+        except ValueError as err:
+            raise ConfigError(f"model.img_size: {err}") from None
+        check(self.model.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.model.in_chans}")
+        check(self.mask.type in MASKERS, "mask.type", f"unknown {self.mask.type!r}; one of {sorted(MASKERS)}")
+        try:
+            num_hidden_patches(1, self.mask.ratio)
+        except ValueError as err:
+            raise ConfigError(f"mask.ratio: {err}") from None
+        check(self.target.type == "pixel", "target.type", f"unknown {self.target.type!r}; one of ['pixel']")
+        check(self.target.loss in LOSSES, "target.loss", f"unknown {self.target.loss!r}; one of {list(LOSSES)}")
+        check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
+        check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
+        check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
+        check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        check(self.train.batch_size % self.optim.accum_steps == 0, "optim.accum_steps", "must divide train.batch_size")
+        check(self.optim.blr > 0 or (self.optim.lr or 0) > 0, "optim.blr", "must be positive")
+        return self
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists (YAML-friendly)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {annotation}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {annotation}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section {prefix.rstrip('.')}" if prefix else "the config"
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {err}") from None
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults), apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: invalid YAML, unknown key, wrong type or inconsistent values.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    apply_overrides(data, overrides or [])
+    return from_dict(Config, data).validate()  # type: ignore[no-any-return]
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    return from_dict(Config, data).validate()  # type: ignore[no-any-return]
+
+
+def model_overrides(config: Config) -> dict[str, Any]:
+    """``create_model`` keyword arguments for this config."""
+    m = config.model
+    return dict(
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        decoder=m.decoder,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        drop_path_rate=m.drop_path_rate,
+        norm_eps=m.norm_eps,
+        qkv_bias=m.qkv_bias,
+        mask_type=config.mask.type,
+        mask_ratio=config.mask.ratio,
+        norm_pix_loss=config.target.norm_pix,
+        loss=config.target.loss,
+    )

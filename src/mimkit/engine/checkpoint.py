@@ -1,0 +1,89 @@
+"""Atomic checkpoints: a partial file never replaces a good one."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not a mimkit checkpoint."""
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename over ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` a checkpoint dict atomically."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``: no code from the file is executed).
+
+    Raises:
+        CheckpointError: missing, truncated or unreadable file, with the path and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "it may be truncated or not a PyTorch checkpoint; use an earlier checkpoint"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _numpy_state_plain() -> tuple:
+    """NumPy's legacy RNG state with plain Python values, loadable with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states of Python, NumPy and torch (CPU and CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_plain(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` output."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

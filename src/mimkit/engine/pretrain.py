@@ -1,0 +1,311 @@
+"""The pretraining loop. It never branches on which MIM variant it runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mimkit.config import Config, config_from_dict, model_overrides
+from mimkit.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint_file,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mimkit.engine.logging import MetricsLogger
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.schedule import effective_lr, warmup_cosine
+from mimkit.models import MaskedImageModel, create_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+CONFIG_NAME = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class PretrainResult:
+    """What a finished run reports."""
+
+    output_dir: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    images_per_second: float
+    seconds: float
+    num_skipped_images: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: Config) -> MaskedImageModel:
+    """The pretraining model described by a config."""
+    return create_model(config.model.name, **model_overrides(config))
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, stream): masks and augmentation
+    depend on nothing a resume could lose."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+def write_config(config: Config, out_dir: Path) -> None:
+    """Save the resolved config next to the checkpoints (atomically)."""
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
+
+
+class Pretrainer:
+    """Runs MAE-style pretraining for a :class:`Config`.
+
+    Args:
+        config: the validated run config.
+        resume: continue from ``output_dir/last.pt`` (or from this checkpoint path when a string).
+    """
+
+    def __init__(self, config: Config, resume: bool | str = False) -> None:
+        from mimkit.data import build_dataset, build_loader, default_normalization
+        from mimkit.data.transforms import MAEAugment
+
+        self.config = config
+        cfg = config
+        self.out_dir = Path(cfg.train.output_dir)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        resume_path = self._resume_path(resume)
+        self._check_output_dir(resume_path)
+
+        torch.manual_seed(cfg.train.seed)
+        self.dataset = build_dataset(
+            cfg.data.dataset,
+            root=cfg.data.root,
+            split="train",
+            img_size=cfg.model.img_size,
+            in_chans=cfg.model.in_chans,
+            in_memory=cfg.data.in_memory,
+            limit=cfg.data.limit,
+        )
+        if len(self.dataset) < cfg.train.batch_size:
+            raise ValueError(
+                f"the data set has {len(self.dataset)} images, fewer than train.batch_size "
+                f"{cfg.train.batch_size}; lower the batch size or add images"
+            )
+        mean, std = default_normalization(cfg.model.in_chans, cfg.data.dataset)
+        self.mean = tuple(cfg.data.mean or mean)
+        self.std = tuple(cfg.data.std or std)
+        self.augment = MAEAugment(
+            cfg.model.img_size,
+            scale=cfg.data.crop_scale,
+            ratio=cfg.data.crop_ratio,
+            hflip=cfg.data.hflip,
+            mean=self.mean,
+            std=self.std,
+        )
+        self.loader = build_loader(
+            self.dataset,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+        )
+        self.steps_per_epoch = len(self.dataset) // cfg.train.batch_size
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        self.model = build_model(cfg).to(self.device)
+        self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size, cfg.optim.lr)
+        self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.step = 0
+        if resume_path is not None:
+            self._load(resume_path)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, self.out_dir)
+        self.logger = MetricsLogger(
+            self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
+        )
+
+    def _resume_path(self, resume: bool | str) -> Path | None:
+        if not resume:
+            return None
+        path = Path(resume) if isinstance(resume, str) else self.out_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            raise CheckpointError(f"cannot resume: {path} does not exist")
+        return path
+
+    def _check_output_dir(self, resume_path: Path | None) -> None:
+        existing = self.out_dir / CHECKPOINT_NAME
+        if resume_path is None and existing.exists():
+            raise FileExistsError(
+                f"{existing} already exists; pass --resume to continue that run or choose another train.output_dir"
+            )
+        probe_dir = self.out_dir if self.out_dir.exists() else self.out_dir.parent
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        import os
+
+        if not os.access(probe_dir, os.W_OK):
+            raise PermissionError(f"train.output_dir {self.out_dir} is not writable")
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint_file(path)
+        for key in ("model", "optimizer", "step"):
+            if key not in state:
+                raise CheckpointError(f"{path} is not a mimkit training checkpoint (no {key!r})")
+        saved = config_from_dict(state["config"]) if "config" in state else None
+        if saved is not None and saved.model != self.config.model:
+            raise CheckpointError(f"{path} was trained with model {saved.model}, not {self.config.model}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as plain tensors and Python values."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"name": "warmup_cosine", "base_lr": self.base_lr, "warmup_steps": self.warmup_steps,
+                          "total_steps": self.total_steps, "min_lr": self.config.optim.min_lr},
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "model_args": dict(self.model.config),  # type: ignore[call-overload]
+        }
+
+    def save(self, name: str = CHECKPOINT_NAME) -> Path:
+        path = self.out_dir / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine(
+            step,
+            base_lr=self.base_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            min_lr=self.config.optim.min_lr,
+        )
+
+    def train_step(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a uint8 batch (B, C, H, W); returns the detached mean loss."""
+        cfg = self.config
+        seed, step = cfg.train.seed, self.step
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = self.augment(images_uint8.to(self.device, non_blocking=True), generator=step_generator(seed, step, 0))
+        batch = images.shape[0]
+        mask = self.model.make_mask(batch, generator=step_generator(seed, step, 1)).to(self.device)
+        torch.manual_seed(seed * 1_000_003 + step)  # drop path and other global randomness
+        accum = cfg.optim.accum_steps
+        micro = batch // accum
+        total = torch.zeros((), device=self.device)
+        for index in range(accum):
+            rows = slice(index * micro, (index + 1) * micro)
+            out = self.model(images[rows], mask=mask.rows(rows))
+            (out.loss / accum).backward()
+            total += out.loss.detach() / accum
+        if cfg.optim.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def _check_finite(self, nonfinite: torch.Tensor, since: int) -> None:
+        if bool(nonfinite):
+            raise NonFiniteLossError(
+                f"loss became NaN/inf between steps {since} and {self.step}; training stopped and the last good "
+                f"checkpoint in {self.out_dir} was kept. Lower optim.blr, set optim.clip_grad, or check the data."
+            )
+
+    def fit(self) -> PretrainResult:
+        """Train until ``total_steps``; checkpoints, logs and a progress bar along the way."""
+        cfg = self.config
+        start_step = self.step
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
+                   disable=not cfg.train.progress, dynamic_ncols=True)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        running = torch.zeros((), device=self.device)
+        last_log_step, last_log_time = self.step, time.perf_counter()
+        last_checked = self.step
+        loss_value = math.nan
+        started = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                self.loader.set_epoch(epoch)
+                start_batch = self.step - epoch * self.steps_per_epoch
+                for images, _labels in self.loader.iter_from(start_batch):
+                    loss = self.train_step(images)
+                    nonfinite |= ~torch.isfinite(loss)
+                    running += loss
+                    bar.update(1)
+                    at_epoch_end = self.step % self.steps_per_epoch == 0
+                    done = self.step >= self.total_steps
+                    if self.step % cfg.log.every_steps == 0 or at_epoch_end or done:
+                        self._check_finite(nonfinite, last_checked)
+                        last_checked = self.step
+                        now = time.perf_counter()
+                        steps = self.step - last_log_step
+                        loss_value = float(running) / max(steps, 1)
+                        img_s = steps * cfg.train.batch_size / max(now - last_log_time, 1e-9)
+                        lr = self.lr_at(self.step - 1)
+                        self.logger.log(self.step, {"train/loss": loss_value, "train/lr": lr,
+                                                    "train/img_per_s": img_s, "epoch": self.step / self.steps_per_epoch})
+                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+                        running.zero_()
+                        last_log_step, last_log_time = self.step, now
+                    save_steps = cfg.train.save_every_steps
+                    if (save_steps and self.step % save_steps == 0) or done or (
+                        at_epoch_end and (self.step // self.steps_per_epoch) % cfg.train.save_every_epochs == 0
+                    ):
+                        self._check_finite(nonfinite, last_checked)
+                        self.save()
+                    if done:
+                        break
+        finally:
+            bar.close()
+            self.logger.close()
+        seconds = time.perf_counter() - started
+        images_seen = (self.step - start_step) * cfg.train.batch_size
+        return PretrainResult(
+            output_dir=self.out_dir,
+            checkpoint=self.out_dir / CHECKPOINT_NAME,
+            steps=self.step,
+            final_loss=loss_value,
+            images_per_second=images_seen / max(seconds, 1e-9),
+            seconds=seconds,
+            num_skipped_images=int(getattr(self.dataset, "num_skipped", 0)),
+        )
+
+
+def pretrain(config: Config, resume: bool | str = False) -> PretrainResult:
+    """Build and run a :class:`Pretrainer`."""
+    return Pretrainer(config, resume=resume).fit()

@@ -1,0 +1,96 @@
+"""A whole pretraining job: train, then the end-of-run picture and kNN check the recipe asks for."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+
+from mimkit.config import Config
+from mimkit.engine.checkpoint import atomic_write
+from mimkit.engine.pretrain import Pretrainer, build_model
+
+log = logging.getLogger(__name__)
+
+
+def knn_report(trainer: Pretrainer) -> dict[str, Any]:
+    """kNN accuracy on the test split for the trained encoder and, as a baseline, the same
+    architecture at random initialisation (same seed as the run)."""
+    from mimkit.data import build_dataset
+    from mimkit.data.transforms import EvalTransform
+    from mimkit.eval.knn import extract_features, knn_accuracy
+
+    cfg = trainer.config
+    ev = cfg.eval
+    common = dict(root=cfg.data.root, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, in_memory=True)
+    train = build_dataset(cfg.data.dataset, split="train", limit=ev.knn_train_limit, **common)
+    test = build_dataset(cfg.data.dataset, split="test", limit=ev.knn_test_limit, **common)
+    if train.labels is None or test.labels is None:
+        raise ValueError("kNN evaluation needs labelled data (one subfolder per class)")
+    transform = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)
+    torch.manual_seed(cfg.train.seed)
+    encoders = {"pretrained": trainer.model.encoder}
+    if ev.knn_baseline:
+        encoders["random_init"] = build_model(cfg).encoder.to(trainer.device)
+    report: dict[str, Any] = {"k": ev.knn_k, "temperature": ev.knn_temperature,
+                              "train_images": len(train), "test_images": len(test)}
+    for name, encoder in encoders.items():
+        feats = [
+            extract_features(encoder, data.images, transform=transform, device=trainer.device,
+                             progress=cfg.train.progress, desc=f"kNN features ({name}, {split})")
+            for data, split in ((train, "train"), (test, "test"))
+        ]
+        report[name] = knn_accuracy(
+            feats[0], train.labels, feats[1], test.labels, k=ev.knn_k, temperature=ev.knn_temperature,
+            num_classes=len(train.classes),
+        )
+    return report
+
+
+def reconstruction_picture(trainer: Pretrainer) -> str:
+    """A grid of test images, their masks and reconstructions, saved as ``reconstruction.png``."""
+    from mimkit.analysis.reconstruct import reconstruct, save_reconstruction_grid
+    from mimkit.data import build_dataset
+    from mimkit.data.transforms import EvalTransform
+
+    cfg = trainer.config
+    try:
+        data = build_dataset(cfg.data.dataset, root=cfg.data.root, split="test", img_size=cfg.model.img_size,
+                             in_chans=cfg.model.in_chans, in_memory=True, limit=cfg.eval.num_images)
+    except (FileNotFoundError, ValueError):  # unlabelled folders have no test split: show training images
+        data = trainer.dataset
+    images = data.images[: cfg.eval.num_images]
+    batch = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)(images.to(trainer.device))
+    result = reconstruct(trainer.model, batch, generator=torch.Generator().manual_seed(cfg.train.seed))
+    path = trainer.out_dir / "reconstruction.png"
+    save_reconstruction_grid(result, path, mean=trainer.mean, std=trainer.std, norm_pix=cfg.target.norm_pix,
+                             title=f"{cfg.model.name} after {trainer.step} steps")
+    return str(path)
+
+
+def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any]:
+    """Pretrain, then write the reconstruction picture and the kNN check if the recipe asks for them.
+
+    Returns:
+        A summary dict, also written to ``output_dir/summary.json``.
+    """
+    trainer = Pretrainer(config, resume=resume)
+    result = trainer.fit()
+    summary: dict[str, Any] = {
+        "output_dir": str(result.output_dir),
+        "checkpoint": str(result.checkpoint),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "train_images_per_second": round(result.images_per_second, 1),
+        "train_seconds": round(result.seconds, 1),
+        "skipped_images": result.num_skipped_images,
+    }
+    if config.eval.reconstruct:
+        summary["reconstruction"] = reconstruction_picture(trainer)
+    if config.eval.knn:
+        summary["knn"] = knn_report(trainer)
+    text = json.dumps(summary, indent=2)
+    atomic_write(trainer.out_dir / "summary.json", lambda handle: handle.write(text.encode()))
+    return summary

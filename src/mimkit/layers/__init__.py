@@ -1,0 +1,19 @@
+"""Pure ``nn.Module`` building blocks (no config)."""
+
+from mimkit.layers.block import Attention, Block, DropPath, Mlp, init_vit_weights
+from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
+from mimkit.layers.pos_embed import sincos_1d, sincos_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "check_patch_grid",
+    "init_vit_weights",
+    "patchify",
+    "sincos_1d",
+    "sincos_2d",
+    "unpatchify",
+]

@@ -1,0 +1,16 @@
+"""Maskers: each returns a :class:`MaskSpec`; the training loop does not know which one runs."""
+
+from mimkit.masking.random import RandomMasker
+from mimkit.masking.spec import Masker, MaskSpec, num_hidden_patches
+
+MASKERS = {"random": RandomMasker}
+
+
+def create_masker(kind: str, ratio: float, **kwargs: object) -> Masker:
+    """Build a masker by its ``mask.type`` name."""
+    if kind not in MASKERS:
+        raise ValueError(f"unknown mask.type {kind!r}; choose one of {sorted(MASKERS)}")
+    return MASKERS[kind](ratio=ratio, **kwargs)  # type: ignore[arg-type]
+
+
+__all__ = ["MASKERS", "MaskSpec", "Masker", "RandomMasker", "create_masker", "num_hidden_patches"]

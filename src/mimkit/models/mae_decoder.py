@@ -1,0 +1,93 @@
+"""MAE's light decoder: shared mask token, its own sin-cos positions, transformer blocks, pixel head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mimkit.layers import Block, init_vit_weights, sincos_2d
+from mimkit.masking import MaskSpec
+from mimkit.models.vit import EncoderOutput
+
+
+@dataclass
+class DecoderOutput:
+    """Decoder predictions and, on request, its token relations.
+
+    Attributes:
+        pred: (B, L, out_dim) one prediction per patch, raster order, prefix tokens removed.
+        attentions: per block (B, heads, 1 + L, 1 + L) when requested.
+        hidden_states: per block (B, 1 + L, D) when requested.
+    """
+
+    pred: Tensor
+    attentions: list[Tensor] = field(default_factory=list)
+    hidden_states: list[Tensor] = field(default_factory=list)
+
+
+class MAEDecoder(nn.Module):
+    """The MAE decoder.
+
+    Args:
+        grid: (grid_h, grid_w) patch grid.
+        in_dim: encoder width.
+        out_dim: prediction width per patch (``patch_size**2 * in_chans`` for pixels).
+        embed_dim: decoder width.
+        depth: decoder blocks.
+        num_heads: decoder heads.
+        mlp_ratio: MLP ratio.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        in_dim: int,
+        out_dim: int,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.embed_dim = embed_dim
+        self.embed = nn.Linear(in_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, 1)[None], requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.pred = nn.Linear(embed_dim, out_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(init_vit_weights)
+
+    def forward(
+        self,
+        enc: EncoderOutput,
+        mask: MaskSpec,
+        *,
+        return_attn: bool = False,
+        return_hidden: bool = False,
+    ) -> DecoderOutput:
+        """Predict every patch from the visible tokens plus one shared mask token per hidden patch."""
+        x = self.embed(enc.tokens)  # (B, P + Lk, Dd)
+        prefix, visible = x[:, : enc.num_prefix_tokens], x[:, enc.num_prefix_tokens :]
+        batch, length = mask.ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, length - visible.shape[1], -1)  # (B, L - Lk, Dd)
+        x = torch.cat([visible, mask_tokens], dim=1)  # (B, L, Dd) in [kept, hidden] order
+        index = mask.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, index)  # (B, L, Dd) back to raster order
+        # Only the class token keeps its decoder position; extra prefix tokens are dropped (MAE has one).
+        x = torch.cat([prefix[:, :1], x], dim=1) + self.pos_embed  # (B, 1 + L, Dd)
+        out = DecoderOutput(pred=x)
+        for block in self.blocks:
+            x, attn = block(x, return_attn=return_attn)
+            if attn is not None:
+                out.attentions.append(attn)
+            if return_hidden:
+                out.hidden_states.append(x)
+        out.pred = self.pred(self.norm(x))[:, 1:]  # (B, L, out_dim)
+        return out

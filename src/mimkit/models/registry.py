@@ -1,0 +1,109 @@
+"""Model sizes as data, and ``create_model(name, **overrides)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mimkit.masking import create_masker
+from mimkit.models.mae_decoder import MAEDecoder
+from mimkit.models.mim import MaskedImageModel
+from mimkit.models.vit import VisionTransformer
+from mimkit.targets import PixelTarget
+
+# Standard ViT widths (timm / MAE vocabulary). Patch sizes are MAE's defaults; CPU recipes override.
+ENCODERS: dict[str, dict[str, Any]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, patch_size=16),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+}
+
+# Decoder presets: MAE's default 512-d x 8 and lighter ones for small models and CPUs.
+DECODERS: dict[str, dict[str, Any]] = {
+    "mae": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "small": dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "tiny": dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
+    "micro": dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+}
+
+DEFAULTS: dict[str, Any] = dict(
+    img_size=224,
+    in_chans=3,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    drop_path_rate=0.0,
+    norm_eps=1e-6,
+    norm_pix_loss=True,
+    loss="mse",
+    mask_ratio=0.75,
+    mask_type="random",
+)
+
+ARG_NAMES = frozenset(DEFAULTS) | frozenset(ENCODERS["vit_base"]) | frozenset(DECODERS["mae"]) | {"decoder"}
+
+
+def model_args(name: str, **overrides: Any) -> dict[str, Any]:
+    """Resolve the full constructor arguments of a named model with overrides applied.
+
+    Overrides use the original MAE constructor's names (``img_size``, ``patch_size``, ``in_chans``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``decoder_embed_dim``, ``decoder_depth``,
+    ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``loss``,
+    ``norm_eps``, ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`).
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS)}")
+    unknown = set(overrides) - ARG_NAMES
+    if unknown:
+        raise ValueError(f"unknown model argument(s) {sorted(unknown)}; valid: {sorted(ARG_NAMES)}")
+    decoder = overrides.get("decoder") or "mae"
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder preset {decoder!r}; choose one of {sorted(DECODERS)}")
+    args = {**DEFAULTS, **ENCODERS[name], **DECODERS[decoder], "decoder": decoder}
+    args.update({key: value for key, value in overrides.items() if value is not None})
+    return args
+
+
+def create_encoder(name: str, **overrides: Any) -> VisionTransformer:
+    """Build only the encoder of a named model (for evaluation and transfer)."""
+    args = model_args(name, **overrides)
+    return VisionTransformer(
+        img_size=args["img_size"],
+        patch_size=args["patch_size"],
+        in_chans=args["in_chans"],
+        embed_dim=args["embed_dim"],
+        depth=args["depth"],
+        num_heads=args["num_heads"],
+        mlp_ratio=args["mlp_ratio"],
+        qkv_bias=args["qkv_bias"],
+        drop_path_rate=args["drop_path_rate"],
+        norm_eps=args["norm_eps"],
+    )
+
+
+def create_model(name: str, **overrides: Any) -> MaskedImageModel:
+    """Build an MAE pretraining model, e.g. ``create_model("vit_tiny", patch_size=4, img_size=32)``.
+
+    Returns:
+        A :class:`MaskedImageModel`; ``model.encoder`` is the encoder used for evaluation and
+        ``model.config`` the resolved arguments (enough to rebuild it).
+    """
+    args = model_args(name, **overrides)
+    encoder = create_encoder(name, **overrides)
+    out_dim = args["patch_size"] ** 2 * args["in_chans"]
+    decoder = MAEDecoder(
+        encoder.grid,
+        in_dim=args["embed_dim"],
+        out_dim=out_dim,
+        embed_dim=args["decoder_embed_dim"],
+        depth=args["decoder_depth"],
+        num_heads=args["decoder_num_heads"],
+        mlp_ratio=args["mlp_ratio"],
+        norm_eps=args["norm_eps"],
+    )
+    masker = create_masker(args["mask_type"], args["mask_ratio"])
+    target = PixelTarget(args["patch_size"], norm_pix=args["norm_pix_loss"], loss=args["loss"])
+    model = MaskedImageModel(encoder, decoder, masker, target)
+    model.name = name  # type: ignore[assignment]
+    model.config = {"name": name, **args}  # type: ignore[assignment]
+    return model

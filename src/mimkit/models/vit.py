@@ -1,0 +1,137 @@
+"""Vision Transformer encoder that runs on visible tokens only when given a mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mimkit.layers import Block, PatchEmbed, init_vit_weights, sincos_2d
+from mimkit.masking import MaskSpec
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder hands to a decoder, a head or an analysis.
+
+    Attributes:
+        tokens: (B, P + N, D) normalised output tokens: P prefix (class) tokens, then N patch tokens
+            (the visible ones in ``mask.ids_keep`` order when masked, all L in raster order otherwise).
+        num_prefix_tokens: P.
+        grid: (grid_h, grid_w) patch grid of the full image.
+        attentions: per block (B, heads, P + N, P + N) when requested.
+        hidden_states: per block output (B, P + N, D) before the final norm, when requested.
+    """
+
+    tokens: Tensor
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    attentions: list[Tensor] = field(default_factory=list)
+    hidden_states: list[Tensor] = field(default_factory=list)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        return self.tokens[:, self.num_prefix_tokens :]  # (B, N, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with a class token and a fixed 2-D sin-cos positional embedding (MAE's encoder).
+
+    Parameter names follow timm and the original MAE code (``cls_token``, ``pos_embed``,
+    ``patch_embed.proj``, ``blocks.N.*``, ``norm``), so weights move between them by renaming only.
+
+    Args:
+        img_size: input side.
+        patch_size: patch side.
+        in_chans: input channels.
+        embed_dim: token width.
+        depth: number of blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / embed_dim.
+        qkv_bias: bias on qkv projections.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid = self.patch_embed.grid
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, 1)[None], requires_grad=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, norm_eps=norm_eps) for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_vit_weights)
+
+    def forward(
+        self,
+        images: Tensor,
+        mask: MaskSpec | None = None,
+        *,
+        return_attn: bool = False,
+        return_hidden: bool = False,
+    ) -> EncoderOutput:
+        """Encode images, seeing only the visible patches when ``mask`` is given.
+
+        Args:
+            images: (B, C, H, W).
+            mask: which patches are hidden; None runs on all patches (evaluation).
+            return_attn: also return each block's attention weights.
+            return_hidden: also return each block's output.
+        """
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D)
+        if mask is not None:
+            index = mask.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
+            x = torch.gather(x, 1, index)  # (B, Lk, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        out = EncoderOutput(tokens=x, num_prefix_tokens=1, grid=self.grid)
+        for block in self.blocks:
+            x, attn = block(x, return_attn=return_attn)
+            if attn is not None:
+                out.attentions.append(attn)
+            if return_hidden:
+                out.hidden_states.append(x)
+        out.tokens = self.norm(x)
+        return out
+
+    def forward_features(self, images: Tensor, pool: str = "cls") -> Tensor:
+        """Pooled features of unmasked images for evaluation: (B, C, H, W) -> (B, D).
+
+        Args:
+            pool: ``"cls"`` (class token) or ``"avg"`` (mean of patch tokens).
+        """
+        out = self(images)
+        if pool == "cls":
+            return out.tokens[:, 0]
+        if pool == "avg":
+            return out.patch_tokens.mean(dim=1)
+        raise ValueError(f"pool must be 'cls' or 'avg', got {pool!r}")
