@@ -1,7 +1,7 @@
 """Maskers: each returns a :class:`MaskSpec`; the training loop does not know which one runs."""
 
 from mimkit.masking.random import RandomMasker
-from mimkit.masking.spec import Masker, MaskSpec, num_hidden_patches
+from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
 
 MASKERS = {"random": RandomMasker}
 
@@ -13,4 +13,4 @@ def create_masker(kind: str, ratio: float, **kwargs: object) -> Masker:
     return MASKERS[kind](ratio=ratio, **kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["MASKERS", "MaskSpec", "Masker", "RandomMasker", "create_masker", "num_hidden_patches"]
+__all__ = ["MASKERS", "MaskSpec", "Masker", "RandomMasker", "create_masker", "mae_num_visible", "num_hidden_patches"]

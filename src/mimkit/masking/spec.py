@@ -13,7 +13,18 @@ def num_hidden_patches(num_patches: int, ratio: float) -> int:
     """Patches hidden per image: ``round(ratio * L)``, the same count for every image of a batch."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    return int(round(ratio * num_patches))
+    return round(ratio * num_patches)
+
+
+def mae_num_visible(num_patches: int, ratio: float) -> int:
+    """Patches MAE and HuggingFace ``ViTMAE`` keep: ``int(L * (1 - ratio))``.
+
+    Used when a caller passes ``noise``, so the same noise gives the same mask as in those
+    peers; it can differ from ``L - round(ratio * L)`` by one for ratios that do not divide ``L``.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    return int(num_patches * (1 - ratio))
 
 
 @dataclass

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from mimkit.masking import Masker, MaskSpec, num_hidden_patches
+from mimkit.masking import Masker, MaskSpec, mae_num_visible
 from mimkit.models.mae_decoder import DecoderOutput
 from mimkit.models.vit import EncoderOutput
 
@@ -48,10 +48,12 @@ class MaskedImageModel(nn.Module):
         self.decoder = decoder
         self.masker = masker
         self.target = target
+        self.name = type(encoder).__name__
+        self.config: dict[str, Any] = {}  # constructor arguments, filled by the registry (enough to rebuild)
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.encoder.grid  # type: ignore[no-any-return]
+        return cast(tuple[int, int], self.encoder.grid)
 
     def make_mask(
         self,
@@ -67,7 +69,7 @@ class MaskedImageModel(nn.Module):
             if noise.shape != (batch, num_patches):
                 raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
             ratio = getattr(self.masker, "ratio", 0.75)
-            return MaskSpec.from_noise(noise, num_patches - num_hidden_patches(num_patches, ratio))
+            return MaskSpec.from_noise(noise, mae_num_visible(num_patches, ratio))
         return self.masker(batch, self.grid, generator=generator, context=context)
 
     def forward(

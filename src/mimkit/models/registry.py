@@ -104,6 +104,6 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
     masker = create_masker(args["mask_type"], args["mask_ratio"])
     target = PixelTarget(args["patch_size"], norm_pix=args["norm_pix_loss"], loss=args["loss"])
     model = MaskedImageModel(encoder, decoder, masker, target)
-    model.name = name  # type: ignore[assignment]
-    model.config = {"name": name, **args}  # type: ignore[assignment]
+    model.name = name
+    model.config = {"name": name, **args}
     return model
