@@ -1,0 +1,124 @@
+"""Data sets (Fashion-MNIST, image folders) held as uint8, batched loaders and on-device augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist
+from mimkit.data.folder import BadImageError, BadImageWarning, ImageFolderDataset, load_image, scan_image_folder
+from mimkit.data.loader import EpochDataLoader, ImageDataset, TensorBatchLoader, build_loader
+from mimkit.data.transforms import EvalTransform, MAEAugment, default_normalization, denormalize
+
+DATASETS = ("fashion_mnist", "folder")
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "BadImageError",
+    "BadImageWarning",
+    "EpochDataLoader",
+    "EvalTransform",
+    "FashionMNIST",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "MAEAugment",
+    "TensorBatchLoader",
+    "build_dataset",
+    "build_loader",
+    "default_normalization",
+    "denormalize",
+    "load_fashion_mnist",
+    "load_image",
+    "resolve_folder_split",
+    "scan_image_folder",
+]
+
+
+def resolve_folder_split(root: str | Path, split: str) -> Path:
+    """The folder holding one split of an image-folder data set.
+
+    A root with a ``train/`` subfolder is split: ``train`` reads ``root/train`` and ``test`` reads
+    ``root/test`` (or ``root/val`` when there is no ``test/``). Any other root is a single training set:
+    ``train`` reads ``root`` itself and ``test`` is an error.
+
+    Raises:
+        FileNotFoundError: ``root`` is missing, or the test split is asked for and does not exist.
+        ValueError: unknown split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not (root / "train").is_dir():
+        if split == "train":
+            return root
+        raise FileNotFoundError(
+            f"{root} has no test split: expected {root / 'train'} with {root / 'test'} or {root / 'val'} beside it"
+        )
+    if split == "train":
+        return root / "train"
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"{root} has no test split: expected {root / 'test'} or {root / 'val'}")
+
+
+def build_dataset(
+    dataset: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    *,
+    in_memory: bool | None = None,
+    limit: int | None = None,
+    progress: bool | None = None,
+    num_workers: int = 2,
+) -> FashionMNIST | ImageFolderDataset:
+    """A data set by name, as uint8 squares of side ``img_size``.
+
+    Args:
+        dataset: ``"fashion_mnist"`` or ``"folder"``.
+        root: the data folder; Fashion-MNIST defaults to ``/usr/share/datasets/fashion-mnist``, folders
+            need one (see :func:`resolve_folder_split` for the train/test layout).
+        split: ``"train"`` or ``"test"``.
+        img_size: stored image side; defaults to 28 for Fashion-MNIST (its native size), required for
+            folders.
+        in_chans: 1 or 3; defaults to 1 for Fashion-MNIST and 3 for folders.
+        in_memory: folders only (Fashion-MNIST is always in memory); see :class:`ImageFolderDataset`.
+        limit: keep at most this many images (the first ones for Fashion-MNIST, evenly spaced ones for
+            folders).
+        progress: decoding progress bar for folders (None: only on a terminal).
+        num_workers: decoding threads for folders.
+
+    Returns:
+        A :class:`FashionMNIST` or :class:`ImageFolderDataset` (both follow :class:`ImageDataset`).
+
+    Raises:
+        ValueError: unknown data set or split, or bad arguments.
+        FileNotFoundError: missing data.
+    """
+    if dataset == "fashion_mnist":
+        return FashionMNIST(
+            root,
+            split,
+            img_size=28 if img_size is None else img_size,
+            in_chans=1 if in_chans is None else in_chans,
+            limit=limit,
+        )
+    if dataset == "folder":
+        if root is None:
+            raise ValueError("dataset 'folder' needs a root folder (set data.root)")
+        if img_size is None:
+            raise ValueError("dataset 'folder' needs img_size")
+        return ImageFolderDataset(
+            resolve_folder_split(root, split),
+            img_size,
+            in_chans=3 if in_chans is None else in_chans,
+            in_memory=in_memory,
+            limit=limit,
+            progress=progress,
+            num_workers=num_workers,
+        )
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
