@@ -1,0 +1,1 @@
+"""Looking inside models: reconstructions, cost (parameters, FLOPs), token relations and maps."""

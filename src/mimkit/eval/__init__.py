@@ -1,0 +1,1 @@
+"""Evaluation protocols for pretrained encoders (kNN; probes and fine-tuning build on it)."""
