@@ -23,9 +23,21 @@ def test_shipped_recipes_load_and_round_trip(path: Path) -> None:
 
 def test_required_key_names_exist() -> None:
     cfg = Config()
-    for dotted in ["model.name", "model.img_size", "model.patch_size", "mask.type", "mask.ratio", "target.norm_pix",
-                   "data.dataset", "data.root", "train.epochs", "train.batch_size", "train.output_dir",
-                   "train.seed", "optim.blr"]:
+    for dotted in [
+        "model.name",
+        "model.img_size",
+        "model.patch_size",
+        "mask.type",
+        "mask.ratio",
+        "target.norm_pix",
+        "data.dataset",
+        "data.root",
+        "train.epochs",
+        "train.batch_size",
+        "train.output_dir",
+        "train.seed",
+        "optim.blr",
+    ]:
         section, key = dotted.split(".")
         assert hasattr(getattr(cfg, section), key), dotted
 

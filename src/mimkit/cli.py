@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pretrain", help="pretrain a masked image model")
     p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
     p.add_argument(
-        "--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
         help="continue from train.output_dir/last.pt, or from CHECKPOINT",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.blr=1e-3 train.epochs=2")

@@ -152,7 +152,9 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}: {message}")
 
-        check(self.model.name in ENCODERS, "model.name", f"unknown model {self.model.name!r}; one of {sorted(ENCODERS)}")
+        check(
+            self.model.name in ENCODERS, "model.name", f"unknown model {self.model.name!r}; one of {sorted(ENCODERS)}"
+        )
         check(self.model.decoder in DECODERS, "model.decoder", f"unknown preset; one of {sorted(DECODERS)}")
         try:
             check_patch_grid(self.model.img_size, self.model.patch_size)

@@ -8,6 +8,7 @@ from mimkit.layers import Block, PatchEmbed, check_patch_grid, patchify, sincos_
 
 def mae_reference_sincos(embed_dim: int, grid_size: int) -> torch.Tensor:
     """The formula of MAE's util/pos_embed.py written out with plain loops (float64)."""
+
     def one_d(dim: int, pos: float) -> list[float]:
         omega = [1.0 / 10000 ** (i / (dim / 2)) for i in range(dim // 2)]
         return [math.sin(pos * w) for w in omega] + [math.cos(pos * w) for w in omega]

@@ -6,7 +6,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,7 +66,7 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 def _numpy_state_plain() -> tuple:
     """NumPy's legacy RNG state with plain Python values, loadable with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state())
     return (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
 
 

@@ -137,7 +137,7 @@ class Pretrainer:
         self.model = build_model(cfg).to(self.device)
         self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size, cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
-        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
         if resume_path is not None:
             self._load(resume_path)
@@ -189,13 +189,18 @@ class Pretrainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"name": "warmup_cosine", "base_lr": self.base_lr, "warmup_steps": self.warmup_steps,
-                          "total_steps": self.total_steps, "min_lr": self.config.optim.min_lr},
+            "scheduler": {
+                "name": "warmup_cosine",
+                "base_lr": self.base_lr,
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
+                "min_lr": self.config.optim.min_lr,
+            },
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "rng": rng_state(),
             "config": self.config.to_dict(),
-            "model_args": dict(self.model.config),  # type: ignore[call-overload]
+            "model_args": dict(self.model.config),
         }
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
@@ -249,8 +254,14 @@ class Pretrainer:
         """Train until ``total_steps``; checkpoints, logs and a progress bar along the way."""
         cfg = self.config
         start_step = self.step
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
-                   disable=not cfg.train.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="pretrain",
+            unit="step",
+            disable=not cfg.train.progress,
+            dynamic_ncols=True,
+        )
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         running = torch.zeros((), device=self.device)
         last_log_step, last_log_time = self.step, time.perf_counter()
@@ -277,14 +288,23 @@ class Pretrainer:
                         loss_value = float(running) / max(steps, 1)
                         img_s = steps * cfg.train.batch_size / max(now - last_log_time, 1e-9)
                         lr = self.lr_at(self.step - 1)
-                        self.logger.log(self.step, {"train/loss": loss_value, "train/lr": lr,
-                                                    "train/img_per_s": img_s, "epoch": self.step / self.steps_per_epoch})
+                        self.logger.log(
+                            self.step,
+                            {
+                                "train/loss": loss_value,
+                                "train/lr": lr,
+                                "train/img_per_s": img_s,
+                                "epoch": self.step / self.steps_per_epoch,
+                            },
+                        )
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
                     save_steps = cfg.train.save_every_steps
-                    if (save_steps and self.step % save_steps == 0) or done or (
-                        at_epoch_end and (self.step // self.steps_per_epoch) % cfg.train.save_every_epochs == 0
+                    if (
+                        (save_steps and self.step % save_steps == 0)
+                        or done
+                        or (at_epoch_end and (self.step // self.steps_per_epoch) % cfg.train.save_every_epochs == 0)
                     ):
                         self._check_finite(nonfinite, last_checked)
                         self.save()

@@ -15,35 +15,67 @@ from mimkit.engine.pretrain import Pretrainer, build_model
 log = logging.getLogger(__name__)
 
 
+def eval_split(config: Config, split: str, limit: int | None) -> Any:
+    """A split of the run's data set decoded in memory, for the end-of-run checks."""
+    from mimkit.data import build_dataset
+
+    data = build_dataset(
+        config.data.dataset,
+        root=config.data.root,
+        split=split,
+        img_size=config.model.img_size,
+        in_chans=config.model.in_chans,
+        in_memory=True,
+        limit=limit,
+        num_workers=config.data.num_workers,
+    )
+    if data.images is None:  # in_memory=True decodes everything up front
+        raise RuntimeError(f"the {split} split of {config.data.dataset} was not decoded into memory")
+    return data
+
+
 def knn_report(trainer: Pretrainer) -> dict[str, Any]:
     """kNN accuracy on the test split for the trained encoder and, as a baseline, the same
     architecture at random initialisation (same seed as the run)."""
-    from mimkit.data import build_dataset
     from mimkit.data.transforms import EvalTransform
     from mimkit.eval.knn import extract_features, knn_accuracy
 
     cfg = trainer.config
     ev = cfg.eval
-    common = dict(root=cfg.data.root, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, in_memory=True)
-    train = build_dataset(cfg.data.dataset, split="train", limit=ev.knn_train_limit, **common)
-    test = build_dataset(cfg.data.dataset, split="test", limit=ev.knn_test_limit, **common)
+    train = eval_split(cfg, "train", ev.knn_train_limit)
+    test = eval_split(cfg, "test", ev.knn_test_limit)
     if train.labels is None or test.labels is None:
-        raise ValueError("kNN evaluation needs labelled data (one subfolder per class)")
+        raise ValueError("kNN evaluation needs labelled data (one subfolder per class); set eval.knn=false")
     transform = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)
     torch.manual_seed(cfg.train.seed)
     encoders = {"pretrained": trainer.model.encoder}
     if ev.knn_baseline:
         encoders["random_init"] = build_model(cfg).encoder.to(trainer.device)
-    report: dict[str, Any] = {"k": ev.knn_k, "temperature": ev.knn_temperature,
-                              "train_images": len(train), "test_images": len(test)}
+    report: dict[str, Any] = {
+        "k": ev.knn_k,
+        "temperature": ev.knn_temperature,
+        "train_images": len(train),
+        "test_images": len(test),
+    }
     for name, encoder in encoders.items():
         feats = [
-            extract_features(encoder, data.images, transform=transform, device=trainer.device,
-                             progress=cfg.train.progress, desc=f"kNN features ({name}, {split})")
+            extract_features(
+                encoder,
+                data.images,
+                transform=transform,
+                device=trainer.device,
+                progress=cfg.train.progress,
+                desc=f"kNN features ({name}, {split})",
+            )
             for data, split in ((train, "train"), (test, "test"))
         ]
         report[name] = knn_accuracy(
-            feats[0], train.labels, feats[1], test.labels, k=ev.knn_k, temperature=ev.knn_temperature,
+            feats[0],
+            train.labels,
+            feats[1],
+            test.labels,
+            k=ev.knn_k,
+            temperature=ev.knn_temperature,
             num_classes=len(train.classes),
         )
     return report
@@ -52,21 +84,25 @@ def knn_report(trainer: Pretrainer) -> dict[str, Any]:
 def reconstruction_picture(trainer: Pretrainer) -> str:
     """A grid of test images, their masks and reconstructions, saved as ``reconstruction.png``."""
     from mimkit.analysis.reconstruct import reconstruct, save_reconstruction_grid
-    from mimkit.data import build_dataset
     from mimkit.data.transforms import EvalTransform
 
     cfg = trainer.config
     try:
-        data = build_dataset(cfg.data.dataset, root=cfg.data.root, split="test", img_size=cfg.model.img_size,
-                             in_chans=cfg.model.in_chans, in_memory=True, limit=cfg.eval.num_images)
-    except (FileNotFoundError, ValueError):  # unlabelled folders have no test split: show training images
-        data = trainer.dataset
-    images = data.images[: cfg.eval.num_images]
+        images = eval_split(cfg, "test", cfg.eval.num_images).images
+    except FileNotFoundError:  # a folder without a test split: show training images
+        images = eval_split(cfg, "train", cfg.eval.num_images).images
+    images = images[: cfg.eval.num_images]
     batch = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)(images.to(trainer.device))
     result = reconstruct(trainer.model, batch, generator=torch.Generator().manual_seed(cfg.train.seed))
     path = trainer.out_dir / "reconstruction.png"
-    save_reconstruction_grid(result, path, mean=trainer.mean, std=trainer.std, norm_pix=cfg.target.norm_pix,
-                             title=f"{cfg.model.name} after {trainer.step} steps")
+    save_reconstruction_grid(
+        result,
+        path,
+        mean=trainer.mean,
+        std=trainer.std,
+        norm_pix=cfg.target.norm_pix,
+        title=f"{cfg.model.name} after {trainer.step} steps",
+    )
     return str(path)
 
 

@@ -1,0 +1,144 @@
+"""Behaviour of the training engine on real Fashion-MNIST images with a small real model."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.config import load_config
+from mimkit.data.fashion_mnist import load_fashion_mnist
+from mimkit.data.transforms import EvalTransform
+from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer
+from mimkit.engine.schedule import warmup_cosine
+from mimkit.models import create_model
+
+SMALL = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.decoder=micro",
+    "model.img_size=16",
+    "data.limit=64",
+    "train.batch_size=16",
+    "train.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=2",
+    "eval.reconstruct=false",
+    "eval.knn=false",
+    "optim.blr=1e-3",
+    "optim.warmup_epochs=1",
+]
+
+
+def small_config(tmp_path: Path, *extra: str):
+    return load_config(None, [*SMALL, f"train.output_dir={tmp_path}", *extra])
+
+
+def weights(trainer: Pretrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_schedule_is_pure_warmup_then_cosine() -> None:
+    lrs = [warmup_cosine(s, base_lr=1.0, total_steps=10, warmup_steps=2, min_lr=0.1) for s in range(11)]
+    assert lrs[0] == 0.0 and lrs[1] == 0.5 and lrs[2] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert math.isclose(lrs[10], 0.1)
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2"))
+    full.fit()
+    # Same run stopped after 5 steps (mid-epoch: 4 steps per epoch), then resumed in a new process state.
+    first = Pretrainer(small_config(tmp_path / "split", "train.epochs=2", "train.max_steps=5"))
+    first.fit()
+    assert first.step == 5
+    torch.manual_seed(1234)  # whatever the global RNG holds, resume must restore it
+    resumed = Pretrainer(small_config(tmp_path / "split", "train.epochs=2"), resume=True)
+    assert resumed.step == 5
+    resumed.fit()
+    assert resumed.step == full.step == 8
+    a, b = weights(full), weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated records after the resume
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path: Path) -> None:
+    big = Pretrainer(small_config(tmp_path / "big", "train.max_steps=3"))
+    acc = Pretrainer(small_config(tmp_path / "acc", "train.max_steps=3", "optim.accum_steps=4"))
+    big.fit()
+    acc.fit()
+    for key, value in weights(big).items():
+        torch.testing.assert_close(weights(acc)[key], value, atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_tiny_model_overfits_eight_images() -> None:
+    # Eight real images and one fixed mask: a small MAE must drive its loss on the hidden patches down 10x.
+    images, _ = load_fashion_mnist(split="train")
+    batch = EvalTransform(16)(images[:8])  # (8, 1, 16, 16)
+    torch.manual_seed(0)
+    model = create_model(
+        "vit_tiny",
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        decoder="micro",
+        norm_pix_loss=False,
+    )
+    noise = torch.rand(8, 16, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = model(batch, noise).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path: Path) -> None:
+    Pretrainer(small_config(tmp_path, "train.max_steps=1")).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Pretrainer(small_config(tmp_path))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Pretrainer(small_config(tmp_path / "other"), resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    trainer = Pretrainer(small_config(tmp_path, "train.save_every_steps=2", "train.epochs=3"))
+    original = trainer.train_step
+    calls = {"n": 0}
+
+    def poisoned(images: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:  # corrupt the weights the way a diverging step would
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+        return original(images)
+
+    trainer.train_step = poisoned  # type: ignore[method-assign]
+    good = tmp_path / "last.pt"
+    with pytest.raises(NonFiniteLossError, match="NaN/inf"):
+        trainer.fit()
+    state = load_checkpoint_file(good)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_contents(tmp_path: Path) -> None:
+    trainer = Pretrainer(small_config(tmp_path, "train.max_steps=2"))
+    trainer.fit()
+    state = load_checkpoint_file(tmp_path / "last.pt")
+    assert {"model", "optimizer", "scheduler", "step", "epoch", "rng", "config"} <= set(state)
+    assert state["config"]["model"]["embed_dim"] == 32
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert not list(tmp_path.glob("*.tmp"))
