@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "auto"
     save_every_epochs: int = 1
     save_every_steps: int | None = None
+    keep_every_epochs: int | None = None
     max_steps: int | None = None
     num_threads: int | None = None
     progress: bool = True
@@ -120,6 +121,7 @@ class EvalConfig:
     knn: bool = False
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_pool: str = "avg"
     knn_train_limit: int | None = 10000
     knn_test_limit: int | None = 2000
     knn_baseline: bool = True
@@ -170,8 +172,13 @@ class Config:
         check(self.target.loss in LOSSES, "target.loss", f"unknown {self.target.loss!r}; one of {list(LOSSES)}")
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
         check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
+        check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.train.save_every_epochs >= 1, "train.save_every_epochs", "must be >= 1")
+        for key in ("save_every_steps", "keep_every_epochs", "max_steps"):
+            value = getattr(self.train, key)
+            check(value is None or value >= 1, f"train.{key}", "must be >= 1 (or null)")
         check(self.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
         check(self.train.batch_size % self.optim.accum_steps == 0, "optim.accum_steps", "must divide train.batch_size")
         check(self.optim.blr > 0 or (self.optim.lr or 0) > 0, "optim.blr", "must be positive")

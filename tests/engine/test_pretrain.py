@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
 from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
-from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer
+from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, TrainingInterrupted
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.models import create_model
 
@@ -132,6 +133,34 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> 
     state = load_checkpoint_file(good)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_completes_the_run(tmp_path: Path) -> None:
+    full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2"))
+    full.fit()
+    trainer = Pretrainer(small_config(tmp_path / "stopped", "train.epochs=2"))
+    original = trainer.train_step
+
+    def interrupted(images: torch.Tensor) -> torch.Tensor:
+        if trainer.step == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during the third step
+        return original(images)
+
+    trainer.train_step = interrupted  # type: ignore[method-assign]
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        trainer.fit()
+    assert load_checkpoint_file(tmp_path / "stopped" / "last.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    resumed = Pretrainer(small_config(tmp_path / "stopped", "train.epochs=2"), resume=True)
+    resumed.fit()
+    for key, value in weights(full).items():
+        assert torch.equal(weights(resumed)[key], value), key
+
+
+def test_numbered_snapshots_every_k_epochs(tmp_path: Path) -> None:
+    Pretrainer(small_config(tmp_path, "train.epochs=4", "train.keep_every_epochs=2")).fit()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch_0002.pt", "epoch_0004.pt", "last.pt"]
+    assert load_checkpoint_file(tmp_path / "epoch_0002.pt")["step"] == 8
 
 
 def test_checkpoint_contents(tmp_path: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,36 @@ CONFIG_NAME = "config.yaml"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step in flight was finished and saved before stopping."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C (SIGINT) into a flag the loop reads between steps; a second one stops at once.
+
+    A step interrupted half-way (e.g. between the optimizer's parameter groups) would leave weights no
+    checkpoint could describe, so the loop finishes the step, saves, then stops. Outside the main
+    thread signals cannot be caught and this does nothing.
+    """
+    state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if state["requested"]:
+            raise KeyboardInterrupt
+        state["requested"] = True
+        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -268,7 +302,10 @@ class Pretrainer:
         last_checked = self.step
         loss_value = math.nan
         started = time.perf_counter()
-        try:
+        with contextlib.ExitStack() as stack:
+            interrupt = stack.enter_context(deferred_interrupt())
+            stack.callback(self.logger.close)
+            stack.callback(bar.close)
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
@@ -301,18 +338,25 @@ class Pretrainer:
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
                     save_steps = cfg.train.save_every_steps
+                    epochs_done = self.step // self.steps_per_epoch
                     if (
                         (save_steps and self.step % save_steps == 0)
                         or done
-                        or (at_epoch_end and (self.step // self.steps_per_epoch) % cfg.train.save_every_epochs == 0)
+                        or interrupt["requested"]
+                        or (at_epoch_end and epochs_done % cfg.train.save_every_epochs == 0)
                     ):
                         self._check_finite(nonfinite, last_checked)
                         self.save()
+                    keep = cfg.train.keep_every_epochs
+                    if keep and at_epoch_end and epochs_done % keep == 0:
+                        self.save(f"epoch_{epochs_done:04d}.pt")
+                    if interrupt["requested"]:
+                        raise TrainingInterrupted(
+                            f"interrupted at step {self.step}; saved {self.out_dir / CHECKPOINT_NAME}, "
+                            "continue with --resume"
+                        )
                     if done:
                         break
-        finally:
-            bar.close()
-            self.logger.close()
         seconds = time.perf_counter() - started
         images_seen = (self.step - start_step) * cfg.train.batch_size
         return PretrainResult(

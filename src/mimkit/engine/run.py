@@ -52,6 +52,7 @@ def knn_report(trainer: Pretrainer) -> dict[str, Any]:
     if ev.knn_baseline:
         encoders["random_init"] = build_model(cfg).encoder.to(trainer.device)
     report: dict[str, Any] = {
+        "pool": ev.knn_pool,
         "k": ev.knn_k,
         "temperature": ev.knn_temperature,
         "train_images": len(train),
@@ -63,6 +64,7 @@ def knn_report(trainer: Pretrainer) -> dict[str, Any]:
                 encoder,
                 data.images,
                 transform=transform,
+                pool=ev.knn_pool,
                 device=trainer.device,
                 progress=cfg.train.progress,
                 desc=f"kNN features ({name}, {split})",
@@ -130,3 +132,31 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
     text = json.dumps(summary, indent=2)
     atomic_write(trainer.out_dir / "summary.json", lambda handle: handle.write(text.encode()))
     return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run report printed by ``mimkit pretrain``: where things went and what they measure."""
+    lines = [
+        f"run directory   {summary['output_dir']}",
+        f"checkpoint      {summary['checkpoint']} (step {summary['steps']})",
+        f"final loss      {summary['final_loss']:.4f}",
+        f"throughput      {summary['train_images_per_second']:.1f} img/s over {summary['train_seconds']:.0f} s",
+    ]
+    if summary.get("skipped_images"):
+        lines.append(f"skipped images  {summary['skipped_images']} unreadable file(s), named in the warnings above")
+    if "reconstruction" in summary:
+        lines.append(f"reconstruction  {summary['reconstruction']}")
+    knn = summary.get("knn")
+    if knn:
+        head = (
+            f"kNN on the test split ({knn['test_images']} images; {knn['train_images']} train images, "
+            f"k={knn['k']}, T={knn['temperature']}, {knn['pool']} pool)"
+        )
+        lines.append(head)
+        for name in ("pretrained", "random_init"):
+            if name in knn:
+                acc = knn[name]
+                top5 = f"   top-5 {100 * acc['top5']:6.2f}%" if "top5" in acc else ""
+                lines.append(f"  {name.replace('_', ' '):<12} top-1 {100 * acc['top1']:6.2f}%{top5}")
+    return "\n".join(lines)
+
