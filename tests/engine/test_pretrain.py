@@ -67,6 +67,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no duplicated records after the resume
+    again = Pretrainer(small_config(tmp_path / "split", "train.epochs=2"), resume=True).fit()  # already done
+    assert again.steps == 8 and again.final_loss == resumed.last_loss and math.isfinite(again.final_loss)
 
 
 def test_gradient_accumulation_equals_large_batch(tmp_path: Path) -> None:

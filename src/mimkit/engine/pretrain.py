@@ -173,6 +173,7 @@ class Pretrainer:
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.step = 0
+        self.last_loss = math.nan  # mean loss over the last logging interval
         if resume_path is not None:
             self._load(resume_path)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +215,7 @@ class Pretrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.last_loss = float(state.get("loss", math.nan))
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -231,6 +233,7 @@ class Pretrainer:
                 "min_lr": self.config.optim.min_lr,
             },
             "step": self.step,
+            "loss": self.last_loss,
             "epoch": self.step // self.steps_per_epoch,
             "rng": rng_state(),
             "config": self.config.to_dict(),
@@ -300,7 +303,6 @@ class Pretrainer:
         running = torch.zeros((), device=self.device)
         last_log_step, last_log_time = self.step, time.perf_counter()
         last_checked = self.step
-        loss_value = math.nan
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             interrupt = stack.enter_context(deferred_interrupt())
@@ -322,7 +324,7 @@ class Pretrainer:
                         last_checked = self.step
                         now = time.perf_counter()
                         steps = self.step - last_log_step
-                        loss_value = float(running) / max(steps, 1)
+                        self.last_loss = loss_value = float(running) / max(steps, 1)
                         img_s = steps * cfg.train.batch_size / max(now - last_log_time, 1e-9)
                         lr = self.lr_at(self.step - 1)
                         self.logger.log(
@@ -363,7 +365,7 @@ class Pretrainer:
             output_dir=self.out_dir,
             checkpoint=self.out_dir / CHECKPOINT_NAME,
             steps=self.step,
-            final_loss=loss_value,
+            final_loss=self.last_loss,
             images_per_second=images_seen / max(seconds, 1e-9),
             seconds=seconds,
             num_skipped_images=int(getattr(self.dataset, "num_skipped", 0)),
