@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,14 +11,14 @@ from mimkit.config import ConfigError, load_config
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from mimkit.engine.run import run_pretraining
+    from mimkit.engine.run import format_summary, run_pretraining
 
     config = load_config(args.config, args.overrides)
     resume: bool | str = args.resume if args.resume not in (None, "") else False
     if args.resume == "":
         resume = True
     summary = run_pretraining(config, resume=resume)
-    print(json.dumps(summary, indent=2))
+    print(format_summary(summary))
     return 0
 
 
@@ -93,13 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # These import torch: not before --help has been handled.
+    from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.models.load import OptionalDependencyError
+
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
+    except (
+        CheckpointError,
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        OptionalDependencyError,
+        PermissionError,
+        ValueError,
+    ) as err:
         print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mimkit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"mimkit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
 
 

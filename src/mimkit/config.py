@@ -143,6 +143,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)  # type: ignore[no-any-return]
 
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) the images are normalized with: ``data.mean``/``data.std`` when set,
+        else the data set's defaults (:func:`~mimkit.data.transforms.default_normalization`)."""
+        from mimkit.data.transforms import default_normalization
+
+        mean, std = default_normalization(self.model.in_chans, self.data.dataset)
+        return tuple(self.data.mean or mean), tuple(self.data.std or std)
+
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid

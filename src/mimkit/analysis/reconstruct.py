@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from mimkit.data.folder import BadImageError, BadImageWarning, load_image, scan_image_folder
+from mimkit.data.transforms import EvalTransform, default_normalization
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.layers import patchify, unpatchify
 from mimkit.masking import MaskSpec, RandomMasker
-from mimkit.models import MaskedImageModel
+from mimkit.models import MaskedImageModel, load_checkpoint
 from mimkit.targets import PixelTarget
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -206,3 +210,85 @@ def save_reconstruction_grid(
     )
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi))
     return path
+
+
+def _image_paths(images: Sequence[str | Path]) -> list[Path]:
+    """Files as given, then each folder's images (recursive, sorted), without repeats."""
+    paths: list[Path] = []
+    for entry in map(Path, images):
+        if entry.is_dir():
+            with warnings.catch_warnings():  # labelled-or-not layout warnings do not matter here
+                warnings.simplefilter("ignore", UserWarning)
+                paths.extend(scan_image_folder(entry)[0])
+        elif entry.exists():
+            paths.append(entry)
+        else:
+            raise FileNotFoundError(f"image file or folder {entry} does not exist")
+    return list(dict.fromkeys(paths))
+
+
+def reconstruct_files(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    *,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    limit: int = 16,
+) -> Path:
+    """Load a checkpoint, reconstruct masked image files and save the PNG grid (``mimkit reconstruct``).
+
+    Images are decoded with :func:`~mimkit.data.folder.load_image` at the model's channels and size
+    (shorter side resized, center square) and normalized as in training: the checkpoint's
+    ``data.mean``/``data.std``, else :func:`~mimkit.data.transforms.default_normalization` of its data
+    set, or of ``"folder"`` when the checkpoint has no run config (MAE and HuggingFace checkpoints).
+
+    Args:
+        checkpoint: anything :func:`~mimkit.models.load.load_checkpoint` reads.
+        images: image files and/or folders (searched recursively, in sorted order).
+        out: the PNG to write (atomically).
+        mask_ratio: fraction of patches to hide; the model's own when None.
+        seed: seed of the random mask.
+        limit: draw at most this many images (the first readable ones).
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ValueError: ``limit`` < 1, or none of the images can be read.
+        FileNotFoundError: a given file or folder does not exist.
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    paths = _image_paths(images)
+    model = load_checkpoint(checkpoint)
+    args = model.config
+    in_chans, img_size = int(args["in_chans"]), int(args["img_size"])
+    decoded: list[np.ndarray] = []
+    skipped: list[BadImageError] = []
+    for path in paths:
+        try:
+            decoded.append(load_image(path, in_chans=in_chans, size=img_size))  # (C, S, S) uint8
+        except BadImageError as error:
+            skipped.append(error)
+            warnings.warn(f"skipped unreadable image {error.path} ({error.reason})", BadImageWarning, stacklevel=2)
+            continue
+        if len(decoded) == limit:
+            break
+    if not decoded:
+        first = "; ".join(f"{error.path}: {error.reason}" for error in skipped[:3])
+        raise ValueError(f"none of the {len(paths)} image files could be read ({first})")
+
+    run_config = getattr(model, "run_config", None)
+    if run_config is not None:
+        mean, std = run_config.normalization()
+    else:
+        mean, std = default_normalization(in_chans, "folder")
+    batch = EvalTransform(img_size, mean=mean, std=std)(torch.from_numpy(np.stack(decoded)))  # (B, C, S, S)
+    result = reconstruct(
+        model, batch, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(seed), mean=mean, std=std
+    )
+    depth, width = args.get("depth"), args.get("embed_dim")
+    title = f"{args.get('name', model.name)} ({width}-d x {depth}) from {Path(checkpoint).name}"
+    return save_reconstruction_grid(result, out, mean, std, title=title, norm_pix=bool(args["norm_pix_loss"]))

@@ -55,6 +55,11 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain values; mimkit never "
+                "runs code stored in a checkpoint, so re-save it as a plain state dict (torch.save(model.state_dict()))"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             "it may be truncated or not a PyTorch checkpoint; use an earlier checkpoint"

@@ -118,7 +118,7 @@ class Pretrainer:
     """
 
     def __init__(self, config: Config, resume: bool | str = False) -> None:
-        from mimkit.data import build_dataset, build_loader, default_normalization
+        from mimkit.data import build_dataset, build_loader
         from mimkit.data.transforms import MAEAugment
 
         self.config = config
@@ -145,9 +145,7 @@ class Pretrainer:
                 f"the data set has {len(self.dataset)} images, fewer than train.batch_size "
                 f"{cfg.train.batch_size}; lower the batch size or add images"
             )
-        mean, std = default_normalization(cfg.model.in_chans, cfg.data.dataset)
-        self.mean = tuple(cfg.data.mean or mean)
-        self.std = tuple(cfg.data.std or std)
+        self.mean, self.std = cfg.normalization()
         self.augment = MAEAugment(
             cfg.model.img_size,
             scale=cfg.data.crop_scale,

@@ -159,4 +159,3 @@ def format_summary(summary: dict[str, Any]) -> str:
                 top5 = f"   top-5 {100 * acc['top5']:6.2f}%" if "top5" in acc else ""
                 lines.append(f"  {name.replace('_', ' '):<12} top-1 {100 * acc['top1']:6.2f}%{top5}")
     return "\n".join(lines)
-

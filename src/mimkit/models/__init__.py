@@ -1,5 +1,6 @@
 """Encoders, decoders, the :class:`MaskedImageModel` frame and the model registry."""
 
+from mimkit.models.load import convert_checkpoint, load_checkpoint, save_checkpoint_as
 from mimkit.models.mae_decoder import DecoderOutput, MAEDecoder
 from mimkit.models.mim import MaskedImageModel, MIMOutput
 from mimkit.models.registry import DECODERS, ENCODERS, create_encoder, create_model, model_args
@@ -14,7 +15,10 @@ __all__ = [
     "MIMOutput",
     "MaskedImageModel",
     "VisionTransformer",
+    "convert_checkpoint",
     "create_encoder",
     "create_model",
+    "load_checkpoint",
     "model_args",
+    "save_checkpoint_as",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,9 @@ from torch import Tensor, nn
 from mimkit.masking import Masker, MaskSpec, mae_num_visible
 from mimkit.models.mae_decoder import DecoderOutput
 from mimkit.models.vit import EncoderOutput
+
+if TYPE_CHECKING:
+    from mimkit.config import Config
 
 
 @dataclass
@@ -50,6 +53,7 @@ class MaskedImageModel(nn.Module):
         self.target = target
         self.name = type(encoder).__name__
         self.config: dict[str, Any] = {}  # constructor arguments, filled by the registry (enough to rebuild)
+        self.run_config: Config | None = None  # the run's config when loaded from a training checkpoint
 
     @property
     def grid(self) -> tuple[int, int]:
