@@ -218,3 +218,42 @@ def test_errors_exit_2_with_an_actionable_message(pretrained, tmp_path: Path, ca
     assert code == 2
     assert "none of the 1 image files could be read" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def write_split_folder(root: Path, test_classes: tuple[str, ...] = ("bag", "trouser")) -> Path:
+    """Fashion-MNIST bags (label 8) and trousers (label 1) as train/<class>/ and test/<class>/ PNG files."""
+    images, labels = load_fashion_mnist(split="test")
+    names = {8: "bag", 1: "trouser"}
+    for split, rows in (("train", range(0, 600)), ("test", range(600, 800))):
+        for index in rows:
+            name = names.get(int(labels[index]))
+            if name is None or (split == "test" and name not in test_classes):
+                continue
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index, 0].numpy(), "L").save(folder / f"{index}.png")
+    for name in test_classes:
+        (root / "test" / name).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def test_knn_check_on_a_labelled_split_folder_and_its_errors_before_training(tmp_path: Path, capsys) -> None:
+    data = write_split_folder(tmp_path / "data")
+    knn = ["eval.knn=true", "eval.knn_k=5", "model.in_chans=1", "train.max_steps=4", f"data.root={data}"]
+    assert run("pretrain", "--config", RECIPE, *TINY, *knn, f"train.output_dir={tmp_path / 'ok'}") == 0
+    report = json.loads((tmp_path / "ok" / "summary.json").read_text())["knn"]
+    assert report["train_images"] > 100 and report["test_images"] > 20
+    # Bags and trousers are easy to tell apart, even for a barely trained encoder.
+    assert report["pretrained"]["top1"] > 0.8 and report["random_init"]["top1"] > 0.8
+    assert "kNN on the test split" in capsys.readouterr().out
+
+    mismatched = write_split_folder(tmp_path / "mismatched", test_classes=("bag", "sneaker"))
+    out = tmp_path / "bad"
+    code = run("pretrain", "--config", RECIPE, *TINY, *knn, f"data.root={mismatched}", f"train.output_dir={out}")
+    assert code == 2 and "differ from the training ones" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()  # refused before any training
+
+    flat = data / "train" / "bag"  # a folder without class subfolders
+    code = run("pretrain", "--config", RECIPE, *TINY, *knn, f"data.root={flat}", f"train.output_dir={out}")
+    assert code == 2 and "eval.knn needs labelled training images" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()

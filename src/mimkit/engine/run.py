@@ -34,6 +34,33 @@ def eval_split(config: Config, split: str, limit: int | None) -> Any:
     return data
 
 
+def check_knn_data(trainer: Pretrainer) -> None:
+    """Fail before training, not after it, when the kNN check asked for cannot run on this data."""
+    from mimkit.data import resolve_folder_split
+    from mimkit.data.folder import scan_image_folder
+
+    cfg = trainer.config
+    advice = "or set eval.knn=false"
+    if trainer.dataset.labels is None:
+        raise ValueError(
+            f"eval.knn needs labelled training images (one subfolder per class) in {cfg.data.root}, {advice}"
+        )
+    if cfg.data.dataset == "folder":
+        assert cfg.data.root is not None  # validated with the config
+        try:
+            test_root = resolve_folder_split(cfg.data.root, "test")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"eval.knn needs a test split: {err}; {advice}") from None
+        _, test_labels, test_classes = scan_image_folder(test_root)
+        if test_labels is None:
+            raise ValueError(f"eval.knn needs labelled test images (one subfolder per class) in {test_root}, {advice}")
+        if list(test_classes) != list(trainer.dataset.classes):
+            raise ValueError(
+                f"the class subfolders of {test_root} {list(test_classes)} differ from the training ones "
+                f"{list(trainer.dataset.classes)}; give both splits the same classes"
+            )
+
+
 def knn_report(trainer: Pretrainer) -> dict[str, Any]:
     """kNN accuracy on the test split for the trained encoder and, as a baseline, the same
     architecture at random initialisation (same seed as the run)."""
@@ -115,6 +142,8 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
         A summary dict, also written to ``output_dir/summary.json``.
     """
     trainer = Pretrainer(config, resume=resume)
+    if config.eval.knn:
+        check_knn_data(trainer)
     result = trainer.fit()
     summary: dict[str, Any] = {
         "output_dir": str(result.output_dir),
