@@ -154,7 +154,7 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid
-        from mimkit.masking import MASKERS, num_hidden_patches
+        from mimkit.masking import MASKERS, create_masker, num_hidden_patches
         from mimkit.models.registry import DECODERS, ENCODERS
         from mimkit.targets import LOSSES
 
@@ -176,6 +176,16 @@ class Config:
             num_hidden_patches(1, self.mask.ratio)
         except ValueError as err:
             raise ConfigError(f"mask.ratio: {err}") from None
+        try:  # a masker may restrict the ratio (grid: 0.75) or the patch grid (grid: even sides)
+            masker = create_masker(self.mask.type, self.mask.ratio)
+        except ValueError as err:
+            raise ConfigError(f"mask.ratio: {err}") from None
+        check_grid = getattr(masker, "check_grid", None)
+        if check_grid is not None:
+            try:
+                check_grid(check_patch_grid(self.model.img_size, self.model.patch_size))
+            except ValueError as err:
+                raise ConfigError(f"mask.type: {err}") from None
         check(self.target.type == "pixel", "target.type", f"unknown {self.target.type!r}; one of ['pixel']")
         check(self.target.loss in LOSSES, "target.loss", f"unknown {self.target.loss!r}; one of {list(LOSSES)}")
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")

@@ -1,16 +1,28 @@
 """Maskers: each returns a :class:`MaskSpec`; the training loop does not know which one runs."""
 
+from mimkit.masking.block import BlockMasker
+from mimkit.masking.grid import GridMasker
 from mimkit.masking.random import RandomMasker
 from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
 
-MASKERS = {"random": RandomMasker}
+MASKERS = {"random": RandomMasker, "block": BlockMasker, "grid": GridMasker}
 
 
 def create_masker(kind: str, ratio: float, **kwargs: object) -> Masker:
-    """Build a masker by its ``mask.type`` name."""
+    """Build a masker by its ``mask.type`` name, e.g. ``create_masker("block", 0.4, min_num_patches=16)``."""
     if kind not in MASKERS:
         raise ValueError(f"unknown mask.type {kind!r}; choose one of {sorted(MASKERS)}")
     return MASKERS[kind](ratio=ratio, **kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["MASKERS", "MaskSpec", "Masker", "RandomMasker", "create_masker", "mae_num_visible", "num_hidden_patches"]
+__all__ = [
+    "MASKERS",
+    "BlockMasker",
+    "GridMasker",
+    "MaskSpec",
+    "Masker",
+    "RandomMasker",
+    "create_masker",
+    "mae_num_visible",
+    "num_hidden_patches",
+]

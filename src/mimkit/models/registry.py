@@ -102,6 +102,9 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         norm_eps=args["norm_eps"],
     )
     masker = create_masker(args["mask_type"], args["mask_ratio"])
+    check_grid = getattr(masker, "check_grid", None)
+    if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
+        check_grid(encoder.grid)
     target = PixelTarget(args["patch_size"], norm_pix=args["norm_pix_loss"], loss=args["loss"])
     model = MaskedImageModel(encoder, decoder, masker, target)
     model.name = name
