@@ -46,6 +46,12 @@ class MaskConfig:
 
     type: str = "random"
     ratio: float = 0.75
+    # block (BEiT): smallest rectangle in patches and its aspect-ratio range (max defaults to 1 / min)
+    min_num_patches: int = 4
+    min_aspect: float = 0.3
+    max_aspect: float | None = None
+    # grid (MAE): keep a random cell position per image instead of the top-left one
+    random_offset: bool = False
 
 
 @dataclass
@@ -177,7 +183,7 @@ class Config:
         except ValueError as err:
             raise ConfigError(f"mask.ratio: {err}") from None
         try:  # a masker may restrict the ratio (grid: 0.75) or the patch grid (grid: even sides)
-            masker = create_masker(self.mask.type, self.mask.ratio)
+            masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
         except ValueError as err:
             raise ConfigError(f"mask.ratio: {err}") from None
         check_grid = getattr(masker, "check_grid", None)
@@ -331,6 +337,16 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
 
 
+def mask_options(mask: MaskConfig) -> dict[str, Any]:
+    """The settings of ``mask`` that its masker's constructor takes, besides ``ratio``."""
+    import inspect
+
+    from mimkit.masking import MASKERS
+
+    parameters = inspect.signature(MASKERS[mask.type]).parameters
+    return {name: getattr(mask, name) for name in parameters if name != "ratio" and hasattr(mask, name)}
+
+
 def model_overrides(config: Config) -> dict[str, Any]:
     """``create_model`` keyword arguments for this config."""
     m = config.model
@@ -351,6 +367,7 @@ def model_overrides(config: Config) -> dict[str, Any]:
         qkv_bias=m.qkv_bias,
         mask_type=config.mask.type,
         mask_ratio=config.mask.ratio,
+        mask_options=mask_options(config.mask),
         norm_pix_loss=config.target.norm_pix,
         loss=config.target.loss,
     )

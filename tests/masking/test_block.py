@@ -159,3 +159,19 @@ def test_pretraining_forward_with_masker(mask_type: str) -> None:
     grad_norm = pred.grad.abs().sum(-1)  # (B, L)
     assert (grad_norm[~out.mask] == 0).all()
     assert (grad_norm[out.mask] > 0).all()
+
+
+def test_masker_settings_come_from_the_config_and_reach_the_model() -> None:
+    from mimkit.config import ConfigError, load_config
+    from mimkit.engine.pretrain import build_model
+
+    cfg = load_config(None, ["mask.type=block", "mask.ratio=0.5", "mask.min_num_patches=9", "mask.min_aspect=1.0"])
+    model = build_model(cfg)
+    assert isinstance(model.masker, BlockMasker)
+    assert model.config["mask_options"] == {"min_num_patches": 9, "min_aspect": 1.0, "max_aspect": None}
+    spec = model.make_mask(4, generator=torch.Generator().manual_seed(0))
+    assert int(spec.mask.sum(dim=1)[0]) == 32
+    grid_cfg = load_config(None, ["mask.type=grid", "mask.random_offset=true"])
+    assert build_model(grid_cfg).config["mask_options"] == {"random_offset": True}
+    with pytest.raises(ConfigError, match="mask"):
+        load_config(None, ["mask.type=block", "mask.min_num_patches=0"])

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = dict(
     loss="mse",
     mask_ratio=0.75,
     mask_type="random",
+    mask_options=None,
 )
 
 ARG_NAMES = frozenset(DEFAULTS) | frozenset(ENCODERS["vit_base"]) | frozenset(DECODERS["mae"]) | {"decoder"}
@@ -48,8 +49,9 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
 
     Overrides use the original MAE constructor's names (``img_size``, ``patch_size``, ``in_chans``,
     ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``decoder_embed_dim``, ``decoder_depth``,
-    ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``loss``,
-    ``norm_eps``, ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`).
+    ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
+    arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
+    ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`).
     """
     if name not in ENCODERS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS)}")
@@ -101,7 +103,7 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         mlp_ratio=args["mlp_ratio"],
         norm_eps=args["norm_eps"],
     )
-    masker = create_masker(args["mask_type"], args["mask_ratio"])
+    masker = create_masker(args["mask_type"], args["mask_ratio"], **(args["mask_options"] or {}))
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
         check_grid(encoder.grid)
