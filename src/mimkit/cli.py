@@ -49,6 +49,29 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from mimkit.eval.probe import format_probe, run_probe
+
+    results = run_probe(
+        args.checkpoint,
+        protocol=args.protocol,
+        data=args.data,
+        random_init=args.random_init,
+        pool=args.pool,
+        out_dir=args.out,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        blr=args.blr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(format_probe(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -81,6 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="checkpoint file or HuggingFace directory")
     p.add_argument("output", help="output file (mimkit, mae) or directory (hf)")
     p.set_defaults(func=_convert)
+
+    p = commands.add_parser("probe", help="kNN or linear-probe accuracy of a checkpoint's frozen encoder")
+    p.add_argument("--checkpoint", required=True, help="mimkit, MAE or HuggingFace checkpoint (file or directory)")
+    p.add_argument("--protocol", required=True, choices=["knn", "linear"])
+    p.add_argument(
+        "--data",
+        default="fashion_mnist",
+        help="fashion_mnist, or a folder with train/ and test/ holding one subfolder per class",
+    )
+    p.add_argument("--random-init", action="store_true", help="probe the same architecture untrained (a baseline)")
+    p.add_argument(
+        "--pool",
+        choices=["cls", "avg", "both"],
+        default=None,
+        help="feature pooling (default: both for linear, avg for knn)",
+    )
+    p.add_argument("--out", type=Path, default=Path("probe"), help="output folder (results.json, PNGs, feature cache)")
+    p.add_argument("--epochs", type=int, default=90, help="linear probe epochs (MAE: 90)")
+    p.add_argument("--batch-size", type=int, default=256, help="linear probe batch size")
+    p.add_argument("--blr", type=float, default=0.1, help="linear probe base lr; lr = blr * batch size / 256")
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "lars"],
+        default="sgd",
+        help="linear probe optimizer: sgd (momentum 0.9), or lars as MAE at batch 16384 (raise --blr with it)",
+    )
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the linear probe")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_probe)
 
     p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
     p.add_argument("--config", type=Path)

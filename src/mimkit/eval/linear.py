@@ -1,0 +1,287 @@
+"""MAE's linear probe: a BatchNorm-then-linear head trained with LARS on cached frozen features.
+
+Features are extracted once (no augmentation, as in MAE's ``main_linprobe.py`` the encoder is frozen and
+only the head learns), so every epoch is a pass over an (N, D) tensor rather than over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimkit.engine.schedule import effective_lr, warmup_cosine
+from mimkit.eval.report import classification_metrics
+
+OPTIMIZERS = ("lars", "sgd")
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's ``util/lars.py``: SGD with momentum whose step for each matrix is rescaled by
+    ``trust_coefficient * ||w|| / ||g + weight_decay * w||``.
+
+    1-D parameters (biases, norm scales) get neither weight decay nor the trust ratio, only momentum SGD.
+    Per parameter and step::
+
+        d = g + weight_decay * w;  d *= trust_coefficient * ||w|| / ||d||   (p.ndim > 1, both norms > 0)
+        mu = momentum * mu + d;    w -= lr * mu
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (usually set every step by the schedule).
+        weight_decay: L2 penalty added to the gradient of matrices.
+        momentum: heavy-ball momentum (MAE: 0.9).
+        trust_coefficient: scale of the layer-wise trust ratio (MAE: 0.001).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
+            raise ValueError(
+                f"LARS needs lr >= 0, weight_decay >= 0, 0 <= momentum < 1 and trust_coefficient > 0; got lr={lr}, "
+                f"weight_decay={weight_decay}, momentum={momentum}, trust_coefficient={trust_coefficient}"
+            )
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim > 1:  # not a bias or a norm scale
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(param), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["trust_coefficient"] * param_norm / update_norm,
+                        one,
+                    )
+                    update = update.mul(trust)
+                state = self.state[param]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(param)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                param.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+class LinearProbe(nn.Module):
+    """MAE's linear-probe head: ``BatchNorm1d(dim, affine=False, eps=1e-6)`` then ``Linear(dim, num_classes)``.
+
+    The parameter-free BatchNorm whitens each feature with running statistics (MAE: it "does not affect
+    the linear classifier's power" but makes LARS's step sizes comparable across encoders); the linear
+    layer starts from ``trunc_normal(std=0.01)`` weights and zero bias.
+
+    Args:
+        dim: feature width D.
+        num_classes: number of classes.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        if dim <= 0 or num_classes <= 1:
+            raise ValueError(f"a linear probe needs dim > 0 and at least 2 classes, got dim={dim}, {num_classes}")
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, D) features -> (B, num_classes) logits."""
+        return self.head(self.norm(features))
+
+
+@dataclass
+class LinearProbeResult:
+    """What :func:`train_linear_probe` measured on the test features.
+
+    Attributes:
+        top1: top-1 accuracy in [0, 1].
+        top5: top-5 accuracy in [0, 1], None with fewer than 5 classes.
+        per_class_accuracy: (num_classes,) recall of each class (NaN for a class absent from the test set).
+        confusion: (num_classes, num_classes) int64 counts, rows = true class, columns = prediction.
+        head: the trained :class:`LinearProbe`, in eval mode, on the CPU.
+        losses: mean training loss of every epoch.
+        lr: the peak learning rate used (``blr * batch_size / 256`` unless given).
+    """
+
+    top1: float
+    top5: float | None
+    per_class_accuracy: Tensor
+    confusion: Tensor
+    head: LinearProbe
+    losses: list[float] = field(default_factory=list)
+    lr: float = 0.0
+
+
+def _check_features(features: Tensor, labels: Tensor, name: str, num_classes: int) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"{name} features must be (N, D), got {tuple(features.shape)}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"{name} labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(
+            f"{name} labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+@torch.no_grad()
+def predict(head: nn.Module, features: Tensor, batch_size: int = 4096) -> Tensor:
+    """Logits (N, num_classes) of a head in eval mode, batch by batch (training flag restored)."""
+    was_training = head.training
+    head.eval()
+    device = next(head.parameters()).device
+    try:
+        logits = [
+            head(features[start : start + batch_size].to(device)).float().cpu()
+            for start in range(0, len(features), batch_size)
+        ]
+    finally:
+        head.train(was_training)
+    return torch.cat(logits)  # (N, num_classes)
+
+
+def train_linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    epochs: int = 90,
+    batch_size: int = 256,
+    lr: float | None = None,
+    blr: float = 0.1,
+    weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    warmup_epochs: int = 10,
+    min_lr: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> LinearProbeResult:
+    """Train MAE's linear probe on frozen features and measure it on the test features.
+
+    Each epoch visits the training features in a fresh seeded order, in ``N // batch_size`` full batches
+    (MAE's ``drop_last``; one batch of all N when N < batch_size). The learning rate warms up linearly for
+    ``warmup_epochs`` then follows a half-cosine, updated every step; the loss is cross-entropy.
+
+    MAE's probe (LARS, ``blr=0.1``) assumes ImageNet at batch 16384: lr 6.4 over ~7,000 steps. LARS
+    moves each weight matrix by about ``lr * 0.001`` of its norm per step, so with small data or batches
+    (a few hundred steps at lr 0.1) its head underfits; hence the default here is momentum SGD at the same
+    ``blr``, and ``optimizer="lars"`` (with a larger ``blr``, e.g. 5) reproduces MAE's recipe.
+
+    Args:
+        train_features: (N, D) features, e.g. from :func:`~mimkit.eval.knn.extract_features`.
+        train_labels: (N,) integer labels in [0, num_classes).
+        test_features: (M, D).
+        test_labels: (M,).
+        num_classes: number of classes.
+        epochs: passes over the training features (MAE: 90).
+        batch_size: features per step (MAE: 16384 over 8 GPUs on ImageNet; 256 suits small sets).
+        lr: absolute peak learning rate; default ``blr * batch_size / 256``.
+        blr: base learning rate (MAE's linear probe: 0.1).
+        weight_decay: applied to the weight matrix only (MAE: 0).
+        optimizer: ``"sgd"`` (momentum 0.9) or ``"lars"`` (MAE's; same decay rule).
+        warmup_epochs: linear warmup length in epochs (MAE: 10), clipped to ``epochs``.
+        min_lr: learning rate at the end of the cosine.
+        seed: seeds the head's initialisation and the shuffling.
+        device: where to train.
+        progress: show a tqdm bar over epochs.
+
+    Returns:
+        A :class:`LinearProbeResult`.
+
+    Raises:
+        ValueError: mismatched shapes, labels out of range, or bad hyperparameters.
+    """
+    _check_features(train_features, train_labels, "train", num_classes)
+    _check_features(test_features, test_labels, "test", num_classes)
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train features have {train_features.shape[1]} dims, test features {test_features.shape[1]}")
+    if train_features.shape[0] < 2 or test_features.shape[0] == 0:
+        raise ValueError(
+            f"a linear probe needs at least 2 training and 1 test feature, got {train_features.shape[0]} and "
+            f"{test_features.shape[0]}"
+        )
+    if epochs <= 0 or batch_size <= 1 or warmup_epochs < 0:
+        raise ValueError(
+            f"need epochs > 0, batch_size > 1 (BatchNorm) and warmup_epochs >= 0; got {epochs}, {batch_size}, "
+            f"{warmup_epochs}"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = LinearProbe(train_features.shape[1], num_classes).to(device)
+    peak_lr = effective_lr(blr, batch_size, lr)
+    decayed, plain = [probe.head.weight], [probe.head.bias]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    opt: torch.optim.Optimizer
+    if optimizer == "lars":
+        opt = LARS(groups, lr=peak_lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
+
+    features = train_features.float().to(device)  # (N, D)
+    labels = train_labels.long().to(device)  # (N,)
+    num_train = features.shape[0]
+    batch = min(batch_size, num_train)
+    steps_per_epoch = num_train // batch
+    total_steps, warmup_steps = epochs * steps_per_epoch, min(warmup_epochs, epochs) * steps_per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    probe.train()
+    step = 0
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress):
+        order = torch.randperm(num_train, generator=generator).to(device)  # (N,)
+        epoch_loss = torch.zeros((), device=device)
+        for index in range(steps_per_epoch):
+            step_lr = warmup_cosine(
+                step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr
+            )
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            rows = order[index * batch : (index + 1) * batch]  # (B,)
+            loss = F.cross_entropy(probe(features[rows]), labels[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_loss += loss.detach()
+            step += 1
+        losses.append(epoch_loss.item() / steps_per_epoch)
+        if not torch.isfinite(torch.tensor(losses[-1])):
+            raise ValueError(f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr")
+
+    probe = probe.cpu().eval()
+    metrics = classification_metrics(predict(probe, test_features.float()), test_labels, num_classes)
+    return LinearProbeResult(
+        top1=metrics.top1,
+        top5=metrics.top5,
+        per_class_accuracy=metrics.per_class_accuracy,
+        confusion=metrics.confusion,
+        head=probe,
+        losses=losses,
+        lr=peak_lr,
+    )

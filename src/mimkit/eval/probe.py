@@ -1,0 +1,384 @@
+"""``mimkit probe``: kNN or linear-probe accuracy of a checkpoint's frozen encoder on labelled data.
+
+Features are extracted once per (checkpoint content, random_init, seed, pool, data, split, limit, image
+size, normalization) and cached under ``out_dir/cache/``, so re-running a probe with other head
+hyperparameters, or the other protocol, costs no encoder passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mimkit.engine.checkpoint import atomic_write
+from mimkit.eval.knn import extract_features, knn_scores
+from mimkit.eval.linear import train_linear_probe
+from mimkit.eval.report import ClassificationMetrics, classification_metrics, save_confusion_matrix, write_results
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("knn", "linear")
+POOLS = ("cls", "avg", "both")
+CACHE_VERSION = 1  # bump when what a cache file holds, or how features are computed, changes
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's bytes: of the file, or of every file (name and content) of a directory."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_source(data: str | Path) -> tuple[str, Path | None]:
+    """(``"fashion_mnist"`` or ``"folder"``, the folder) of a ``data`` argument."""
+    if str(data) == "fashion_mnist":
+        return "fashion_mnist", None
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data {str(data)!r} is neither 'fashion_mnist' nor an existing folder")
+    return "folder", folder.resolve()
+
+
+def _folder_listing(folder: Path, split: str) -> tuple[list[str], list[str]]:
+    """(relative file paths, classes) of a labelled split, checked to be one subfolder per class."""
+    from mimkit.data import resolve_folder_split
+    from mimkit.data.folder import scan_image_folder
+
+    if not (folder / "train").is_dir():
+        raise FileNotFoundError(
+            f"{folder} has no train/ subfolder; a probe needs {folder / 'train'} and {folder / 'test'}, each with "
+            "one subfolder of images per class"
+        )
+    root = resolve_folder_split(folder, split)
+    try:
+        paths, labels, classes = scan_image_folder(root)
+    except NotADirectoryError as err:
+        raise FileNotFoundError(str(err)) from None
+    if labels is None:
+        raise ValueError(f"a probe needs labelled images: put the images of {root} in one subfolder per class")
+    return [str(p.relative_to(root)) for p in paths], classes
+
+
+class _Features:
+    """The labelled train/test features of one encoder, extracted on demand and cached on disk."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Path,
+        random_init: bool,
+        seed: int,
+        data: str | Path,
+        train_limit: int | None,
+        test_limit: int | None,
+        cache_dir: Path,
+        device: torch.device,
+        batch_size: int,
+        progress: bool,
+    ) -> None:
+        from mimkit.data.transforms import default_normalization
+        from mimkit.models.load import load_checkpoint
+
+        self.dataset, self.folder = _data_source(data)
+        self.limits = {"train": train_limit, "test": test_limit}
+        for split, limit in self.limits.items():
+            if limit is not None and limit <= 0:
+                raise ValueError(f"{split}_limit must be positive, got {limit}")
+        self.listings: dict[str, tuple[list[str], list[str]]] = {}
+        if self.folder is not None:  # check both splits before any encoder pass
+            self.listings = {split: _folder_listing(self.folder, split) for split in ("train", "test")}
+            (_, train_classes), (_, test_classes) = self.listings["train"], self.listings["test"]
+            if train_classes != test_classes:
+                raise ValueError(
+                    f"the class subfolders of the test split {test_classes} differ from those of the train split "
+                    f"{train_classes} in {self.folder}; give both splits the same classes"
+                )
+        model = load_checkpoint(checkpoint)
+        self.config = dict(model.config)
+        if random_init:
+            model = self._untrained(model.config, seed)
+        self.encoder = model.encoder.to(device)
+        run_config = getattr(model, "run_config", None)
+        in_chans, img_size = int(self.config["in_chans"]), int(self.config["img_size"])
+        if run_config is not None:
+            self.mean, self.std = run_config.normalization()
+        else:
+            self.mean, self.std = default_normalization(in_chans, self.dataset)
+        self.img_size, self.in_chans = img_size, in_chans
+        self.key_base = {
+            "version": CACHE_VERSION,
+            "checkpoint": checkpoint_digest(checkpoint),
+            "random_init": random_init,
+            "seed": seed if random_init else None,
+            "data": self.dataset if self.folder is None else str(self.folder),
+            "img_size": img_size,
+            "in_chans": in_chans,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        self.cache_dir, self.device, self.batch_size, self.progress = cache_dir, device, batch_size, progress
+        self._images: dict[str, Any] = {}
+        self.extracted = 0  # encoder passes over a split in this run (0 when everything came from the cache)
+
+    @staticmethod
+    def _untrained(config: dict[str, Any], seed: int) -> Any:
+        from mimkit.models.registry import create_model
+
+        args = dict(config)
+        name = args.pop("name")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model(name, **args)
+
+    def _key(self, split: str, pool: str) -> dict[str, Any]:
+        key = {**self.key_base, "split": split, "pool": pool, "limit": self.limits[split]}
+        if self.folder is not None:
+            files, classes = self.listings[split]
+            key["files"] = hashlib.sha256("\n".join([*classes, "", *files]).encode()).hexdigest()
+        return key
+
+    def _split(self, split: str) -> Any:
+        from mimkit.data import build_dataset
+
+        if split not in self._images:
+            data = build_dataset(
+                self.dataset,
+                root=self.folder,
+                split=split,
+                img_size=self.img_size,
+                in_chans=self.in_chans,
+                in_memory=True,
+                limit=self.limits[split],
+                progress=self.progress,
+            )
+            if data.images is None or data.labels is None:
+                raise ValueError(f"the {split} split of {self.key_base['data']} has no labelled images in memory")
+            self._images[split] = data
+        return self._images[split]
+
+    def get(self, split: str, pool: str) -> tuple[Tensor, Tensor, list[str]]:
+        """(features (N, D), labels (N,), class names) of a split, from the cache when it has them."""
+        from mimkit.data.transforms import EvalTransform
+
+        key = self._key(split, pool)
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = self.cache_dir / f"{split}_{pool}_{name}.pt"
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if cached.get("key") == key:
+                    log.info("features of the %s split (%s pool) from %s", split, pool, path)
+                    return cached["features"], cached["labels"], list(cached["classes"])
+            except Exception as err:  # a damaged cache file is recomputed, not fatal
+                log.warning("ignoring the unreadable feature cache %s (%s)", path, err)
+        data = self._split(split)
+        features = extract_features(
+            self.encoder,
+            data.images,
+            transform=EvalTransform(self.img_size, mean=self.mean, std=self.std),
+            batch_size=self.batch_size,
+            pool=pool,
+            device=self.device,
+            progress=self.progress,
+            desc=f"features ({split}, {pool})",
+        )  # (N, D)
+        labels = torch.as_tensor(data.labels).long()  # (N,)
+        classes = [str(name) for name in data.classes]
+        self.extracted += 1
+        state = {"key": key, "features": features, "labels": labels, "classes": classes}
+        atomic_write(path, lambda handle: torch.save(state, handle))
+        return features, labels, classes
+
+
+def _per_class(accuracy: Tensor, classes: Sequence[str]) -> dict[str, float | None]:
+    return {
+        name: (None if math.isnan(value) else round(value, 6))
+        for name, value in zip(classes, accuracy.tolist(), strict=True)
+    }
+
+
+def run_probe(
+    checkpoint: str | Path,
+    *,
+    protocol: str = "knn",
+    data: str | Path = "fashion_mnist",
+    random_init: bool = False,
+    pool: str | None = None,
+    out_dir: str | Path = "probe",
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    epochs: int = 90,
+    batch_size: int = 256,
+    lr: float | None = None,
+    blr: float = 0.1,
+    weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    warmup_epochs: int = 10,
+    k: int = 20,
+    temperature: float = 0.07,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    extract_batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure a checkpoint's frozen encoder with a kNN classifier or MAE's linear probe.
+
+    Args:
+        checkpoint: any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads (mimkit, MAE, HF).
+        protocol: ``"knn"`` (DINO's weighted kNN, k=20, T=0.07) or ``"linear"`` (MAE's linear probe).
+        data: ``"fashion_mnist"`` or a folder with ``train/`` and ``test/`` (or ``val/``) holding one
+            subfolder of images per class, the same classes in both.
+        random_init: probe the same architecture untrained (seeded with ``seed``), a baseline.
+        pool: ``"cls"``, ``"avg"`` or ``"both"``; default ``"both"`` for linear, ``"avg"`` for kNN.
+        out_dir: receives ``results.json``, ``confusion_<pool>.png`` and the feature ``cache/``.
+        train_limit: keep only this many training images (the first ones of Fashion-MNIST, evenly
+            spaced files of a folder, so every class keeps its share).
+        test_limit: the same for the test split.
+        epochs, batch_size, lr, blr, weight_decay, optimizer, warmup_epochs: linear probe settings, see
+            :func:`~mimkit.eval.linear.train_linear_probe`.
+        k, temperature: kNN settings, see :func:`~mimkit.eval.knn.knn_scores`.
+        seed: seeds the random initialisation and the linear probe.
+        device: where the encoder and head run; default CUDA when available.
+        extract_batch_size: images per encoder pass.
+        progress: progress bars.
+
+    Returns:
+        The dict written to ``out_dir/results.json``: protocol, checkpoint, random_init, pools, data,
+        image counts, classes, and per pool top-1/top-5/per-class accuracy and the confusion PNG; the
+        top-level ``top1``/``top5`` are those of the best pool (``best_pool``).
+
+    Raises:
+        ValueError: unknown protocol or pool, unlabelled data, classes that differ between splits.
+        FileNotFoundError: missing data or split.
+        CheckpointError: unreadable checkpoint.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    pool = pool or ("both" if protocol == "linear" else "avg")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
+    pools = ["cls", "avg"] if pool == "both" else [pool]
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    features = _Features(
+        checkpoint=checkpoint,
+        random_init=random_init,
+        seed=seed,
+        data=data,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        cache_dir=out_dir / "cache",
+        device=device,
+        batch_size=extract_batch_size,
+        progress=progress,
+    )
+    results: dict[str, Any] = {
+        "protocol": protocol,
+        "checkpoint": str(checkpoint),
+        "model": features.config.get("name"),
+        "random_init": random_init,
+        "data": features.key_base["data"],
+        "pools": pools,
+        "normalization": {"mean": list(features.mean), "std": list(features.std)},
+    }
+    if protocol == "knn":
+        results.update(k=k, temperature=temperature)
+    else:
+        results.update(
+            epochs=epochs,
+            batch_size=batch_size,
+            blr=blr,
+            weight_decay=weight_decay,
+            optimizer=optimizer,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+        )
+    per_pool: dict[str, Any] = {}
+    for name in pools:
+        train, train_labels, classes = features.get("train", name)
+        test, test_labels, test_classes = features.get("test", name)
+        if classes != test_classes:  # Fashion-MNIST or a folder checked above; guards a stale cache
+            raise ValueError(f"test classes {test_classes} differ from train classes {classes}")
+        num_classes = len(classes)
+        entry: dict[str, Any] = {"feature_dim": train.shape[1]}
+        if protocol == "knn":
+            scores = knn_scores(
+                train, train_labels, test, k=min(k, len(train)), temperature=temperature, num_classes=num_classes
+            )
+            metrics = classification_metrics(scores, test_labels, num_classes)
+        else:
+            probe = train_linear_probe(
+                train,
+                train_labels,
+                test,
+                test_labels,
+                num_classes=num_classes,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                blr=blr,
+                weight_decay=weight_decay,
+                optimizer=optimizer,
+                warmup_epochs=warmup_epochs,
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
+            entry.update(lr=probe.lr, final_loss=probe.losses[-1], losses=probe.losses)
+            metrics = ClassificationMetrics(probe.top1, probe.top5, probe.per_class_accuracy, probe.confusion)
+        which = "random-init" if random_init else "pretrained"
+        png = save_confusion_matrix(
+            metrics.confusion,
+            classes,
+            out_dir / f"confusion_{name}.png",
+            title=f"{protocol} probe, {name} pool, {which} {checkpoint.name}: top-1 {100 * metrics.top1:.1f}%",
+        )
+        entry.update(
+            top1=metrics.top1,
+            top5=metrics.top5,
+            per_class_accuracy=_per_class(metrics.per_class_accuracy, classes),
+            confusion=metrics.confusion,
+            confusion_png=str(png),
+        )
+        per_pool[name] = entry
+        results.update(classes=classes, train_images=len(train), test_images=len(test))
+    best = max(pools, key=lambda name: per_pool[name]["top1"])
+    results.update(
+        best_pool=best,
+        top1=per_pool[best]["top1"],
+        top5=per_pool[best]["top5"],
+        results=per_pool,
+        features_extracted=features.extracted,
+    )
+    results["results_json"] = str(write_results(out_dir / "results.json", results))
+    return results
+
+
+def format_probe(results: dict[str, Any]) -> str:
+    """The short table ``mimkit probe`` prints: one row per pool, then where the files went."""
+    which = "random init" if results["random_init"] else "pretrained"
+    lines = [
+        f"{results['protocol']} probe of {results['checkpoint']} ({which}) on {results['data']}: "
+        f"{results['train_images']} train / {results['test_images']} test images, {len(results['classes'])} classes",
+        f"  {'pool':<5} {'top-1':>7} {'top-5':>7}",
+    ]
+    for name, entry in results["results"].items():
+        top5 = "-" if entry["top5"] is None else f"{100 * entry['top5']:6.2f}%"
+        lines.append(f"  {name:<5} {100 * entry['top1']:6.2f}% {top5:>7}")
+    cached = "all features from the cache" if results["features_extracted"] == 0 else "features cached"
+    lines.append(f"results in {results['results_json']} ({cached})")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""``run_probe`` and ``mimkit probe`` end to end on real Fashion-MNIST, with a tiny ViT saved in every layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import mimkit.eval.probe as probe_module
+from mimkit.cli import main
+from mimkit.config import load_config
+from mimkit.data.fashion_mnist import DEFAULT_ROOT, FASHION_MNIST_CLASSES, load_fashion_mnist
+from mimkit.data.transforms import EvalTransform
+from mimkit.engine.pretrain import build_model
+from mimkit.eval.knn import extract_features
+from mimkit.eval.probe import format_probe, run_probe
+from mimkit.models import create_model, load_checkpoint
+from mimkit.models.load import save_checkpoint_as
+
+TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
+LIMITS = dict(train_limit=1000, test_limit=300)  # the first images of Fashion-MNIST: every class present
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained ViT (seed 0) saved in the mimkit layout."""
+    if not DEFAULT_ROOT.is_dir():
+        pytest.fail(f"Fashion-MNIST is missing at {DEFAULT_ROOT}: `apt-get install dataset-fashion-mnist`")
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", **TINY)
+    return save_checkpoint_as(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt", "mimkit")
+
+
+@pytest.fixture
+def count_extractions(monkeypatch) -> list[str]:
+    """Records the ``desc`` of every encoder pass run_probe makes."""
+    calls: list[str] = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return extract_features(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "extract_features", counting)
+    return calls
+
+
+def test_knn_then_linear_probe_share_one_feature_cache(checkpoint, tmp_path, count_extractions) -> None:
+    out = tmp_path / "probe"
+    knn = run_probe(checkpoint, protocol="knn", out_dir=out, progress=False, **LIMITS)
+    assert count_extractions == ["features (train, avg)", "features (test, avg)"]
+    assert knn["pools"] == ["avg"] and (knn["k"], knn["temperature"]) == (20, 0.07)
+    assert knn["top1"] > 0.3  # a random tiny ViT's features on 1000 images: ~0.56, chance 0.1
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["protocol"] == "knn" and saved["random_init"] is False and saved["checkpoint"] == str(checkpoint)
+    assert (saved["train_images"], saved["test_images"]) == (1000, 300)
+    assert saved["classes"] == FASHION_MNIST_CLASSES
+    accuracy = saved["results"]["avg"]["per_class_accuracy"]
+    assert list(accuracy) == FASHION_MNIST_CLASSES and all(0 <= value <= 1 for value in accuracy.values())
+    assert sum(map(sum, saved["results"]["avg"]["confusion"])) == 300
+    assert saved["normalization"] == {"mean": [0.286], "std": [0.353]}  # no run config: Fashion-MNIST defaults
+    with Image.open(out / "confusion_avg.png") as img:
+        assert img.format == "PNG"
+
+    count_extractions.clear()
+    again = run_probe(checkpoint, protocol="knn", out_dir=out, progress=False, **LIMITS)
+    assert count_extractions == [] and again["features_extracted"] == 0
+    assert again["results"]["avg"]["top1"] == knn["results"]["avg"]["top1"]
+    assert "all features from the cache" in format_probe(again)
+
+    # The linear probe reports both pools; only the class-token features are new.
+    linear = run_probe(checkpoint, protocol="linear", out_dir=out, optimizer="lars", blr=5.0, progress=False, **LIMITS)
+    assert count_extractions == ["features (train, cls)", "features (test, cls)"]
+    assert linear["pools"] == ["cls", "avg"]
+    for pool in ("cls", "avg"):
+        entry = linear["results"][pool]
+        assert entry["top1"] > 0.3 and entry["top5"] >= entry["top1"]  # measured ~0.65
+        assert entry["feature_dim"] == 64 and len(entry["losses"]) == 90
+        assert (out / f"confusion_{pool}.png").is_file()
+    assert linear["top1"] == max(linear["results"][pool]["top1"] for pool in ("cls", "avg"))
+    assert json.loads((out / "results.json").read_text())["protocol"] == "linear"
+    assert len(list((out / "cache").glob("*.pt"))) == 4
+
+    # Other limits are other features: a new cache entry, never a stale hit.
+    count_extractions.clear()
+    run_probe(checkpoint, protocol="knn", out_dir=out, progress=False, train_limit=500, test_limit=300)
+    assert count_extractions == ["features (train, avg)"]
+
+
+def test_random_init_is_a_separate_seeded_baseline(checkpoint, tmp_path, count_extractions) -> None:
+    out = tmp_path / "probe"
+    limits = dict(train_limit=400, test_limit=100)
+    trained = run_probe(checkpoint, protocol="knn", pool="cls", out_dir=out, progress=False, **limits)
+    baseline = run_probe(
+        checkpoint, protocol="knn", pool="cls", random_init=True, seed=1, out_dir=out, progress=False, **limits
+    )
+    assert len(count_extractions) == 4  # the baseline's features are not the checkpoint's cached ones
+    assert baseline["random_init"] is True
+    cached = {path.name: torch.load(path, weights_only=True) for path in (out / "cache").glob("train_cls_*.pt")}
+    assert len(cached) == 2
+    first, second = (entry["features"] for entry in cached.values())
+    assert first.shape == second.shape == (400, 64) and not torch.allclose(first, second)
+    assert trained["top1"] > 0.3 and baseline["top1"] > 0.3
+    # The untrained twin built with the seed the checkpoint was made with has the very same weights.
+    same = run_probe(
+        checkpoint, protocol="knn", pool="cls", random_init=True, seed=0, out_dir=out, progress=False, **limits
+    )
+    assert same["results"]["cls"]["confusion"].tolist() == trained["results"]["cls"]["confusion"].tolist()
+
+
+def test_mimkit_mae_and_hf_layouts_give_identical_features(checkpoint, tmp_path) -> None:
+    model = load_checkpoint(checkpoint)
+    paths = {layout: save_checkpoint_as(model, tmp_path / f"tiny_{layout}", layout) for layout in ("mae", "hf")}
+    images = load_fashion_mnist(split="test")[0][:64]  # (64, 1, 28, 28) uint8
+    transform = EvalTransform(32, mean=(0.286,), std=(0.353,))
+    reference = {
+        pool: extract_features(model.encoder, images, transform=transform, pool=pool, progress=False)
+        for pool in ("cls", "avg")
+    }
+    for layout, path in paths.items():
+        encoder = load_checkpoint(path).encoder
+        for pool, expected in reference.items():
+            features = extract_features(encoder, images, transform=transform, pool=pool, progress=False)
+            assert torch.allclose(features, expected, atol=1e-5), (layout, pool)
+    assert reference["cls"].std() > 0.1  # real, varied features
+    result = run_probe(
+        paths["hf"], protocol="knn", out_dir=tmp_path / "hf_probe", progress=False, train_limit=300, test_limit=100
+    )
+    assert result["model"] == "vit_tiny" and result["top1"] > 0.3
+
+
+def write_split_folder(root: Path, test_classes: tuple[str, ...] = ("bag", "trouser")) -> Path:
+    """Fashion-MNIST bags (label 8) and trousers (label 1) as train/<class>/ and test/<class>/ PNG files."""
+    images, labels = load_fashion_mnist(split="test")
+    names = {8: "bag", 1: "trouser", 7: "sneaker"}
+    for split, rows in (("train", range(0, 400)), ("test", range(400, 600))):
+        for index in rows:
+            name = names.get(int(labels[index]))
+            if (
+                name is None
+                or (split == "train" and name == "sneaker")
+                or (split == "test" and name not in test_classes)
+            ):
+                continue
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index, 0].numpy(), "L").save(folder / f"{index}.png")
+    return root
+
+
+def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys) -> None:
+    data = write_split_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["probe", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--protocol", "linear", "--epochs", "30", "--optimizer", "sgd"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe of" in printed and "  cls " in printed and "  avg " in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["bag", "trouser"] and results["data"] == str(data.resolve())
+    assert results["normalization"] == {"mean": [0.5], "std": [0.5]}  # gray folder default
+    assert results["top5"] is None  # two classes
+    assert results["top1"] > 0.9  # bags and trousers are easy to tell apart
+    assert results["train_images"] + results["test_images"] == sum(1 for _ in data.rglob("*.png"))
+
+    mismatched = write_split_folder(tmp_path / "mismatched", test_classes=("bag", "sneaker"))
+    assert main([*argv[:3], "--data", str(mismatched), "--protocol", "knn", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "mimkit probe: error:" in err and "['bag', 'sneaker']" in err and "['bag', 'trouser']" in err
+    assert not (tmp_path / "bad" / "results.json").exists()
+
+    flat = data / "train"  # class subfolders but no train/ and test/ inside
+    assert main([*argv[:3], "--data", str(flat), "--protocol", "knn", "--out", str(tmp_path / "bad")]) == 2
+    assert f"{flat} has no train/ subfolder" in capsys.readouterr().err
+    assert main([*argv[:3], "--data", str(tmp_path / "nowhere"), "--protocol", "knn"]) == 2
+    assert "neither 'fashion_mnist' nor an existing folder" in capsys.readouterr().err
+
+
+def test_normalization_comes_from_the_checkpoints_run_config(tmp_path) -> None:
+    overrides = [f"model.{key}={value}" for key, value in TINY.items()] + ["data.dataset=folder", "data.root=/none"]
+    config = load_config(None, [*overrides, "model.depth=1"])
+    model = build_model(config)
+    model.run_config = config
+    path = save_checkpoint_as(model, tmp_path / "run.pt", "mimkit")
+    result = run_probe(path, protocol="knn", out_dir=tmp_path / "out", progress=False, train_limit=200, test_limit=50)
+    # Pretrained on a gray folder (mean 0.5, std 0.5), probed on Fashion-MNIST: the encoder's own statistics.
+    assert result["normalization"] == {"mean": [0.5], "std": [0.5]}
+    assert result["top1"] > 0.3
