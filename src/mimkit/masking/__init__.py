@@ -2,6 +2,7 @@
 
 from mimkit.masking.block import BlockMasker
 from mimkit.masking.grid import GridMasker
+from mimkit.masking.ncut import choose_foreground, ncut_bipartition, ncut_eigenvector, patch_affinity
 from mimkit.masking.random import RandomMasker
 from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
 
@@ -22,7 +23,11 @@ __all__ = [
     "MaskSpec",
     "Masker",
     "RandomMasker",
+    "choose_foreground",
     "create_masker",
     "mae_num_visible",
+    "ncut_bipartition",
+    "ncut_eigenvector",
     "num_hidden_patches",
+    "patch_affinity",
 ]
