@@ -53,7 +53,7 @@ def test_knn_then_linear_probe_share_one_feature_cache(checkpoint, tmp_path, cou
     assert count_extractions == ["features (train, avg)", "features (test, avg)"]
     assert knn["pools"] == ["avg"] and (knn["k"], knn["temperature"]) == (20, 0.07)
     assert knn["top1"] > 0.3  # a random tiny ViT's features on 1000 images: ~0.56, chance 0.1
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "knn" / "pretrained" / "results.json").read_text())
     assert saved["protocol"] == "knn" and saved["random_init"] is False and saved["checkpoint"] == str(checkpoint)
     assert (saved["train_images"], saved["test_images"]) == (1000, 300)
     assert saved["classes"] == FASHION_MNIST_CLASSES
@@ -61,7 +61,7 @@ def test_knn_then_linear_probe_share_one_feature_cache(checkpoint, tmp_path, cou
     assert list(accuracy) == FASHION_MNIST_CLASSES and all(0 <= value <= 1 for value in accuracy.values())
     assert sum(map(sum, saved["results"]["avg"]["confusion"])) == 300
     assert saved["normalization"] == {"mean": [0.286], "std": [0.353]}  # no run config: Fashion-MNIST defaults
-    with Image.open(out / "confusion_avg.png") as img:
+    with Image.open(out / "knn" / "pretrained" / "confusion_avg.png") as img:
         assert img.format == "PNG"
 
     count_extractions.clear()
@@ -78,15 +78,20 @@ def test_knn_then_linear_probe_share_one_feature_cache(checkpoint, tmp_path, cou
         entry = linear["results"][pool]
         assert entry["top1"] > 0.3 and entry["top5"] >= entry["top1"]  # measured ~0.65
         assert entry["feature_dim"] == 64 and len(entry["losses"]) == 90
-        assert (out / f"confusion_{pool}.png").is_file()
+        assert (out / "linear" / "pretrained" / f"confusion_{pool}.png").is_file()
     assert linear["top1"] == max(linear["results"][pool]["top1"] for pool in ("cls", "avg"))
-    assert json.loads((out / "results.json").read_text())["protocol"] == "linear"
+    assert json.loads((out / "linear" / "pretrained" / "results.json").read_text())["protocol"] == "linear"
     assert len(list((out / "cache").glob("*.pt"))) == 4
 
     # Other limits are other features: a new cache entry, never a stale hit.
     count_extractions.clear()
     run_probe(checkpoint, protocol="knn", out_dir=out, progress=False, train_limit=500, test_limit=300)
     assert count_extractions == ["features (train, avg)"]
+
+    # The random-init baseline lands beside the checkpoint's results, never over them.
+    run_probe(checkpoint, protocol="knn", out_dir=out, random_init=True, progress=False, **LIMITS)
+    assert json.loads((out / "knn" / "random_init" / "results.json").read_text())["random_init"] is True
+    assert json.loads((out / "knn" / "pretrained" / "results.json").read_text())["random_init"] is False
 
 
 def test_random_init_is_a_separate_seeded_baseline(checkpoint, tmp_path, count_extractions) -> None:
@@ -157,7 +162,7 @@ def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys) -> N
     assert main([*argv, "--protocol", "linear", "--epochs", "30", "--optimizer", "sgd"]) == 0
     printed = capsys.readouterr().out
     assert "linear probe of" in printed and "  cls " in printed and "  avg " in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "linear" / "pretrained" / "results.json").read_text())
     assert results["classes"] == ["bag", "trouser"] and results["data"] == str(data.resolve())
     assert results["normalization"] == {"mean": [0.5], "std": [0.5]}  # gray folder default
     assert results["top5"] is None  # two classes
@@ -168,7 +173,7 @@ def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys) -> N
     assert main([*argv[:3], "--data", str(mismatched), "--protocol", "knn", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "mimkit probe: error:" in err and "['bag', 'sneaker']" in err and "['bag', 'trouser']" in err
-    assert not (tmp_path / "bad" / "results.json").exists()
+    assert not list((tmp_path / "bad").rglob("results.json"))
 
     flat = data / "train"  # class subfolders but no train/ and test/ inside
     assert main([*argv[:3], "--data", str(flat), "--protocol", "knn", "--out", str(tmp_path / "bad")]) == 2

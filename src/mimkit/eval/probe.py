@@ -244,7 +244,8 @@ def run_probe(
             subfolder of images per class, the same classes in both.
         random_init: probe the same architecture untrained (seeded with ``seed``), a baseline.
         pool: ``"cls"``, ``"avg"`` or ``"both"``; default ``"both"`` for linear, ``"avg"`` for kNN.
-        out_dir: receives ``results.json``, ``confusion_<pool>.png`` and the feature ``cache/``.
+        out_dir: receives the feature ``cache/`` and, per run, ``<protocol>/<pretrained|random_init>/``
+            with ``results.json`` and ``confusion_<pool>.png`` (a baseline never overwrites its checkpoint's).
         train_limit: keep only this many training images (the first ones of Fashion-MNIST, evenly
             spaced files of a folder, so every class keeps its share).
         test_limit: the same for the test split.
@@ -257,9 +258,10 @@ def run_probe(
         progress: progress bars.
 
     Returns:
-        The dict written to ``out_dir/results.json``: protocol, checkpoint, random_init, pools, data,
-        image counts, classes, and per pool top-1/top-5/per-class accuracy and the confusion PNG; the
-        top-level ``top1``/``top5`` are those of the best pool (``best_pool``).
+        The dict written to ``out_dir/<protocol>/<pretrained|random_init>/results.json``: protocol,
+        checkpoint, random_init, pools, data, image counts, classes, and per pool top-1/top-5/per-class
+        accuracy and the confusion PNG; the top-level ``top1``/``top5`` are those of the best pool
+        (``best_pool``).
 
     Raises:
         ValueError: unknown protocol or pool, unlabelled data, classes that differ between splits.
@@ -274,6 +276,7 @@ def run_probe(
     pools = ["cls", "avg"] if pool == "both" else [pool]
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    run_dir = out_dir / protocol / ("random_init" if random_init else "pretrained")
     features = _Features(
         checkpoint=checkpoint,
         random_init=random_init,
@@ -344,7 +347,7 @@ def run_probe(
         png = save_confusion_matrix(
             metrics.confusion,
             classes,
-            out_dir / f"confusion_{name}.png",
+            run_dir / f"confusion_{name}.png",
             title=f"{protocol} probe, {name} pool, {which} {checkpoint.name}: top-1 {100 * metrics.top1:.1f}%",
         )
         entry.update(
@@ -364,7 +367,7 @@ def run_probe(
         results=per_pool,
         features_extracted=features.extracted,
     )
-    results["results_json"] = str(write_results(out_dir / "results.json", results))
+    results["results_json"] = str(write_results(run_dir / "results.json", results))
     return results
 
 
