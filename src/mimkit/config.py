@@ -120,7 +120,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """Checks run at the end of pretraining."""
+    """Checks run at the end of pretraining, and the optional online linear probe that runs during it."""
 
     reconstruct: bool = True
     num_images: int = 8
@@ -131,6 +131,8 @@ class EvalConfig:
     knn_train_limit: int | None = 10000
     knn_test_limit: int | None = 2000
     knn_baseline: bool = True
+    online_probe: bool = False
+    online_probe_lr: float = 1e-3
 
 
 @dataclass
@@ -197,6 +199,7 @@ class Config:
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
         check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
         check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
+        check(self.eval.online_probe_lr > 0, "eval.online_probe_lr", f"must be > 0, got {self.eval.online_probe_lr}")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.train.save_every_epochs >= 1, "train.save_every_epochs", "must be >= 1")

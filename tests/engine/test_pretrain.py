@@ -121,12 +121,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> 
     original = trainer.train_step
     calls = {"n": 0}
 
-    def poisoned(images: torch.Tensor) -> torch.Tensor:
+    def poisoned(images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 3:  # corrupt the weights the way a diverging step would
             with torch.no_grad():
                 next(trainer.model.parameters()).fill_(float("nan"))
-        return original(images)
+        return original(images, labels)
 
     trainer.train_step = poisoned  # type: ignore[method-assign]
     good = tmp_path / "last.pt"
@@ -143,10 +143,10 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_completes_the_run(tmp_path: P
     trainer = Pretrainer(small_config(tmp_path / "stopped", "train.epochs=2"))
     original = trainer.train_step
 
-    def interrupted(images: torch.Tensor) -> torch.Tensor:
+    def interrupted(images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if trainer.step == 2:
             signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during the third step
-        return original(images)
+        return original(images, labels)
 
     trainer.train_step = interrupted  # type: ignore[method-assign]
     with pytest.raises(TrainingInterrupted, match="--resume"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ from mimkit.engine.checkpoint import (
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.schedule import effective_lr, warmup_cosine
+from mimkit.eval.linear import LinearProbe
 from mimkit.models import MaskedImageModel, create_model
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,12 @@ class Pretrainer:
         self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size, cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.online_probe: LinearProbe | None = None
+        self.probe_optimizer: torch.optim.Optimizer | None = None
+        # (summed loss, correct, seen) of the online probe since the last logging step
+        self.probe_running = torch.zeros(3, device=self.device)
+        if cfg.eval.online_probe:
+            self._build_online_probe()
         self.step = 0
         self.last_loss = math.nan  # mean loss over the last logging interval
         if resume_path is not None:
@@ -178,6 +186,24 @@ class Pretrainer:
         write_config(cfg, self.out_dir)
         self.logger = MetricsLogger(
             self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
+        )
+
+    def _build_online_probe(self) -> None:
+        """The online linear probe and its AdamW; built under a private seed so the model's RNG is untouched."""
+        labels = getattr(self.dataset, "labels", None)
+        num_classes = len(getattr(self.dataset, "classes", []))
+        if labels is None or num_classes < 2:
+            source = self.config.data.root or self.config.data.dataset
+            raise ValueError(
+                f"eval.online_probe needs labelled training data (at least 2 classes), but {source} has none; "
+                "put the images in class subfolders or set eval.online_probe=false"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)
+            probe = LinearProbe(int(self.model.config["embed_dim"]), num_classes)
+        self.online_probe = probe.to(self.device)
+        self.probe_optimizer = torch.optim.AdamW(
+            self.online_probe.parameters(), lr=self.config.eval.online_probe_lr, weight_decay=0.0
         )
 
     def _resume_path(self, resume: bool | str) -> Path | None:
@@ -197,8 +223,6 @@ class Pretrainer:
         probe_dir = self.out_dir if self.out_dir.exists() else self.out_dir.parent
         while not probe_dir.exists():
             probe_dir = probe_dir.parent
-        import os
-
         if not os.access(probe_dir, os.W_OK):
             raise PermissionError(f"train.output_dir {self.out_dir} is not writable")
 
@@ -214,13 +238,19 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.last_loss = float(state.get("loss", math.nan))
+        if self.online_probe is not None and self.probe_optimizer is not None:
+            if "online_probe" in state:
+                self.online_probe.load_state_dict(state["online_probe"]["model"])
+                self.probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
+            else:
+                log.info("%s has no online probe; starting a fresh one at step %d", path, int(state["step"]))
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, as plain tensors and Python values."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {
@@ -237,6 +267,12 @@ class Pretrainer:
             "config": self.config.to_dict(),
             "model_args": dict(self.model.config),
         }
+        if self.online_probe is not None and self.probe_optimizer is not None:
+            state["online_probe"] = {
+                "model": self.online_probe.state_dict(),
+                "optimizer": self.probe_optimizer.state_dict(),
+            }
+        return state
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
         path = self.out_dir / name
@@ -252,8 +288,12 @@ class Pretrainer:
             min_lr=self.config.optim.min_lr,
         )
 
-    def train_step(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a uint8 batch (B, C, H, W); returns the detached mean loss."""
+    def train_step(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step on a uint8 batch (B, C, H, W); returns the detached mean loss.
+
+        With the online probe on, ``labels`` (B,) also train the probe on the same augmented images
+        (see :meth:`probe_step`); the pretraining update does not depend on them.
+        """
         cfg = self.config
         seed, step = cfg.train.seed, self.step
         lr = self.lr_at(step)
@@ -275,8 +315,43 @@ class Pretrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.online_probe is not None and labels is not None:
+            self.probe_step(images, labels)
         self.step += 1
         return total
+
+    def probe_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step of the online linear probe on the class token of the (updated) encoder.
+
+        Costs one extra unmasked encoder forward without gradients: it sees all L patches, four times the
+        tokens of the masked forward at ratio 0.75 (+60% step time for ViT-Tiny with the micro decoder on
+        CPU). It runs in eval mode (no drop path) on a forked RNG, and the probe has its own optimizer, so
+        the pretraining weights and randomness are exactly what they are without it.
+
+        Args:
+            images: (B, C, H, W) the step's augmented, normalised images.
+            labels: (B,) int64 class indices.
+        """
+        assert self.online_probe is not None and self.probe_optimizer is not None
+        encoder = self.model.encoder
+        was_training = encoder.training
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            encoder.eval()
+            try:
+                features = encoder.forward_features(images, pool="cls")  # type: ignore[operator]  # (B, D)
+            finally:
+                encoder.train(was_training)
+        labels = labels.to(self.device, non_blocking=True)
+        logits = self.online_probe(features)  # (B, num_classes)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.probe_optimizer.step()
+        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        self.probe_running += torch.stack(
+            [loss.detach() * labels.numel(), correct.float(), logits.new_tensor(labels.numel())]
+        )
 
     def _check_finite(self, nonfinite: torch.Tensor, since: int) -> None:
         if bool(nonfinite):
@@ -310,8 +385,8 @@ class Pretrainer:
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
                 start_batch = self.step - epoch * self.steps_per_epoch
-                for images, _labels in self.loader.iter_from(start_batch):
-                    loss = self.train_step(images)
+                for images, labels in self.loader.iter_from(start_batch):
+                    loss = self.train_step(images, labels)
                     nonfinite |= ~torch.isfinite(loss)
                     running += loss
                     bar.update(1)
@@ -325,15 +400,19 @@ class Pretrainer:
                         self.last_loss = loss_value = float(running) / max(steps, 1)
                         img_s = steps * cfg.train.batch_size / max(now - last_log_time, 1e-9)
                         lr = self.lr_at(self.step - 1)
-                        self.logger.log(
-                            self.step,
-                            {
-                                "train/loss": loss_value,
-                                "train/lr": lr,
-                                "train/img_per_s": img_s,
-                                "epoch": self.step / self.steps_per_epoch,
-                            },
-                        )
+                        metrics = {
+                            "train/loss": loss_value,
+                            "train/lr": lr,
+                            "train/img_per_s": img_s,
+                            "epoch": self.step / self.steps_per_epoch,
+                        }
+                        if self.online_probe is not None:
+                            probe_loss, probe_correct, probe_seen = self.probe_running.tolist()
+                            if probe_seen:
+                                metrics["probe/loss"] = probe_loss / probe_seen
+                                metrics["probe/acc"] = probe_correct / probe_seen
+                            self.probe_running.zero_()
+                        self.logger.log(self.step, metrics)
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
