@@ -7,28 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.config import Config, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.engine.checkpoint import load_checkpoint_file
 from mimkit.engine.pretrain import Pretrainer
 
-# As in test_pretrain.py (tests are imported in importlib mode, so siblings cannot be imported).
-SMALL = [
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.decoder=micro",
-    "model.img_size=16",
-    "data.limit=64",
-    "train.batch_size=16",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "log.every_steps=2",
-    "eval.reconstruct=false",
-    "eval.knn=false",
-    "optim.blr=1e-3",
-    "optim.warmup_epochs=1",
-]
 PROBE = ["eval.online_probe=true", "eval.online_probe_lr=1e-2"]
 # 512 images, 16 steps per epoch; mild crops keep the class visible so the probe learns quickly.
 LEARNABLE = [
@@ -42,14 +24,6 @@ LEARNABLE = [
 ]
 
 
-def small_config(tmp_path: Path, *extra: str) -> Config:
-    return load_config(None, [*SMALL, f"train.output_dir={tmp_path}", *extra])
-
-
-def weights(trainer: Pretrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
 def probe_weights(trainer: Pretrainer) -> dict[str, torch.Tensor]:
     assert trainer.online_probe is not None
     return {k: v.detach().clone() for k, v in trainer.online_probe.state_dict().items()}
@@ -59,7 +33,7 @@ def records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_probe_leaves_pretraining_bit_identical(tmp_path: Path) -> None:
+def test_probe_leaves_pretraining_bit_identical(tmp_path: Path, small_config, weights) -> None:
     # Drop path makes the encoder consume global randomness: the probe's extra forward must not shift it.
     extra = ["train.epochs=2", "model.drop_path_rate=0.2"]
     plain = Pretrainer(small_config(tmp_path / "plain", *extra))
@@ -81,7 +55,7 @@ def test_probe_leaves_pretraining_bit_identical(tmp_path: Path) -> None:
     assert probed.model.encoder.training
 
 
-def test_probe_accuracy_rises_well_above_chance_and_is_logged(tmp_path: Path) -> None:
+def test_probe_accuracy_rises_well_above_chance_and_is_logged(tmp_path: Path, small_config) -> None:
     trainer = Pretrainer(small_config(tmp_path, *LEARNABLE, *PROBE))
     trainer.fit()
     logged = records(tmp_path)
@@ -94,12 +68,12 @@ def test_probe_accuracy_rises_well_above_chance_and_is_logged(tmp_path: Path) ->
     assert last["probe/loss"] < first["probe/loss"] - 0.2, [r["probe/loss"] for r in logged]
 
 
-def test_metrics_without_probe_have_no_probe_keys(tmp_path: Path) -> None:
+def test_metrics_without_probe_have_no_probe_keys(tmp_path: Path, small_config) -> None:
     Pretrainer(small_config(tmp_path, "train.max_steps=2")).fit()
     assert all(not any(key.startswith("probe/") for key in r) for r in records(tmp_path))
 
 
-def test_resume_with_probe_equals_uninterrupted(tmp_path: Path) -> None:
+def test_resume_with_probe_equals_uninterrupted(tmp_path: Path, small_config, weights) -> None:
     full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2", *PROBE))
     full.fit()
     first = Pretrainer(small_config(tmp_path / "split", "train.epochs=2", "train.max_steps=5", *PROBE))
@@ -115,7 +89,7 @@ def test_resume_with_probe_equals_uninterrupted(tmp_path: Path) -> None:
         assert torch.equal(probe_weights(resumed)[key], value), key
 
 
-def test_resume_of_a_run_without_probe_starts_a_fresh_probe(tmp_path: Path) -> None:
+def test_resume_of_a_run_without_probe_starts_a_fresh_probe(tmp_path: Path, small_config) -> None:
     Pretrainer(small_config(tmp_path, "train.epochs=2", "train.max_steps=4")).fit()
     fresh = probe_weights(Pretrainer(small_config(tmp_path / "other", *PROBE)))
     resumed = Pretrainer(small_config(tmp_path, "train.epochs=2", *PROBE), resume=True)
@@ -126,7 +100,7 @@ def test_resume_of_a_run_without_probe_starts_a_fresh_probe(tmp_path: Path) -> N
     assert "probe/acc" in records(tmp_path)[-1]
 
 
-def test_unlabelled_folder_fails_at_init_naming_the_key(tmp_path: Path) -> None:
+def test_unlabelled_folder_fails_at_init_naming_the_key(tmp_path: Path, small_config) -> None:
     images, _ = load_fashion_mnist(split="test")
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -9,38 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
 from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
 from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, TrainingInterrupted
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.models import create_model
-
-SMALL = [
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.decoder=micro",
-    "model.img_size=16",
-    "data.limit=64",
-    "train.batch_size=16",
-    "train.progress=false",
-    "log.tensorboard=false",
-    "log.every_steps=2",
-    "eval.reconstruct=false",
-    "eval.knn=false",
-    "optim.blr=1e-3",
-    "optim.warmup_epochs=1",
-]
-
-
-def small_config(tmp_path: Path, *extra: str):
-    return load_config(None, [*SMALL, f"train.output_dir={tmp_path}", *extra])
-
-
-def weights(trainer: Pretrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
 def test_schedule_is_pure_warmup_then_cosine() -> None:
@@ -50,7 +24,7 @@ def test_schedule_is_pure_warmup_then_cosine() -> None:
     assert math.isclose(lrs[10], 0.1)
 
 
-def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+def test_resume_equals_uninterrupted(tmp_path: Path, small_config, weights) -> None:
     full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2"))
     full.fit()
     # Same run stopped after 5 steps (mid-epoch: 4 steps per epoch), then resumed in a new process state.
@@ -71,7 +45,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert again.steps == 8 and again.final_loss == resumed.last_loss and math.isfinite(again.final_loss)
 
 
-def test_gradient_accumulation_equals_large_batch(tmp_path: Path) -> None:
+def test_gradient_accumulation_equals_large_batch(tmp_path: Path, small_config, weights) -> None:
     big = Pretrainer(small_config(tmp_path / "big", "train.max_steps=3"))
     acc = Pretrainer(small_config(tmp_path / "acc", "train.max_steps=3", "optim.accum_steps=4"))
     big.fit()
@@ -108,7 +82,7 @@ def test_tiny_model_overfits_eight_images() -> None:
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path: Path) -> None:
+def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path: Path, small_config) -> None:
     Pretrainer(small_config(tmp_path, "train.max_steps=1")).fit()
     with pytest.raises(FileExistsError, match="--resume"):
         Pretrainer(small_config(tmp_path))
@@ -116,7 +90,7 @@ def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path: Path) -
         Pretrainer(small_config(tmp_path / "other"), resume=True)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, small_config) -> None:
     trainer = Pretrainer(small_config(tmp_path, "train.save_every_steps=2", "train.epochs=3"))
     original = trainer.train_step
     calls = {"n": 0}
@@ -137,7 +111,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> 
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resume_completes_the_run(tmp_path: Path) -> None:
+def test_ctrl_c_finishes_the_step_saves_and_resume_completes_the_run(tmp_path: Path, small_config, weights) -> None:
     full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2"))
     full.fit()
     trainer = Pretrainer(small_config(tmp_path / "stopped", "train.epochs=2"))
@@ -159,13 +133,13 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_completes_the_run(tmp_path: P
         assert torch.equal(weights(resumed)[key], value), key
 
 
-def test_numbered_snapshots_every_k_epochs(tmp_path: Path) -> None:
+def test_numbered_snapshots_every_k_epochs(tmp_path: Path, small_config) -> None:
     Pretrainer(small_config(tmp_path, "train.epochs=4", "train.keep_every_epochs=2")).fit()
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch_0002.pt", "epoch_0004.pt", "last.pt"]
     assert load_checkpoint_file(tmp_path / "epoch_0002.pt")["step"] == 8
 
 
-def test_checkpoint_contents(tmp_path: Path) -> None:
+def test_checkpoint_contents(tmp_path: Path, small_config) -> None:
     trainer = Pretrainer(small_config(tmp_path, "train.max_steps=2"))
     trainer.fit()
     state = load_checkpoint_file(tmp_path / "last.pt")
