@@ -72,6 +72,24 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from mimkit.eval.finetune import finetune_config, format_finetune, run_finetune
+
+    config = finetune_config(args.overrides, args.config)
+    results = run_finetune(
+        args.checkpoint,
+        data=args.data,
+        partial_blocks=args.partial_blocks,
+        random_init=args.random_init,
+        config=config,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        save_model=not args.no_save,
+    )
+    print(format_finetune(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -135,6 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the linear probe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_probe)
+
+    p = commands.add_parser("finetune", help="partial or full fine-tuning of a checkpoint's encoder on labelled data")
+    p.add_argument("--checkpoint", required=True, help="mimkit, MAE or HuggingFace checkpoint (file or directory)")
+    p.add_argument(
+        "--data",
+        default="fashion_mnist",
+        help="fashion_mnist, or a folder with train/ and test/ holding one subfolder per class",
+    )
+    p.add_argument(
+        "--partial-blocks",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train only the last K blocks plus the head (0: the head alone); full fine-tuning when omitted",
+    )
+    p.add_argument("--random-init", action="store_true", help="fine-tune the same architecture untrained (a baseline)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of fine-tuning keys")
+    p.add_argument(
+        "--out", type=Path, default=Path("finetune"), help="output folder (results.json, PNG, TensorBoard, model)"
+    )
+    p.add_argument("--no-save", action="store_true", help="do not write the fine-tuned classifier.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="recipe keys such as epochs=10 blr=1e-3 layer_decay=0.65 mixup=0.8 cutmix=1.0 ema=true",
+    )
+    p.set_defaults(func=_finetune)
 
     p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
     p.add_argument("--config", type=Path)

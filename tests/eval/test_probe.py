@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,26 +11,16 @@ from PIL import Image
 import mimkit.eval.probe as probe_module
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.data.fashion_mnist import DEFAULT_ROOT, FASHION_MNIST_CLASSES, load_fashion_mnist
+from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
+from mimkit.engine.logging import read_metrics
 from mimkit.engine.pretrain import build_model
 from mimkit.eval.knn import extract_features
 from mimkit.eval.probe import format_probe, run_probe
-from mimkit.models import create_model, load_checkpoint
+from mimkit.models import load_checkpoint
 from mimkit.models.load import save_checkpoint_as
 
-TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 LIMITS = dict(train_limit=1000, test_limit=300)  # the first images of Fashion-MNIST: every class present
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny untrained ViT (seed 0) saved in the mimkit layout."""
-    if not DEFAULT_ROOT.is_dir():
-        pytest.fail(f"Fashion-MNIST is missing at {DEFAULT_ROOT}: `apt-get install dataset-fashion-mnist`")
-    torch.manual_seed(0)
-    model = create_model("vit_tiny", **TINY)
-    return save_checkpoint_as(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt", "mimkit")
 
 
 @pytest.fixture
@@ -81,6 +70,10 @@ def test_knn_then_linear_probe_share_one_feature_cache(checkpoint, tmp_path, cou
         assert (out / "linear" / "pretrained" / f"confusion_{pool}.png").is_file()
     assert linear["top1"] == max(linear["results"][pool]["top1"] for pool in ("cls", "avg"))
     assert json.loads((out / "linear" / "pretrained" / "results.json").read_text())["protocol"] == "linear"
+    records = read_metrics(out / "linear" / "pretrained" / "metrics.jsonl")  # mirrored to TensorBoard
+    assert [r["linear/avg/loss"] for r in records if "linear/avg/loss" in r] == linear["results"]["avg"]["losses"]
+    assert records[-1]["step"] == 90 and records[-1]["linear/cls/top1"] == linear["results"]["cls"]["top1"]
+    assert list((out / "linear" / "pretrained" / "tb").glob("events.out.tfevents.*"))
     assert len(list((out / "cache").glob("*.pt"))) == 4
 
     # Other limits are other features: a new cache entry, never a stale hit.
@@ -136,26 +129,7 @@ def test_mimkit_mae_and_hf_layouts_give_identical_features(checkpoint, tmp_path)
     assert result["model"] == "vit_tiny" and result["top1"] > 0.3
 
 
-def write_split_folder(root: Path, test_classes: tuple[str, ...] = ("bag", "trouser")) -> Path:
-    """Fashion-MNIST bags (label 8) and trousers (label 1) as train/<class>/ and test/<class>/ PNG files."""
-    images, labels = load_fashion_mnist(split="test")
-    names = {8: "bag", 1: "trouser", 7: "sneaker"}
-    for split, rows in (("train", range(0, 400)), ("test", range(400, 600))):
-        for index in rows:
-            name = names.get(int(labels[index]))
-            if (
-                name is None
-                or (split == "train" and name == "sneaker")
-                or (split == "test" and name not in test_classes)
-            ):
-                continue
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[index, 0].numpy(), "L").save(folder / f"{index}.png")
-    return root
-
-
-def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys) -> None:
+def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys, write_split_folder) -> None:
     data = write_split_folder(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["probe", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--no-progress"]
@@ -182,8 +156,11 @@ def test_cli_probe_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys) -> N
     assert "neither 'fashion_mnist' nor an existing folder" in capsys.readouterr().err
 
 
-def test_normalization_comes_from_the_checkpoints_run_config(tmp_path) -> None:
-    overrides = [f"model.{key}={value}" for key, value in TINY.items()] + ["data.dataset=folder", "data.root=/none"]
+def test_normalization_comes_from_the_checkpoints_run_config(tmp_path, tiny_args) -> None:
+    overrides = [f"model.{key}={value}" for key, value in tiny_args.items()] + [
+        "data.dataset=folder",
+        "data.root=/none",
+    ]
     config = load_config(None, [*overrides, "model.depth=1"])
     model = build_model(config)
     model.run_config = config

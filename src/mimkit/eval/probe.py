@@ -19,6 +19,14 @@ import torch
 from torch import Tensor
 
 from mimkit.engine.checkpoint import atomic_write
+from mimkit.eval.data import (
+    LabelledSplit,
+    check_labelled_folder,
+    data_source,
+    listing_digest,
+    load_eval_model,
+    load_labelled_split,
+)
 from mimkit.eval.knn import extract_features, knn_scores
 from mimkit.eval.linear import train_linear_probe
 from mimkit.eval.report import ClassificationMetrics, classification_metrics, save_confusion_matrix, write_results
@@ -43,36 +51,6 @@ def checkpoint_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _data_source(data: str | Path) -> tuple[str, Path | None]:
-    """(``"fashion_mnist"`` or ``"folder"``, the folder) of a ``data`` argument."""
-    if str(data) == "fashion_mnist":
-        return "fashion_mnist", None
-    folder = Path(data).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data {str(data)!r} is neither 'fashion_mnist' nor an existing folder")
-    return "folder", folder.resolve()
-
-
-def _folder_listing(folder: Path, split: str) -> tuple[list[str], list[str]]:
-    """(relative file paths, classes) of a labelled split, checked to be one subfolder per class."""
-    from mimkit.data import resolve_folder_split
-    from mimkit.data.folder import scan_image_folder
-
-    if not (folder / "train").is_dir():
-        raise FileNotFoundError(
-            f"{folder} has no train/ subfolder; a probe needs {folder / 'train'} and {folder / 'test'}, each with "
-            "one subfolder of images per class"
-        )
-    root = resolve_folder_split(folder, split)
-    try:
-        paths, labels, classes = scan_image_folder(root)
-    except NotADirectoryError as err:
-        raise FileNotFoundError(str(err)) from None
-    if labels is None:
-        raise ValueError(f"a probe needs labelled images: put the images of {root} in one subfolder per class")
-    return [str(p.relative_to(root)) for p in paths], classes
-
-
 class _Features:
     """The labelled train/test features of one encoder, extracted on demand and cached on disk."""
 
@@ -90,84 +68,50 @@ class _Features:
         batch_size: int,
         progress: bool,
     ) -> None:
-        from mimkit.data.transforms import default_normalization
-        from mimkit.models.load import load_checkpoint
-
-        self.dataset, self.folder = _data_source(data)
+        self.dataset, self.folder = data_source(data)
         self.limits = {"train": train_limit, "test": test_limit}
         for split, limit in self.limits.items():
             if limit is not None and limit <= 0:
                 raise ValueError(f"{split}_limit must be positive, got {limit}")
-        self.listings: dict[str, tuple[list[str], list[str]]] = {}
-        if self.folder is not None:  # check both splits before any encoder pass
-            self.listings = {split: _folder_listing(self.folder, split) for split in ("train", "test")}
-            (_, train_classes), (_, test_classes) = self.listings["train"], self.listings["test"]
-            if train_classes != test_classes:
-                raise ValueError(
-                    f"the class subfolders of the test split {test_classes} differ from those of the train split "
-                    f"{train_classes} in {self.folder}; give both splits the same classes"
-                )
-        model = load_checkpoint(checkpoint)
-        self.config = dict(model.config)
-        if random_init:
-            model = self._untrained(model.config, seed)
+        # both splits are checked before any encoder pass
+        self.listings = check_labelled_folder(self.folder) if self.folder is not None else {}
+        model = load_eval_model(checkpoint, random_init=random_init, seed=seed, dataset=self.dataset)
+        self.config = model.config
         self.encoder = model.encoder.to(device)
-        run_config = getattr(model, "run_config", None)
-        in_chans, img_size = int(self.config["in_chans"]), int(self.config["img_size"])
-        if run_config is not None:
-            self.mean, self.std = run_config.normalization()
-        else:
-            self.mean, self.std = default_normalization(in_chans, self.dataset)
-        self.img_size, self.in_chans = img_size, in_chans
+        self.mean, self.std = model.mean, model.std
+        self.img_size, self.in_chans = model.img_size, model.in_chans
         self.key_base = {
             "version": CACHE_VERSION,
             "checkpoint": checkpoint_digest(checkpoint),
             "random_init": random_init,
             "seed": seed if random_init else None,
             "data": self.dataset if self.folder is None else str(self.folder),
-            "img_size": img_size,
-            "in_chans": in_chans,
+            "img_size": self.img_size,
+            "in_chans": self.in_chans,
             "mean": list(self.mean),
             "std": list(self.std),
         }
         self.cache_dir, self.device, self.batch_size, self.progress = cache_dir, device, batch_size, progress
-        self._images: dict[str, Any] = {}
+        self._images: dict[str, LabelledSplit] = {}
         self.extracted = 0  # encoder passes over a split in this run (0 when everything came from the cache)
-
-    @staticmethod
-    def _untrained(config: dict[str, Any], seed: int) -> Any:
-        from mimkit.models.registry import create_model
-
-        args = dict(config)
-        name = args.pop("name")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return create_model(name, **args)
 
     def _key(self, split: str, pool: str) -> dict[str, Any]:
         key = {**self.key_base, "split": split, "pool": pool, "limit": self.limits[split]}
         if self.folder is not None:
-            files, classes = self.listings[split]
-            key["files"] = hashlib.sha256("\n".join([*classes, "", *files]).encode()).hexdigest()
+            key["files"] = listing_digest(self.listings[split])
         return key
 
-    def _split(self, split: str) -> Any:
-        from mimkit.data import build_dataset
-
+    def _split(self, split: str) -> LabelledSplit:
         if split not in self._images:
-            data = build_dataset(
+            self._images[split] = load_labelled_split(
                 self.dataset,
-                root=self.folder,
-                split=split,
+                self.folder,
+                split,
                 img_size=self.img_size,
                 in_chans=self.in_chans,
-                in_memory=True,
                 limit=self.limits[split],
                 progress=self.progress,
             )
-            if data.images is None or data.labels is None:
-                raise ValueError(f"the {split} split of {self.key_base['data']} has no labelled images in memory")
-            self._images[split] = data
         return self._images[split]
 
     def get(self, split: str, pool: str) -> tuple[Tensor, Tensor, list[str]]:
@@ -196,8 +140,7 @@ class _Features:
             progress=self.progress,
             desc=f"features ({split}, {pool})",
         )  # (N, D)
-        labels = torch.as_tensor(data.labels).long()  # (N,)
-        classes = [str(name) for name in data.classes]
+        labels, classes = data.labels, data.classes  # (N,)
         self.extracted += 1
         state = {"key": key, "features": features, "labels": labels, "classes": classes}
         atomic_write(path, lambda handle: torch.save(state, handle))
@@ -367,8 +310,31 @@ def run_probe(
         results=per_pool,
         features_extracted=features.extracted,
     )
+    _log_scalars(run_dir, protocol, per_pool)
     results["results_json"] = str(write_results(run_dir / "results.json", results))
     return results
+
+
+def _log_scalars(run_dir: Path, protocol: str, per_pool: dict[str, Any]) -> None:
+    """TensorBoard (``run_dir/tb``) and ``metrics.jsonl``: the linear probe's loss per epoch, then the
+    accuracies of every pool at the last step."""
+    from mimkit.engine.logging import MetricsLogger
+
+    metrics = MetricsLogger(run_dir, tensorboard=True)
+    try:
+        last = 0
+        for name, entry in per_pool.items():
+            for epoch, loss in enumerate(entry.get("losses", []), start=1):
+                metrics.log(epoch, {f"{protocol}/{name}/loss": loss})
+                last = max(last, epoch)
+        scores = {}
+        for name, entry in per_pool.items():
+            scores[f"{protocol}/{name}/top1"] = entry["top1"]
+            if entry["top5"] is not None:
+                scores[f"{protocol}/{name}/top5"] = entry["top5"]
+        metrics.log(last, scores)
+    finally:
+        metrics.close()
 
 
 def format_probe(results: dict[str, Any]) -> str:

@@ -91,6 +91,25 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_vit_weights)
 
+    def embed_tokens(self, images: Tensor, mask: MaskSpec | None = None) -> Tensor:
+        """The tokens the first block sees: (B, C, H, W) -> (B, 1 + N, D), class token first, then the
+        N visible patches (all L without a mask), with positional embeddings added."""
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D)
+        if mask is not None:
+            index = mask.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
+            x = torch.gather(x, 1, index)  # (B, Lk, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+
+    def set_drop_path_rate(self, drop_path_rate: float) -> None:
+        """Stochastic depth rising linearly from 0 at the first block to ``drop_path_rate`` at the last
+        (as at construction); fine-tuning turns it on for a pretrained encoder."""
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+        rates = torch.linspace(0, drop_path_rate, len(self.blocks)).tolist()
+        for block, rate in zip(self.blocks, rates, strict=True):
+            block.drop_path.drop_prob = rate  # type: ignore[union-attr]
+
     def forward(
         self,
         images: Tensor,
@@ -107,12 +126,7 @@ class VisionTransformer(nn.Module):
             return_attn: also return each block's attention weights.
             return_hidden: also return each block's output.
         """
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D)
-        if mask is not None:
-            index = mask.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
-            x = torch.gather(x, 1, index)  # (B, Lk, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        x = self.embed_tokens(images, mask)  # (B, 1 + N, D)
         out = EncoderOutput(tokens=x, num_prefix_tokens=1, grid=self.grid)
         for block in self.blocks:
             x, attn = block(x, return_attn=return_attn)

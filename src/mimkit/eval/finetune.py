@@ -1,0 +1,630 @@
+"""Partial and full fine-tuning of a pretrained encoder on labelled images (MAE's protocols).
+
+Full fine-tuning follows MAE's ``main_finetune.py``: AdamW with layer-wise learning-rate decay (BEiT),
+drop path, label smoothing, optional mixup/cutmix (timm's), linear warmup then cosine, optional model
+EMA (timm's). Partial fine-tuning trains only the last ``k`` blocks (and the final norm) plus the head,
+the MAE paper's study of how much of the encoder must move (Fig. 9); ``k = 0`` trains the head alone on
+frozen features, which is the linear probe with crop/flip augmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimkit.eval.linear import LinearProbe
+from mimkit.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+POOLS = ("avg", "cls")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning recipe; ``mimkit finetune`` takes these keys as ``key=value`` overrides.
+
+    Defaults follow MAE's fine-tuning recipe (AdamW betas (0.9, 0.999), weight decay 0.05, layer decay
+    0.75, drop path 0.1, label smoothing 0.1, lr = blr * batch / 256, warmup then cosine) at a length
+    and batch that suit a small data set on a CPU; mixup/cutmix are off unless their alphas are set.
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    blr: float = 1e-3
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    clip_grad: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.999
+    pool: str = "avg"
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+    train_limit: int | None = None
+    test_limit: int | None = None
+    eval_batch_size: int = 256
+    log_every_steps: int = 20
+    seed: int = 0
+
+    def validate(self) -> FinetuneConfig:
+        """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
+        from mimkit.config import ConfigError
+
+        checks = [
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.batch_size >= 2, "batch_size", "must be >= 2"),
+            (self.blr > 0 or (self.lr or 0) > 0, "blr", "must be positive"),
+            (self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0"),
+            (0 < self.layer_decay <= 1, "layer_decay", "must lie in (0, 1]"),
+            (0 <= self.drop_path < 1, "drop_path", "must lie in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0"),
+            (
+                not self.mixing or self.batch_size % 2 == 0,
+                "batch_size",
+                "must be even with mixup/cutmix (timm mixes a batch with its reverse)",
+            ),
+            (0 < self.ema_decay < 1, "ema_decay", "must lie in (0, 1)"),
+            (self.pool in POOLS, "pool", f"must be one of {POOLS}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be (low, high) in (0, 1]"),
+            (self.train_limit is None or self.train_limit >= 2, "train_limit", "must be >= 2"),
+            (self.test_limit is None or self.test_limit >= 1, "test_limit", "must be >= 1"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive (or null)"),
+            (self.log_every_steps >= 1, "log_every_steps", "must be >= 1"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+        return self
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def finetune_config(overrides: list[str] | None = None, path: str | Path | None = None) -> FinetuneConfig:
+    """A validated :class:`FinetuneConfig` from an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or bad value.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    import yaml
+
+    from mimkit.config import ConfigError, apply_overrides, from_dict
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"fine-tuning config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    apply_overrides(data, overrides or [])
+    return from_dict(FinetuneConfig, data).validate()
+
+
+class Classifier(nn.Module):
+    """A ViT encoder with a classification head, fully or partially trainable.
+
+    Full fine-tuning (``trainable_blocks=None``): every encoder parameter learns; the head is MAE's
+    ``fc_norm`` LayerNorm then a linear layer initialised with ``trunc_normal(std=2e-5)``.
+    Partial (``trainable_blocks=k``): patch embedding, class token and the first ``depth - k`` blocks are
+    frozen (no gradient, kept in eval mode, run under ``no_grad``); the last ``k`` blocks and the final
+    norm learn (the norm only when ``k > 0``); the head is the linear probe's BatchNorm without affine
+    then linear, so ``k = 0`` is exactly the linear probe's model.
+
+    Args:
+        encoder: a :class:`~mimkit.models.VisionTransformer` (the pretraining module itself).
+        num_classes: output classes.
+        pool: ``"avg"`` (mean of patch tokens) or ``"cls"`` (class token), after the encoder's final norm.
+        trainable_blocks: None for full fine-tuning, else k in [0, depth].
+    """
+
+    def __init__(
+        self, encoder: VisionTransformer, num_classes: int, pool: str = "avg", trainable_blocks: int | None = None
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        depth = len(encoder.blocks)
+        if trainable_blocks is not None and not 0 <= trainable_blocks <= depth:
+            raise ValueError(f"partial fine-tuning trains 0 to {depth} blocks of this encoder, got {trainable_blocks}")
+        self.encoder = encoder
+        self.pool = pool
+        self.num_classes = num_classes
+        self.trainable_blocks = trainable_blocks
+        self.num_frozen_blocks = 0 if trainable_blocks is None else depth - trainable_blocks
+        dim = int(encoder.embed_dim)
+        self.head: nn.Module
+        if trainable_blocks is None:
+            linear = nn.Linear(dim, num_classes)
+            nn.init.trunc_normal_(linear.weight, std=2e-5)
+            nn.init.zeros_(linear.bias)
+            self.head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), linear)
+        else:
+            self.head = LinearProbe(dim, num_classes)
+            for module in self.frozen_modules():
+                module.requires_grad_(False)
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The encoder parts partial fine-tuning freezes (none for full fine-tuning)."""
+        if self.trainable_blocks is None:
+            return []
+        encoder = self.encoder
+        frozen: list[nn.Module] = [encoder.patch_embed, *encoder.blocks[: self.num_frozen_blocks]]
+        if self.trainable_blocks == 0:
+            frozen.append(encoder.norm)
+        return frozen
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Frozen parameters, including the class token (a bare parameter)."""
+        if self.trainable_blocks is None:
+            return []
+        params = [p for module in self.frozen_modules() for p in module.parameters()]
+        return [self.encoder.cls_token, *params]
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.trainable_blocks is not None:
+            self.encoder.cls_token.requires_grad_(False)
+            for module in self.frozen_modules():
+                module.eval()  # frozen blocks never drop paths
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) normalized images -> (B, num_classes) logits."""
+        encoder = self.encoder
+        frozen = self.trainable_blocks is not None
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            x = encoder.embed_tokens(images)  # (B, 1 + L, D)
+            for block in encoder.blocks[: self.num_frozen_blocks]:
+                x, _ = block(x)
+        for block in encoder.blocks[self.num_frozen_blocks :]:
+            x, _ = block(x)
+        with torch.no_grad() if self.trainable_blocks == 0 else contextlib.nullcontext():
+            x = encoder.norm(x)  # (B, 1 + L, D)
+        features = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, D)
+        return self.head(features)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """BEiT/MAE layer index of an encoder parameter name: 0 for the embeddings and class token,
+    ``i + 1`` for ``blocks.i.*``, ``num_layers`` (= depth + 1) for the final norm and the head."""
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (layer, decay), each group with its ``lr_scale``.
+
+    As MAE's ``param_groups_lrd``: the group of layer ``i`` of ``num_layers = depth + 1`` gets
+    ``lr_scale = layer_decay ** (num_layers - i)``, so the head learns at the full rate, block ``j`` at
+    ``layer_decay ** (depth - j)`` of it and the embeddings at ``layer_decay ** (depth + 1)``; biases,
+    norms and tokens get no weight decay.
+    """
+    from mimkit.engine.optim import NO_DECAY_NAMES
+
+    num_layers = len(model.encoder.blocks) + 1
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for full_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = full_name.removeprefix("encoder.")
+        layer = layer_id(name, num_layers) if full_name.startswith("encoder.") else num_layers
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        group = groups.setdefault(
+            (layer, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (num_layers - layer),
+                "layer": layer,
+            },
+        )
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+@torch.no_grad()
+def predict_images(
+    model: nn.Module,
+    images: Tensor,
+    transform: Any,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> Tensor:
+    """Logits (N, num_classes) on the CPU of uint8 images (N, C, H, W), in eval mode (flag restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, images.shape[0], batch_size)
+        logits = [
+            model(transform(images[start : start + batch_size].to(device))).float().cpu()
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(logits)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` measured.
+
+    Attributes:
+        model: the trained :class:`Classifier` (eval mode).
+        logits: (M, num_classes) test logits of the final model (of the EMA model when ``ema``).
+        history: one record per epoch: ``epoch``, ``train_loss``, ``test_top1``.
+        steps: optimizer steps taken.
+        lr: peak learning rate.
+        ema_logits: test logits of the EMA model when ``ema`` (``logits`` are then the raw model's).
+    """
+
+    model: Classifier
+    logits: Tensor
+    history: list[dict[str, float]]
+    steps: int
+    lr: float
+    ema_logits: Tensor | None = None
+
+
+def finetune(
+    model: Classifier,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    config: FinetuneConfig,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | str = "cpu",
+    metrics: Any = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train ``model`` on uint8 images with MAE's fine-tuning recipe and measure it on the test images.
+
+    Every epoch visits ``N // batch_size`` full batches in a seeded order; each batch is randomly
+    resized-cropped (``crop_scale``) and flipped on the device, optionally mixed (timm's ``Mixup``, with
+    label smoothing folded into its soft targets), and the loss is cross-entropy with label smoothing.
+    The learning rate of each layer-decay group is ``lr_scale * warmup_cosine(step)``.
+
+    Args:
+        model: a :class:`Classifier` (its encoder's drop path is set from ``config.drop_path``).
+        train_images: (N, C, S, S) uint8.
+        train_labels: (N,) int64 in [0, num_classes).
+        test_images: (M, C, S, S) uint8.
+        test_labels: (M,).
+        config: the recipe.
+        mean, std: the encoder's input normalization.
+        device: where to train.
+        metrics: a :class:`~mimkit.engine.logging.MetricsLogger` for loss/lr curves and test accuracy.
+        progress: tqdm bars.
+
+    Raises:
+        ValueError: a non-finite loss (the message says which lr) or too few images for one batch.
+    """
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from mimkit.data.transforms import EvalTransform, MAEAugment
+    from mimkit.engine.schedule import effective_lr, warmup_cosine
+    from mimkit.eval.report import classification_metrics
+
+    device = torch.device(device)
+    num_train = train_images.shape[0]
+    if num_train < config.batch_size:
+        raise ValueError(
+            f"{num_train} training images are fewer than one batch of {config.batch_size}; lower batch_size"
+        )
+    num_classes = model.num_classes
+    model.encoder.set_drop_path_rate(config.drop_path)
+    model.to(device).train()
+    groups = layer_decay_groups(model, config.weight_decay, config.layer_decay)
+    peak_lr = effective_lr(config.blr, config.batch_size, config.lr)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
+    ema = None
+    if config.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=config.ema_decay)
+    img_size = int(model.encoder.grid[0] * model.encoder.patch_size)
+    augment = MAEAugment(img_size, config.crop_scale, hflip=config.hflip, mean=mean, std=std)
+    evaluate = EvalTransform(img_size, mean=mean, std=std)
+    mixup = None
+    if config.mixing:
+        mixup = Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            label_smoothing=config.label_smoothing,
+            num_classes=num_classes,
+        )
+    soft_loss = SoftTargetCrossEntropy()
+
+    steps_per_epoch = num_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    order_generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    numpy_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
+    np.random.seed(config.seed)
+    step = 0
+    try:
+        for epoch in range(config.epochs):
+            order = torch.randperm(num_train, generator=order_generator)  # (N,)
+            running = torch.zeros((), device=device)
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"fine-tune {epoch + 1}/{config.epochs}",
+                unit="step",
+                disable=not progress,
+            )
+            for index in bar:
+                lr = warmup_cosine(
+                    step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=config.min_lr
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                rows = order[index * config.batch_size : (index + 1) * config.batch_size]  # (B,)
+                images = augment(train_images[rows].to(device, non_blocking=True), generator)  # (B, C, S, S)
+                labels = train_labels[rows].to(device, non_blocking=True)  # (B,)
+                if mixup is not None:
+                    images, soft_targets = mixup(images, labels)  # (B, C, S, S), (B, num_classes)
+                    loss = soft_loss(model(images), soft_targets)
+                else:
+                    loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"fine-tuning diverged at step {step} (loss {loss.item()}) with peak lr {peak_lr:g}; "
+                        "lower blr or lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip_grad is not None:
+                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_grad)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step=step)
+                running += loss.detach()
+                step += 1
+                if metrics is not None and step % config.log_every_steps == 0:
+                    metrics.log(step, {"finetune/loss": loss.item(), "finetune/lr": lr})
+                if step % config.log_every_steps == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            logits = predict_images(
+                model, test_images, evaluate, batch_size=config.eval_batch_size, device=device, progress=progress
+            )
+            top1 = classification_metrics(logits, test_labels, num_classes).top1
+            record = {"epoch": epoch + 1, "train_loss": running.item() / steps_per_epoch, "test_top1": top1}
+            history.append(record)
+            if metrics is not None:
+                metrics.log(step, {"finetune/epoch_loss": record["train_loss"], "finetune/test_top1": top1})
+            log.info("fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1)
+    finally:
+        np.random.set_state(numpy_state)
+    model.eval()
+    ema_logits = None
+    if ema is not None:
+        ema_logits = predict_images(
+            ema.module, test_images, evaluate, batch_size=config.eval_batch_size, device=device, progress=progress
+        )
+    return FinetuneResult(model=model, logits=logits, history=history, steps=step, lr=peak_lr, ema_logits=ema_logits)
+
+
+def run_finetune(
+    checkpoint: str | Path,
+    *,
+    data: str | Path = "fashion_mnist",
+    partial_blocks: int | None = None,
+    random_init: bool = False,
+    config: FinetuneConfig | None = None,
+    out_dir: str | Path = "finetune",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    save_model: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a checkpoint's encoder on labelled data and write what it measured.
+
+    Args:
+        checkpoint: any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads (mimkit, MAE, HF).
+        data: ``"fashion_mnist"`` or a folder with ``train/`` and ``test/`` (or ``val/``), one subfolder
+            of images per class, the same classes in both.
+        partial_blocks: None for full fine-tuning, else train only the last k blocks plus the head.
+        random_init: the same architecture untrained (seeded with ``config.seed``), the baseline.
+        config: the recipe (defaults: :class:`FinetuneConfig`).
+        out_dir: receives ``<full|partial<k>>/<pretrained|random_init>/`` with ``results.json``,
+            ``confusion.png``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and, with
+            ``save_model``, ``classifier.pt``.
+        device: default CUDA when available.
+        progress: progress bars.
+        save_model: write the fine-tuned classifier (atomically).
+
+    Returns:
+        The dict written to ``results.json``: top-1/top-5, per-class accuracy, confusion, per-epoch
+        history, the recipe and where the files went.
+
+    Raises:
+        ValueError: bad data (unlabelled, mismatched classes) or ``partial_blocks`` out of range.
+        FileNotFoundError: missing data.
+        CheckpointError: unreadable checkpoint.
+    """
+    from mimkit.config import to_plain
+    from mimkit.engine.checkpoint import atomic_write
+    from mimkit.engine.logging import MetricsLogger
+    from mimkit.eval.data import check_labelled_folder, data_source, load_eval_model, load_labelled_split
+    from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
+
+    config = (config or FinetuneConfig()).validate()
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset, folder = data_source(data)
+    if folder is not None:
+        check_labelled_folder(folder)
+    model = load_eval_model(checkpoint, random_init=random_init, seed=config.seed, dataset=dataset)
+    encoder = model.encoder
+    if not isinstance(encoder, VisionTransformer):
+        raise ValueError(f"fine-tuning takes a ViT encoder, this checkpoint holds a {type(encoder).__name__}")
+    depth = len(encoder.blocks)
+    if partial_blocks is not None and not 0 <= partial_blocks <= depth:
+        raise ValueError(f"--partial-blocks must lie in [0, {depth}] for this encoder, got {partial_blocks}")
+    splits = {
+        split: load_labelled_split(
+            dataset,
+            folder,
+            split,
+            img_size=model.img_size,
+            in_chans=model.in_chans,
+            limit=config.train_limit if split == "train" else config.test_limit,
+            progress=progress,
+        )
+        for split in ("train", "test")
+    }
+    classes = splits["train"].classes
+    if splits["test"].classes != classes:
+        raise ValueError(f"test classes {splits['test'].classes} differ from train classes {classes}")
+    protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
+    which = "random_init" if random_init else "pretrained"
+    run_dir = Path(out_dir) / protocol / which
+    classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)
+    metrics = MetricsLogger(run_dir, tensorboard=True)
+    try:
+        result = finetune(
+            classifier,
+            splits["train"].images,
+            splits["train"].labels,
+            splits["test"].images,
+            splits["test"].labels,
+            config=config,
+            mean=model.mean,
+            std=model.std,
+            device=device,
+            metrics=metrics,
+            progress=progress,
+        )
+        reported = result.ema_logits if result.ema_logits is not None else result.logits
+        scores = classification_metrics(reported, splits["test"].labels, len(classes))
+        metrics.log(result.steps, {"finetune/final_top1": scores.top1})
+    finally:
+        metrics.close()
+    label = "full fine-tuning" if partial_blocks is None else f"partial fine-tuning (last {partial_blocks} blocks)"
+    png = save_confusion_matrix(
+        scores.confusion,
+        classes,
+        run_dir / "confusion.png",
+        title=f"{label}, {which.replace('_', ' ')} {Path(checkpoint).name}: top-1 {100 * scores.top1:.1f}%",
+    )
+    trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+    results: dict[str, Any] = {
+        "protocol": protocol,
+        "partial_blocks": partial_blocks,
+        "checkpoint": str(checkpoint),
+        "model": model.config.get("name"),
+        "random_init": random_init,
+        "data": dataset if folder is None else str(folder),
+        "classes": classes,
+        "train_images": len(splits["train"].labels),
+        "test_images": len(splits["test"].labels),
+        "trainable_parameters": trainable,
+        "steps": result.steps,
+        "lr": result.lr,
+        "config": to_plain(config),
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "top1": scores.top1,
+        "top5": scores.top5,
+        "per_class_accuracy": {
+            name: (None if math.isnan(value) else round(value, 6))
+            for name, value in zip(classes, scores.per_class_accuracy.tolist(), strict=True)
+        },
+        "confusion": scores.confusion,
+        "confusion_png": str(png),
+        "history": result.history,
+    }
+    if result.ema_logits is not None:
+        results["top1_without_ema"] = classification_metrics(result.logits, splits["test"].labels, len(classes)).top1
+    if save_model:
+        state = {
+            "model": classifier.state_dict(),
+            "model_config": model.config,
+            "classes": classes,
+            "pool": config.pool,
+            "partial_blocks": partial_blocks,
+            "normalization": results["normalization"],
+        }
+        path = run_dir / "classifier.pt"
+        atomic_write(path, lambda handle: torch.save(state, handle))
+        results["classifier"] = str(path)
+    results["results_json"] = str(write_results(run_dir / "results.json", results))
+    return results
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """A fine-tuned :class:`Classifier` (eval mode) from the ``classifier.pt`` :func:`run_finetune` wrote,
+    and the saved dict (``classes``, ``normalization``, ``model_config``, ``pool``, ``partial_blocks``).
+
+    Raises:
+        CheckpointError: missing, truncated or foreign file.
+    """
+    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+    from mimkit.models.registry import create_model
+
+    state = load_checkpoint_file(path, map_location)
+    missing = {"model", "model_config", "classes", "pool", "partial_blocks"} - set(state)
+    if missing:
+        raise CheckpointError(f"{path} is not a mimkit fine-tuned classifier (no {', '.join(sorted(missing))})")
+    args = dict(state["model_config"])
+    encoder = create_model(args.pop("name"), **args).encoder
+    if not isinstance(encoder, VisionTransformer):
+        raise CheckpointError(f"{path} holds a {type(encoder).__name__} encoder; fine-tuning takes a ViT")
+    classifier = Classifier(
+        encoder, len(state["classes"]), pool=state["pool"], trainable_blocks=state["partial_blocks"]
+    )
+    classifier.load_state_dict(state["model"])
+    return classifier.eval(), state
+
+
+def format_finetune(results: dict[str, Any]) -> str:
+    """The short report ``mimkit finetune`` prints."""
+    which = "random init" if results["random_init"] else "pretrained"
+    top5 = "-" if results["top5"] is None else f"{100 * results['top5']:.2f}%"
+    curve = ", ".join(f"{100 * r['test_top1']:.1f}" for r in results["history"])
+    return "\n".join(
+        [
+            f"{results['protocol']} fine-tuning of {results['checkpoint']} ({which}) on {results['data']}: "
+            f"{results['train_images']} train / {results['test_images']} test images, {len(results['classes'])} "
+            f"classes, {results['trainable_parameters']:,} trainable parameters, {results['steps']} steps",
+            f"  top-1 {100 * results['top1']:.2f}%  top-5 {top5}",
+            f"  test top-1 per epoch: {curve}",
+            f"results in {results['results_json']}",
+        ]
+    )

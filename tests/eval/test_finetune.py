@@ -1,0 +1,173 @@
+"""Partial and full fine-tuning on real Fashion-MNIST images with a tiny ViT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.config import ConfigError
+from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
+from mimkit.data.transforms import EvalTransform
+from mimkit.eval.finetune import (
+    Classifier,
+    FinetuneConfig,
+    finetune,
+    finetune_config,
+    format_finetune,
+    layer_decay_groups,
+    load_classifier,
+    predict_images,
+    run_finetune,
+)
+from mimkit.models import create_model
+
+FMNIST_MEAN, FMNIST_STD = (0.286,), (0.353,)
+
+
+@pytest.fixture(scope="module")
+def subset() -> dict[str, torch.Tensor]:
+    """The first 600 training and 200 test images of Fashion-MNIST at 32x32 (every class present)."""
+    train, train_labels = load_fashion_mnist(split="train")
+    test, test_labels = load_fashion_mnist(split="test")
+    return {
+        "train": resize_uint8(train[:600], 32),
+        "train_labels": train_labels[:600].long(),
+        "test": resize_uint8(test[:200], 32),
+        "test_labels": test_labels[:200].long(),
+    }
+
+
+def tiny_encoder(tiny_args: dict, depth: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("vit_tiny", **{**tiny_args, "depth": depth}).encoder
+
+
+def test_partial_finetuning_leaves_frozen_blocks_bit_identical(subset, tiny_args) -> None:
+    encoder = tiny_encoder(tiny_args, depth=3)
+    model = Classifier(encoder, 10, trainable_blocks=1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = FinetuneConfig(epochs=1, batch_size=100, blr=4e-3, drop_path=0.2, log_every_steps=1)
+    result = finetune(
+        model, subset["train"], subset["train_labels"], subset["test"], subset["test_labels"],
+        config=config, mean=FMNIST_MEAN, std=FMNIST_STD, progress=False,
+    )  # fmt: skip
+    assert result.steps == 6
+    trainable = {"encoder.blocks.2.", "encoder.norm.", "head."}
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        if any(name.startswith(prefix) for prefix in trainable):
+            assert param.requires_grad
+            assert moved or name.startswith("head.norm"), name  # BN without affine has no parameters
+        else:
+            assert not param.requires_grad and not moved, name  # patch embed, class token, blocks 0-1
+    assert not any(name.startswith("head.norm") for name, _ in model.named_parameters())
+    model.train()
+    assert [block.training for block in encoder.blocks] == [False, False, True]
+    assert encoder.blocks[2].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_layer_decay_assigns_the_expected_lr_to_every_block(tiny_args) -> None:
+    depth, decay = 4, 0.5
+    model = Classifier(tiny_encoder(tiny_args, depth=depth), 10)
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=decay)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if name.startswith("encoder.blocks."):
+            block = int(name.split(".")[2])
+            expected = decay ** (depth - block)  # the last block learns at half the head's rate
+        elif name.startswith(("encoder.patch_embed", "encoder.cls_token")):
+            expected = decay ** (depth + 1)
+        else:  # the encoder's final norm and the head
+            expected = 1.0
+        if param.requires_grad:
+            assert scale_of[id(param)] == pytest.approx(expected), name
+            assert decay_of[id(param)] == (0.0 if param.ndim == 1 or "cls_token" in name else 0.05), name
+    assert len(scale_of) == sum(p.requires_grad for p in model.parameters())  # every parameter in one group
+    assert "encoder.pos_embed" not in {n for n, p in model.named_parameters() if p.requires_grad}  # fixed sin-cos
+
+
+def test_head_only_partial_finetuning_matches_the_linear_probe_model(subset, tiny_args) -> None:
+    model = Classifier(tiny_encoder(tiny_args), 10, trainable_blocks=0)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {"head.head.weight", "head.head.bias"}
+    config = FinetuneConfig(
+        epochs=10, batch_size=64, blr=0.1, weight_decay=0.0, label_smoothing=0.0, crop_scale=(1.0, 1.0), hflip=False
+    )
+    result = finetune(
+        model, subset["train"], subset["train_labels"], subset["test"], subset["test_labels"],
+        config=config, mean=FMNIST_MEAN, std=FMNIST_STD, progress=False,
+    )  # fmt: skip
+    top1 = (result.logits.argmax(1) == subset["test_labels"]).float().mean().item()
+    assert top1 > 0.45  # a linear classifier on a random tiny ViT's features: ~0.6, chance 0.1
+    assert [record["epoch"] for record in result.history] == list(range(1, 11))
+    assert result.history[-1]["test_top1"] == pytest.approx(top1)
+
+
+def test_full_finetuning_learns_and_writes_its_outputs(checkpoint, tmp_path) -> None:
+    recipe = ["epochs=4", "batch_size=50", "blr=1e-2", "warmup_epochs=0.5", "layer_decay=1.0", "drop_path=0.0"]
+    recipe += ["label_smoothing=0.0", "crop_scale=[0.8, 1.0]", "train_limit=600", "test_limit=200", "log_every_steps=5"]
+    results = run_finetune(checkpoint, config=finetune_config(recipe), out_dir=tmp_path, progress=False)
+    run_dir = tmp_path / "full" / "pretrained"
+    assert results["top1"] > 0.3  # measured 0.42 for this untrained tiny ViT after 48 steps; chance 0.1
+    assert results["steps"] == 48 and results["trainable_parameters"] > 100_000
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["top1"] == results["top1"] and saved["protocol"] == "full"
+    assert len(saved["history"]) == 4 and sum(map(sum, saved["confusion"])) == 200
+    assert saved["top5"] >= saved["top1"] and set(saved["per_class_accuracy"]) == set(saved["classes"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "finetune/lr" in r] == [5, 10, 15, 20, 25, 30, 35, 40, 45]
+    assert [r["finetune/test_top1"] for r in records if "finetune/test_top1" in r] == [
+        h["test_top1"] for h in saved["history"]
+    ]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "confusion.png").stat().st_size > 1000
+    restored, state = load_classifier(run_dir / "classifier.pt")
+    test_images = resize_uint8(load_fashion_mnist(split="test")[0][:200], 32)
+    logits = predict_images(restored, test_images, EvalTransform(32, FMNIST_MEAN, FMNIST_STD))
+    assert state["classes"] == saved["classes"]
+    assert (logits.argmax(1) == load_fashion_mnist(split="test")[1][:200]).float().mean().item() == pytest.approx(
+        results["top1"]
+    )
+    assert "top-1" in format_finetune(results)
+
+
+def test_mixup_cutmix_and_ema_run_and_ema_is_reported(checkpoint, tmp_path) -> None:
+    config = finetune_config(
+        ["epochs=1", "batch_size=50", "train_limit=300", "test_limit=100", "mixup=0.8", "cutmix=1.0", "ema=true"]
+    )
+    results = run_finetune(checkpoint, config=config, out_dir=tmp_path, progress=False, save_model=False)
+    assert config.mixing and results["config"]["mixup"] == 0.8
+    assert "top1_without_ema" in results  # the EMA's accuracy is the one reported, the raw model's beside it
+    assert not (tmp_path / "full" / "pretrained" / "classifier.pt").exists()
+
+
+def test_bad_recipes_fail_before_training_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="unknown key.*epoch"):
+        finetune_config(["epoch=3"])
+    with pytest.raises(ConfigError, match="layer_decay"):
+        finetune_config(["layer_decay=1.5"])
+    with pytest.raises(ConfigError, match="batch_size: must be even"):
+        finetune_config(["mixup=0.8", "batch_size=51"])
+
+
+def test_cli_finetune_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys, write_split_folder) -> None:
+    data = write_split_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--partial-blocks", "1", "epochs=8", "batch_size=16", "blr=0.05"]) == 0
+    assert "partial1 fine-tuning of" in capsys.readouterr().out
+    results = json.loads((out / "partial1" / "pretrained" / "results.json").read_text())
+    assert results["classes"] == ["bag", "trouser"] and results["top5"] is None
+    assert results["top1"] > 0.85  # bags and trousers are easy to tell apart
+
+    assert main([*argv, "--partial-blocks", "3"]) == 2
+    assert "--partial-blocks must lie in [0, 2]" in capsys.readouterr().err
+    assert main([*argv, "epochs=two"]) == 2
+    assert "epochs: expected an integer" in capsys.readouterr().err
+    mismatched = write_split_folder(tmp_path / "mismatched", test_classes=("bag", "sneaker"))
+    assert main([*argv[:3], "--data", str(mismatched), "--out", str(tmp_path / "bad")]) == 2
+    assert "['bag', 'sneaker']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
