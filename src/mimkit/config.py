@@ -52,6 +52,24 @@ class MaskConfig:
     max_aspect: float | None = None
     # grid (MAE): keep a random cell position per image instead of the top-left one
     random_offset: bool = False
+    # attention (AttMask / MILAN): hide or keep the most-attended patches; sampling temperature; whose attention
+    mode: str = "hide"
+    temperature: float = 1.0
+    source: str = "encoder"
+    # self_guided (Self-Guided MAE): hints revealed from the hidden cluster, decaying linearly to the end
+    hint_ratio: float = 0.1
+    hint_ratio_end: float = 0.0
+    # switch to informed masks when mask-token utilization exceeds visible-token utilization, or at an epoch
+    trigger: str = "utilization"
+    start_epoch: int | None = None
+    # which layer's features are clustered: decoder after a random-masked pass (practical) or encoder (ideal)
+    layer: int = -1
+    setting: str = "practical"
+    foreground: str = "border"
+    tau: float = 0.2
+    # measure utilization on one batch every N steps; check the trigger every N steps (null: every epoch)
+    utilization_every_steps: int = 10
+    trigger_every_steps: int | None = None
 
 
 @dataclass
@@ -116,6 +134,9 @@ class LogConfig:
 
     every_steps: int = 20
     tensorboard: bool = True
+    # measure the decoder's mask-token utilization (mask.utilization_every_steps) with any masker; self_guided
+    # measures it anyway until its trigger fires
+    utilization: bool = False
 
 
 @dataclass
@@ -187,13 +208,21 @@ class Config:
         try:  # a masker may restrict the ratio (grid: 0.75) or the patch grid (grid: even sides)
             masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
         except ValueError as err:
-            raise ConfigError(f"mask.ratio: {err}") from None
+            raise ConfigError(f"mask.{'ratio' if 'ratio' in str(err) else self.mask.type}: {err}") from None
         check_grid = getattr(masker, "check_grid", None)
         if check_grid is not None:
             try:
                 check_grid(check_patch_grid(self.model.img_size, self.model.patch_size))
             except ValueError as err:
                 raise ConfigError(f"mask.type: {err}") from None
+        check(self.mask.utilization_every_steps >= 1, "mask.utilization_every_steps", "must be >= 1")
+        every = self.mask.trigger_every_steps
+        check(every is None or every >= 1, "mask.trigger_every_steps", "must be >= 1 (or null)")
+        check(
+            self.mask.type != "attention" or self.mask.source == "encoder",
+            "mask.source",
+            "only 'encoder' attention is available (a teacher's needs a feature target)",
+        )
         check(self.target.type == "pixel", "target.type", f"unknown {self.target.type!r}; one of ['pixel']")
         check(self.target.loss in LOSSES, "target.loss", f"unknown {self.target.loss!r}; one of {list(LOSSES)}")
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")

@@ -29,6 +29,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, small_config, weights) -> N
     full.fit()
     # Same run stopped after 5 steps (mid-epoch: 4 steps per epoch), then resumed in a new process state.
     first = Pretrainer(small_config(tmp_path / "split", "train.epochs=2", "train.max_steps=5"))
+    assert [first.lr_at(step) for step in range(8)] == [full.lr_at(step) for step in range(8)]  # schedule spans epochs
     first.fit()
     assert first.step == 5
     torch.manual_seed(1234)  # whatever the global RNG holds, resume must restore it

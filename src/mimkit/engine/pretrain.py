@@ -164,7 +164,10 @@ class Pretrainer:
             num_workers=cfg.data.num_workers,
         )
         self.steps_per_epoch = len(self.dataset) // cfg.train.batch_size
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        # The schedules (lr, hint ratio) span train.epochs; train.max_steps only stops the run earlier, so a
+        # run stopped there and resumed is the same run as one never stopped.
+        self.schedule_steps = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = self.schedule_steps
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
@@ -178,6 +181,9 @@ class Pretrainer:
         self.probe_running = torch.zeros(3, device=self.device)
         if cfg.eval.online_probe:
             self._build_online_probe()
+        # mask-token utilization measured since the trigger's last check / the last log: (mask, visible, count)
+        self.utilization_trigger = torch.zeros(3)
+        self.utilization_log = torch.zeros(3)
         self.step = 0
         self.last_loss = math.nan  # mean loss over the last logging interval
         if resume_path is not None:
@@ -244,6 +250,12 @@ class Pretrainer:
                 self.probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
             else:
                 log.info("%s has no online probe; starting a fresh one at step %d", path, int(state["step"]))
+        masker_state = state.get("masker")
+        load_masker = getattr(self.model.masker, "load_state_dict", None)
+        if masker_state is not None and load_masker is not None:
+            load_masker(masker_state["state"])
+            self.utilization_trigger = torch.tensor(masker_state["utilization_trigger"], dtype=torch.float32)
+            self.utilization_log = torch.tensor(masker_state["utilization_log"], dtype=torch.float32)
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -257,7 +269,7 @@ class Pretrainer:
                 "name": "warmup_cosine",
                 "base_lr": self.base_lr,
                 "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps,
+                "total_steps": self.schedule_steps,
                 "min_lr": self.config.optim.min_lr,
             },
             "step": self.step,
@@ -267,6 +279,13 @@ class Pretrainer:
             "config": self.config.to_dict(),
             "model_args": dict(self.model.config),
         }
+        masker_state = getattr(self.model.masker, "state_dict", None)
+        if masker_state is not None:
+            state["masker"] = {
+                "state": masker_state(),
+                "utilization_trigger": self.utilization_trigger.tolist(),
+                "utilization_log": self.utilization_log.tolist(),
+            }
         if self.online_probe is not None and self.probe_optimizer is not None:
             state["online_probe"] = {
                 "model": self.online_probe.state_dict(),
@@ -283,7 +302,7 @@ class Pretrainer:
         return warmup_cosine(
             step,
             base_lr=self.base_lr,
-            total_steps=self.total_steps,
+            total_steps=self.schedule_steps,
             warmup_steps=self.warmup_steps,
             min_lr=self.config.optim.min_lr,
         )
@@ -301,7 +320,13 @@ class Pretrainer:
             group["lr"] = lr
         images = self.augment(images_uint8.to(self.device, non_blocking=True), generator=step_generator(seed, step, 0))
         batch = images.shape[0]
-        mask = self.model.make_mask(batch, generator=step_generator(seed, step, 1)).to(self.device)
+        self._update_masker()
+        mask = self.model.make_mask(batch, generator=step_generator(seed, step, 1), images=images).to(self.device)
+        if self._measures_utilization() and step % cfg.mask.utilization_every_steps == 0:
+            utilization = self.model.utilization(images, mask)
+            measured = torch.tensor([utilization.mask, utilization.visible, 1.0])
+            self.utilization_trigger += measured
+            self.utilization_log += measured
         torch.manual_seed(seed * 1_000_003 + step)  # drop path and other global randomness
         accum = cfg.optim.accum_steps
         micro = batch // accum
@@ -319,6 +344,28 @@ class Pretrainer:
             self.probe_step(images, labels)
         self.step += 1
         return total
+
+    def _measures_utilization(self) -> bool:
+        return bool(getattr(self.model.masker, "wants_utilization", False)) or self.config.log.utilization
+
+    def _update_masker(self) -> None:
+        """Tell a stateful masker (e.g. self-guided) where training stands, with the mask-token utilization
+        measured since the last check at each check point (every ``mask.trigger_every_steps`` steps, else at
+        every epoch start); logs the step at which it switches to informed masks."""
+        update = getattr(self.model.masker, "update", None)
+        if update is None:
+            return
+        every = self.config.mask.trigger_every_steps or self.steps_per_epoch
+        utilization = None
+        if self.step > 0 and self.step % every == 0:
+            mask_sum, visible_sum, count = self.utilization_trigger.tolist()
+            if count:
+                utilization = (mask_sum / count, visible_sum / count)
+            self.utilization_trigger.zero_()
+        epoch = self.step / self.steps_per_epoch
+        if update(step=self.step, total_steps=self.schedule_steps, epoch=epoch, utilization=utilization):
+            log.info("informed masking starts at step %d (epoch %.2f)", self.step, epoch)
+            self.logger.log(self.step, {"self_guided/switch_step": self.step, "self_guided/switch_epoch": epoch})
 
     def probe_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One step of the online linear probe on the class token of the (updated) encoder.
@@ -412,6 +459,11 @@ class Pretrainer:
                                 metrics["probe/loss"] = probe_loss / probe_seen
                                 metrics["probe/acc"] = probe_correct / probe_seen
                             self.probe_running.zero_()
+                        mask_sum, visible_sum, count = self.utilization_log.tolist()
+                        if count:
+                            metrics["utilization/mask"] = mask_sum / count
+                            metrics["utilization/visible"] = visible_sum / count
+                            self.utilization_log.zero_()
                         self.logger.log(self.step, metrics)
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()

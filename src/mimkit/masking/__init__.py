@@ -2,11 +2,18 @@
 
 from mimkit.masking.block import BlockMasker
 from mimkit.masking.grid import GridMasker
+from mimkit.masking.guided import AttentionMasker, SelfGuidedMasker, informed_mask
 from mimkit.masking.ncut import choose_foreground, ncut_bipartition, ncut_eigenvector, patch_affinity
 from mimkit.masking.random import RandomMasker
 from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
 
-MASKERS = {"random": RandomMasker, "block": BlockMasker, "grid": GridMasker}
+MASKERS = {
+    "random": RandomMasker,
+    "block": BlockMasker,
+    "grid": GridMasker,
+    "attention": AttentionMasker,
+    "self_guided": SelfGuidedMasker,
+}
 
 
 def create_masker(kind: str, ratio: float, **kwargs: object) -> Masker:
@@ -18,13 +25,16 @@ def create_masker(kind: str, ratio: float, **kwargs: object) -> Masker:
 
 __all__ = [
     "MASKERS",
+    "AttentionMasker",
     "BlockMasker",
     "GridMasker",
     "MaskSpec",
     "Masker",
     "RandomMasker",
+    "SelfGuidedMasker",
     "choose_foreground",
     "create_masker",
+    "informed_mask",
     "mae_num_visible",
     "ncut_bipartition",
     "ncut_eigenvector",

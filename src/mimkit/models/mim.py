@@ -13,6 +13,7 @@ from mimkit.models.mae_decoder import DecoderOutput
 from mimkit.models.vit import EncoderOutput
 
 if TYPE_CHECKING:
+    from mimkit.analysis.utilization import Utilization
     from mimkit.config import Config
 
 
@@ -66,15 +67,75 @@ class MaskedImageModel(nn.Module):
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         context: Any = None,
+        images: Tensor | None = None,
     ) -> MaskSpec:
-        """Mask for a batch: from ``noise`` (B, L) exactly as MAE/HF do, else from the masker."""
+        """Mask for a batch: from ``noise`` (B, L) exactly as MAE/HF do, else from the masker.
+
+        A guided masker (see :mod:`mimkit.masking.guided`) names what it needs in its ``guidance``
+        attribute; given ``images`` (B, C, H, W), the model computes it without gradients into ``context``.
+        """
         if noise is not None:
             num_patches = self.grid[0] * self.grid[1]
             if noise.shape != (batch, num_patches):
                 raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
             ratio = getattr(self.masker, "ratio", 0.75)
             return MaskSpec.from_noise(noise, mae_num_visible(num_patches, ratio))
+        guidance = getattr(self.masker, "guidance", None)
+        if context is None and guidance is not None:
+            if images is None:
+                raise ValueError(f"{self.masker!r} is guided by the model: pass images= to make_mask")
+            context = {guidance: self.guidance(images, guidance, generator=generator)}
         return self.masker(batch, self.grid, generator=generator, context=context)
+
+    @torch.no_grad()
+    def guidance(self, images: Tensor, kind: str, *, generator: torch.Generator | None = None) -> Tensor:
+        """What a guided masker asks for, computed in eval mode without gradients.
+
+        Args:
+            images: (B, C, H, W) normalized images.
+            kind: ``"cls_attention"``: (B, L) head-averaged attention of the class token over the patches
+                in the last encoder block, all patches visible. ``"encoder_features"``: (B, L, D) patch
+                tokens of encoder block ``masker.layer`` on all patches (the ideal setting).
+                ``"decoder_features"``: (B, L, Dd) patch tokens of decoder block ``masker.layer`` after a
+                forward pass with a random mask of the masker's ratio (the practical setting: visible
+                tokens and contextualized mask tokens).
+            generator: source of the random mask of ``"decoder_features"``.
+        """
+        from mimkit.masking import RandomMasker
+
+        was_training = self.training
+        self.eval()
+        try:
+            if kind == "cls_attention":
+                enc = self.encoder(images, return_attn=True)
+                return enc.attentions[-1].mean(dim=1)[:, 0, enc.num_prefix_tokens :]  # (B, L)
+            layer = int(getattr(self.masker, "layer", -1))
+            if kind == "encoder_features":
+                enc = self.encoder(images, return_hidden=True)
+                return enc.hidden_states[layer][:, enc.num_prefix_tokens :]  # (B, L, D)
+            if kind == "decoder_features":
+                ratio = float(getattr(self.masker, "ratio", 0.75))
+                mask = RandomMasker(ratio)(images.shape[0], self.grid, generator=generator).to(images.device)
+                dec = self.decoder(self.encoder(images, mask), mask, return_hidden=True)
+                return dec.hidden_states[layer][:, 1:]  # (B, L, Dd): the decoder keeps one class token
+        finally:
+            self.train(was_training)
+        raise ValueError(f"unknown masker guidance {kind!r}")
+
+    @torch.no_grad()
+    def utilization(self, images: Tensor, mask: MaskSpec) -> Utilization:
+        """Mask-token versus visible-token utilization of the decoder on a batch and its mask (eval mode,
+        no gradients); see :func:`~mimkit.analysis.utilization.mask_token_utilization`."""
+        from mimkit.analysis.utilization import mask_token_utilization
+
+        was_training = self.training
+        self.eval()
+        try:
+            mask = mask.to(images.device)
+            dec = self.decoder(self.encoder(images, mask), mask, return_attn=True)
+        finally:
+            self.train(was_training)
+        return mask_token_utilization(dec.attentions, mask.mask, num_prefix_tokens=1)
 
     def forward(
         self,

@@ -1,0 +1,280 @@
+"""Maskers guided by the model: attention-guided (AttMask / MILAN) and Self-Guided MAE's informed masking.
+
+A guided masker says through its ``guidance`` attribute what it needs from the model for the next
+batch (``None``: nothing, it masks at random; ``"cls_attention"``: the class token's attention over the
+patches; ``"decoder_features"`` / ``"encoder_features"``: patch features of one layer), and
+:class:`~mimkit.models.mim.MaskedImageModel` computes that, without gradients, into ``context``. The
+training loop tells a stateful masker where training stands through ``update(...)`` and saves its
+``state_dict()``; it never needs to know which masker it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mimkit.masking.ncut import choose_foreground, ncut_bipartition
+from mimkit.masking.random import RandomMasker
+from mimkit.masking.spec import MaskSpec, num_hidden_patches
+
+ATTENTION_MODES = ("hide", "keep")
+FOREGROUND = ("border", "smaller")
+TRIGGERS = ("utilization", "epoch")
+SETTINGS = ("practical", "ideal")
+
+
+def _context_tensor(context: Any, key: str, batch: int, masker: str) -> Tensor:
+    value = context.get(key) if isinstance(context, dict) else None
+    if not isinstance(value, Tensor):
+        raise ValueError(
+            f"{masker} needs context[{key!r}] computed by the model; call MaskedImageModel.make_mask(batch, "
+            "images=images) rather than the masker directly"
+        )
+    if value.shape[0] != batch:
+        raise ValueError(f"context[{key!r}] holds {value.shape[0]} images, the batch has {batch}")
+    return value
+
+
+def gumbel_top_k(scores: Tensor, k: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """(B, L) bool marking, per row, ``k`` entries sampled without replacement with probabilities
+    proportional to ``softmax(scores / temperature)`` (the Gumbel top-k trick); ``temperature -> 0``
+    takes the ``k`` largest scores, a large temperature approaches uniform sampling."""
+    uniform = torch.rand(scores.shape, generator=generator).to(scores.device).clamp_(1e-9, 1 - 1e-9)  # (B, L)
+    gumbel = -torch.log(-torch.log(uniform))
+    keys = scores.float() / max(temperature, 1e-6) + gumbel  # (B, L)
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return chosen.scatter_(1, keys.topk(k, dim=1).indices, True)  # (B, L)
+
+
+class AttentionMasker:
+    """Attention-guided masking (AttMask, Kakogeorgiou et al. 2022; MILAN, Hou et al. 2022).
+
+    The class token's attention over the patches (last encoder block, all patches visible, averaged
+    over heads) ranks the patches; ``round(ratio * L)`` are hidden, sampled without replacement with
+    probability ``softmax(log(attention) / temperature)``. ``mode="hide"`` hides the most-attended
+    patches (AttMask-High: a harder task), ``mode="keep"`` keeps them visible (MILAN: the encoder sees
+    what matters).
+
+    Args:
+        ratio: fraction of patches hidden.
+        mode: ``"hide"`` or ``"keep"`` the most-attended patches.
+        temperature: 0 is deterministic top-k; larger values mix in randomness (1: proportional to the
+            attention itself).
+        source: ``"encoder"`` (the model being trained, without gradients) or ``"teacher"``.
+    """
+
+    def __init__(
+        self, ratio: float = 0.75, mode: str = "hide", temperature: float = 1.0, source: str = "encoder"
+    ) -> None:
+        num_hidden_patches(1, ratio)
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention masking mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if source not in ("encoder", "teacher"):
+            raise ValueError(f"attention source must be 'encoder' or 'teacher', got {source!r}")
+        self.ratio, self.mode, self.temperature, self.source = ratio, mode, temperature, source
+        self.guidance = "cls_attention" if source == "encoder" else "teacher_attention"
+
+    def __call__(
+        self,
+        batch: int,
+        grid: tuple[int, int],
+        *,
+        generator: torch.Generator | None = None,
+        context: Any = None,
+    ) -> MaskSpec:
+        attention = _context_tensor(context, self.guidance, batch, "attention masking")  # (B, L)
+        num_patches = grid[0] * grid[1]
+        if attention.shape[1] != num_patches:
+            raise ValueError(f"attention covers {attention.shape[1]} patches, the grid has {num_patches}")
+        num_hidden = num_hidden_patches(num_patches, self.ratio)
+        scores = attention.clamp_min(1e-12).log()  # (B, L)
+        if self.mode == "hide":
+            mask = gumbel_top_k(scores, num_hidden, self.temperature, generator)
+        else:
+            mask = ~gumbel_top_k(scores, num_patches - num_hidden, self.temperature, generator)
+        return MaskSpec.from_mask(mask)
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionMasker(ratio={self.ratio}, mode={self.mode!r}, temperature={self.temperature}, "
+            f"source={self.source!r})"
+        )
+
+
+def informed_mask(
+    foreground: Tensor, num_hidden: int, num_hints: Tensor | int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Self-Guided MAE's informed mask from a foreground cluster.
+
+    Per image: ``num_hints`` random foreground patches stay visible as hints, the other foreground
+    patches are hidden first (in random order when there are more than ``num_hidden``), and any
+    remaining budget hides random background patches; exactly ``num_hidden`` patches are hidden.
+
+    Args:
+        foreground: (B, L) bool, the cluster to hide.
+        num_hidden: patches hidden per image.
+        num_hints: hints per image, an int or (B,) ints (at most the foreground size).
+        generator: source of the random choices.
+
+    Returns:
+        (B, L) bool mask, True = hidden.
+    """
+    batch, length = foreground.shape
+    if not 0 <= num_hidden <= length:
+        raise ValueError(f"num_hidden must lie in [0, {length}], got {num_hidden}")
+    noise = torch.rand(batch, length, generator=generator).to(foreground.device)  # (B, L) in [0, 1)
+    hints = torch.as_tensor(num_hints, device=foreground.device).expand(batch)  # (B,)
+    # Rank the foreground at random; its first num_hints patches are the hints.
+    fg_rank = torch.argsort(torch.argsort(torch.where(foreground, noise, 2.0), dim=1), dim=1)  # (B, L)
+    is_hint = foreground & (fg_rank < hints[:, None])  # (B, L)
+    priority = noise + 2.0 * (foreground & ~is_hint).float() - 2.0 * is_hint.float()  # hidden first: high
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=foreground.device)
+    return mask.scatter_(1, priority.topk(num_hidden, dim=1).indices, True)
+
+
+class SelfGuidedMasker:
+    """Self-Guided MAE's masker (Shin et al., NeurIPS 2024): random masks until the model has learned to
+    cluster patches, then informed masks from its own patch clustering, in the same run.
+
+    Before the switch it is MAE's random masker. The switch happens when cumulative mask-token
+    utilization of the decoder exceeds visible-token utilization (``trigger="utilization"``, measured by
+    the training loop and passed to :meth:`update`) or at ``start_epoch`` (``trigger="epoch"``). After
+    it, every batch is bipartitioned by a normalized cut on the cosine similarity of one layer's patch
+    features (``guidance``: decoder features of a random-masked forward pass, the practical setting, or
+    encoder features on all patches, the ideal one); the foreground cluster (``foreground="border"``:
+    the side touching the image border least) is hidden first, a decaying ratio of it is revealed as
+    hint tokens, and random patches fill the rest of the budget (:func:`informed_mask`).
+
+    The hint ratio falls linearly from ``hint_ratio`` at the switch to ``hint_ratio_end`` at the end of
+    training, a pure function of (step, switch step, total steps), so a resume continues it exactly.
+
+    Args:
+        ratio: fraction of patches hidden.
+        hint_ratio: fraction of the foreground cluster revealed as hints right after the switch.
+        hint_ratio_end: the fraction at the end of training.
+        trigger: ``"utilization"`` or ``"epoch"``.
+        start_epoch: the switch epoch with ``trigger="epoch"``; with ``"utilization"``, an optional
+            earliest epoch.
+        layer: which layer's features are clustered (Python index, -1 = last).
+        setting: ``"practical"`` (decoder features) or ``"ideal"`` (encoder on all patches).
+        foreground: ``"border"`` or ``"smaller"`` (see :func:`~mimkit.masking.ncut.choose_foreground`).
+        tau: similarity threshold of the Ncut affinity graph.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.75,
+        hint_ratio: float = 0.1,
+        hint_ratio_end: float = 0.0,
+        trigger: str = "utilization",
+        start_epoch: int | None = None,
+        layer: int = -1,
+        setting: str = "practical",
+        foreground: str = "border",
+        tau: float = 0.2,
+    ) -> None:
+        num_hidden_patches(1, ratio)
+        if not 0 <= hint_ratio_end <= hint_ratio < 1:
+            raise ValueError(f"need 0 <= hint_ratio_end <= hint_ratio < 1, got {hint_ratio_end} and {hint_ratio}")
+        if trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+        if trigger == "epoch" and start_epoch is None:
+            raise ValueError("trigger 'epoch' needs start_epoch")
+        if start_epoch is not None and start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+        if foreground not in FOREGROUND:
+            raise ValueError(f"foreground must be one of {FOREGROUND}, got {foreground!r}")
+        self.ratio, self.hint_ratio, self.hint_ratio_end = ratio, hint_ratio, hint_ratio_end
+        self.trigger, self.start_epoch, self.layer, self.setting = trigger, start_epoch, layer, setting
+        self.foreground, self.tau = foreground, tau
+        self.random = RandomMasker(ratio)
+        self.switch_step: int | None = None
+        self.step, self.total_steps = 0, 1
+
+    @property
+    def informed(self) -> bool:
+        """Whether informed masking has started."""
+        return self.switch_step is not None
+
+    @property
+    def guidance(self) -> str | None:
+        """What the model must compute for the next batch: nothing before the switch."""
+        if not self.informed:
+            return None
+        return "decoder_features" if self.setting == "practical" else "encoder_features"
+
+    @property
+    def wants_utilization(self) -> bool:
+        """The training loop measures mask-token utilization while the trigger waits for it."""
+        return not self.informed and self.trigger == "utilization"
+
+    def current_hint_ratio(self) -> float:
+        """The hint ratio at the current step (``hint_ratio`` at the switch, linear to ``hint_ratio_end``)."""
+        if self.switch_step is None:
+            return self.hint_ratio
+        span = max(1, self.total_steps - self.switch_step)
+        progress = min(1.0, max(0.0, (self.step - self.switch_step) / span))
+        return self.hint_ratio + (self.hint_ratio_end - self.hint_ratio) * progress
+
+    def update(
+        self, *, step: int, total_steps: int, epoch: float, utilization: tuple[float, float] | None = None
+    ) -> bool:
+        """Tell the masker where training stands; returns True when informed masking starts now.
+
+        Args:
+            step: optimizer steps done.
+            total_steps: steps of the whole run.
+            epoch: epochs done (fractional).
+            utilization: (cumulative mask-token, cumulative visible-token) utilization measured since the
+                last call, or None when nothing was measured.
+        """
+        self.step, self.total_steps = step, max(1, total_steps)
+        if self.informed:
+            return False
+        early = self.start_epoch is not None and epoch < self.start_epoch
+        if self.trigger == "epoch":
+            fire = not early
+        else:
+            fire = utilization is not None and not early and utilization[0] > utilization[1]
+        if fire:
+            self.switch_step = step
+        return fire
+
+    def __call__(
+        self,
+        batch: int,
+        grid: tuple[int, int],
+        *,
+        generator: torch.Generator | None = None,
+        context: Any = None,
+    ) -> MaskSpec:
+        if not self.informed:
+            return self.random(batch, grid, generator=generator)
+        features = _context_tensor(context, str(self.guidance), batch, "self-guided masking")  # (B, L, D)
+        num_patches = grid[0] * grid[1]
+        partition = ncut_bipartition(features.float(), tau=self.tau)  # (B, L) bool
+        foreground = choose_foreground(partition, grid, how=self.foreground)  # type: ignore[arg-type]  # (B, L)
+        num_hints = torch.round(foreground.sum(dim=1) * self.current_hint_ratio()).long()  # (B,)
+        mask = informed_mask(foreground, num_hidden_patches(num_patches, self.ratio), num_hints, generator)
+        return MaskSpec.from_mask(mask)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The switch, for a checkpoint (the hint schedule follows from it)."""
+        return {"switch_step": self.switch_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        switch = state.get("switch_step")
+        self.switch_step = None if switch is None else int(switch)
+
+    def __repr__(self) -> str:
+        return (
+            f"SelfGuidedMasker(ratio={self.ratio}, hint_ratio={self.hint_ratio}->{self.hint_ratio_end}, "
+            f"trigger={self.trigger!r}, start_epoch={self.start_epoch}, layer={self.layer}, "
+            f"setting={self.setting!r}, foreground={self.foreground!r}, switch_step={self.switch_step})"
+        )

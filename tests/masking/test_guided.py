@@ -1,0 +1,150 @@
+"""Attention-guided and self-guided maskers: exact counts, what they hide, the switch and its schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
+from mimkit.data.transforms import EvalTransform
+from mimkit.masking import AttentionMasker, RandomMasker, SelfGuidedMasker, informed_mask, num_hidden_patches
+from mimkit.models import create_model
+
+GRID = (8, 8)
+TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Eight real Fashion-MNIST test images, 32x32, normalized."""
+    raw = resize_uint8(load_fashion_mnist(split="test")[0][:8], 32)
+    return EvalTransform(32, mean=(0.286,), std=(0.353,))(raw)
+
+
+def test_informed_mask_hides_the_foreground_first_and_keeps_hints_visible() -> None:
+    foreground = torch.zeros(4, 64, dtype=torch.bool)
+    foreground[:, :20] = True  # 20 foreground patches, budget 48
+    mask = informed_mask(foreground, 48, num_hints=3, generator=generator())
+    assert mask.sum(1).tolist() == [48] * 4
+    assert (mask & foreground).sum(1).tolist() == [17] * 4  # every foreground patch but the 3 hints
+    assert ((~mask) & foreground).sum(1).tolist() == [3] * 4
+    big = torch.ones(2, 64, dtype=torch.bool)
+    big[:, 60:] = False  # foreground larger than the budget: only foreground is hidden
+    mask = informed_mask(big, 48, num_hints=torch.tensor([0, 10]), generator=generator())
+    assert mask.sum(1).tolist() == [48, 48] and not (mask & ~big).any()
+    same, other = (informed_mask(foreground, 48, 3, generator(seed)) for seed in (5, 6))
+    assert torch.equal(same, informed_mask(foreground, 48, 3, generator(5))) and not torch.equal(same, other)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("mode", ["hide", "keep"])
+def test_attention_masker_exact_count_and_direction(ratio: float, mode: str) -> None:
+    attention = torch.rand(3, 64, generator=generator(1)).softmax(dim=1)  # (B, L)
+    masker = AttentionMasker(ratio, mode=mode, temperature=0.0)
+    spec = masker(3, GRID, generator=generator(), context={"cls_attention": attention})
+    hidden = num_hidden_patches(64, ratio)
+    assert spec.mask.sum(1).tolist() == [hidden] * 3
+    ranked = attention.argsort(dim=1, descending=True)  # most attended first
+    expected = torch.zeros_like(spec.mask)
+    if mode == "hide":
+        expected.scatter_(1, ranked[:, :hidden], True)
+    else:
+        expected.scatter_(1, ranked[:, 64 - hidden :], True)  # the least attended are hidden
+    assert torch.equal(spec.mask, expected)
+
+
+def test_attention_temperature_moves_from_deterministic_towards_uniform() -> None:
+    attention = torch.linspace(1, 2, 64).repeat(200, 1).softmax(dim=1)  # later patches attended more
+    top = torch.zeros(200, 64, dtype=torch.bool)
+    top[:, 16:] = True  # the 48 most attended
+    overlap = {}
+    for temperature in (0.0, 0.05, 100.0):
+        spec = AttentionMasker(0.75, temperature=temperature)(
+            200, GRID, generator=generator(), context={"cls_attention": attention}
+        )
+        overlap[temperature] = (spec.mask & top).sum().item() / spec.mask.sum().item()
+    assert overlap[0.0] == 1.0 and 0.8 < overlap[0.05] < 1.0 and overlap[100.0] < 0.8  # uniform: 0.75
+
+
+def test_guided_maskers_through_a_real_model(images) -> None:
+    for kind, options in (("attention", {}), ("self_guided", {"trigger": "epoch", "start_epoch": 0})):
+        torch.manual_seed(0)
+        model = create_model("vit_tiny", **TINY, mask_type=kind, mask_ratio=0.75, mask_options=options)
+        if kind == "self_guided":
+            assert model.masker.guidance is None  # random until the switch: no extra pass
+            model.masker.update(step=0, total_steps=10, epoch=0.0)
+            assert model.masker.guidance == "decoder_features"
+        with pytest.raises(ValueError, match="pass images="):
+            model.make_mask(8, generator=generator())
+        spec = model.make_mask(8, generator=generator(), images=images)
+        again = model.make_mask(8, generator=generator(), images=images)
+        assert spec.mask.sum(1).tolist() == [48] * 8 and torch.equal(spec.mask, again.mask), kind
+        assert model.training  # the guidance pass restores the training flag
+        loss = model(images, mask=spec).loss
+        assert torch.isfinite(loss)
+
+
+def test_self_guided_hides_the_ncut_foreground_of_real_features(images) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", **TINY, mask_type="self_guided", mask_options={"setting": "ideal"})
+    masker = model.masker
+    masker.update(step=0, total_steps=100, epoch=0.0, utilization=(1.2, 1.0))  # mask tokens used more: switch
+    assert masker.informed and masker.switch_step == 0 and masker.guidance == "encoder_features"
+    features = model.guidance(images, "encoder_features")  # (8, 64, 64)
+    assert features.shape == (8, 64, 64)
+    from mimkit.masking import choose_foreground, ncut_bipartition
+
+    foreground = choose_foreground(ncut_bipartition(features), GRID)
+    spec = masker(8, GRID, generator=generator(), context={"encoder_features": features})
+    hints = torch.round(foreground.sum(1) * 0.1)
+    budget_in_foreground = torch.minimum(foreground.sum(1) - hints, torch.tensor(48.0))
+    assert torch.equal((spec.mask & foreground).sum(1).float(), budget_in_foreground)
+
+
+def test_self_guided_is_random_masking_until_the_switch() -> None:
+    masker = SelfGuidedMasker(0.75)
+    assert not masker.informed and masker.wants_utilization
+    ours = masker(4, GRID, generator=generator(3))
+    assert torch.equal(ours.mask, RandomMasker(0.75)(4, GRID, generator=generator(3)).mask)
+
+
+def test_trigger_by_utilization_and_by_epoch() -> None:
+    masker = SelfGuidedMasker(0.75, start_epoch=2)
+    assert not masker.update(step=10, total_steps=100, epoch=1.0, utilization=(2.0, 1.0))  # before start_epoch
+    assert not masker.update(step=20, total_steps=100, epoch=2.0, utilization=(0.9, 1.0))  # mask tokens used less
+    assert not masker.update(step=21, total_steps=100, epoch=2.1)  # nothing measured
+    assert masker.update(step=30, total_steps=100, epoch=3.0, utilization=(1.1, 1.0))
+    assert masker.switch_step == 30 and not masker.wants_utilization
+    assert not masker.update(step=40, total_steps=100, epoch=4.0, utilization=(2.0, 1.0))  # switches once
+    by_epoch = SelfGuidedMasker(0.75, trigger="epoch", start_epoch=1)
+    assert not by_epoch.update(step=9, total_steps=50, epoch=0.9, utilization=(5.0, 1.0))
+    assert by_epoch.update(step=10, total_steps=50, epoch=1.0) and by_epoch.switch_step == 10
+
+
+def test_hint_ratio_decays_linearly_and_state_round_trips() -> None:
+    masker = SelfGuidedMasker(0.75, hint_ratio=0.2, hint_ratio_end=0.05, trigger="epoch", start_epoch=0)
+    masker.update(step=20, total_steps=120, epoch=0.0)
+    ratios = []
+    for step in (20, 70, 120):
+        masker.update(step=step, total_steps=120, epoch=step / 10)
+        ratios.append(masker.current_hint_ratio())
+    assert ratios == pytest.approx([0.2, 0.125, 0.05])
+    restored = SelfGuidedMasker(0.75, hint_ratio=0.2, hint_ratio_end=0.05, trigger="epoch", start_epoch=0)
+    restored.load_state_dict(masker.state_dict())
+    restored.update(step=70, total_steps=120, epoch=7.0)
+    assert restored.switch_step == 20 and restored.current_hint_ratio() == pytest.approx(0.125)
+
+
+def test_bad_options_are_clear() -> None:
+    with pytest.raises(ValueError, match="needs start_epoch"):
+        SelfGuidedMasker(trigger="epoch")
+    with pytest.raises(ValueError, match="hint_ratio"):
+        SelfGuidedMasker(hint_ratio=0.1, hint_ratio_end=0.2)
+    with pytest.raises(ValueError, match="mode"):
+        AttentionMasker(mode="sometimes")
+    with pytest.raises(ValueError, match="needs context"):
+        AttentionMasker()(2, GRID, generator=generator())
