@@ -90,6 +90,25 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from mimkit.analysis.relations import analyze_files, format_relations
+
+    result = analyze_files(
+        args.checkpoint,
+        args.images,
+        args.out,
+        compare=args.compare,
+        setting=args.setting,
+        layer=args.layer,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    print(format_relations(result["layers"], result.get("kl")))
+    written = ["relations.json", "maps.png"] + (["utilization.png"] if result["utilization_plot"] else [])
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -181,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="recipe keys such as epochs=10 blr=1e-3 layer_decay=0.65 mixup=0.8 cutmix=1.0 ema=true",
     )
     p.set_defaults(func=_finetune)
+
+    p = commands.add_parser("analyze", help="token relations per layer, attention/cluster maps, utilization curves")
+    p.add_argument("--checkpoint", required=True, help="mimkit, MAE or HuggingFace checkpoint (file or directory)")
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder (relations.json, maps.png, utilization.png)")
+    p.add_argument("--compare", default=None, help="second checkpoint: KL divergence of its relations per layer")
+    p.add_argument(
+        "--setting",
+        choices=["practical", "ideal"],
+        default="practical",
+        help="practical: masked encoder + decoder, as in pretraining; ideal: encoder on all patches",
+    )
+    p.add_argument("--layer", type=int, default=-1, help="index of the reported layer drawn in maps.png")
+    p.add_argument("--limit", type=int, default=8, help="at most this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    p.set_defaults(func=_analyze)
 
     p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
     p.add_argument("--config", type=Path)

@@ -117,7 +117,7 @@ def reconstruct(
     return {**panels, "mask": out.mask.bool(), "norm_pix": torch.tensor(target.norm_pix)}
 
 
-def _to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(B, C, H, W) normalized -> (B, H, W, C) in [0, 1] on the CPU."""
     chans = images.shape[1]
     mean_t = torch.as_tensor(mean, dtype=torch.float32).expand(chans).view(1, chans, 1, 1)
@@ -126,7 +126,7 @@ def _to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return pixels.clamp(0.0, 1.0).permute(0, 2, 3, 1)  # (B, H, W, C)
 
 
-def _pixel_mask(mask: Tensor, height: int, width: int) -> Tensor:
+def pixel_mask(mask: Tensor, height: int, width: int) -> Tensor:
     """(B, L) patch mask, raster order -> (B, H, W) pixel mask, for square patches tiling the image."""
     batch, length = mask.shape
     patch_size = round((height * width / length) ** 0.5)
@@ -172,11 +172,11 @@ def save_reconstruction_grid(
         raise ValueError(f"can only draw 1- or 3-channel images, got {chans} channels")
     if norm_pix is None:
         norm_pix = bool(result.get("norm_pix", False))
-    panels = [_to_display(result[key], mean, std) for key in PANELS]  # each (B, H, W, C)
+    panels = [to_display(result[key], mean, std) for key in PANELS]  # each (B, H, W, C)
     rows = panels[0].shape[0]
     mask = result["mask"]
     # Hidden patches are drawn mid-grey whatever fill reconstruct() used, so they always stand out.
-    panels[1][_pixel_mask(mask, *panels[1].shape[1:3])] = 0.5
+    panels[1][pixel_mask(mask, *panels[1].shape[1:3])] = 0.5
     hidden, total = int(mask[0].sum()), mask.shape[1]
     lines = [title] if title else []
     lines.append(f"mask ratio {float(mask.float().mean()):.2f} ({hidden}/{total} patches hidden per image)")
@@ -212,7 +212,7 @@ def save_reconstruction_grid(
     return path
 
 
-def _image_paths(images: Sequence[str | Path]) -> list[Path]:
+def image_paths(images: Sequence[str | Path]) -> list[Path]:
     """Files as given, then each folder's images (recursive, sorted), without repeats."""
     paths: list[Path] = []
     for entry in map(Path, images):
@@ -225,6 +225,56 @@ def _image_paths(images: Sequence[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"image file or folder {entry} does not exist")
     return list(dict.fromkeys(paths))
+
+
+def load_model_images(
+    model: MaskedImageModel, images: Sequence[str | Path], *, limit: int
+) -> tuple[Tensor, list[Path], tuple[float, ...], tuple[float, ...]]:
+    """Decode image files for a model, normalized as it was trained.
+
+    Unreadable files are skipped with a :class:`~mimkit.data.folder.BadImageWarning`.
+
+    Args:
+        model: the model (its ``config`` gives ``in_chans`` and ``img_size``; its ``run_config`` the
+            normalization, else that of ``"folder"`` data).
+        images: image files and/or folders (searched recursively, in sorted order).
+        limit: keep at most this many readable images.
+
+    Returns:
+        ``(batch, paths, mean, std)``: (B, C, S, S) normalized images, the files they came from, and
+        the per-channel normalization.
+
+    Raises:
+        FileNotFoundError: a given file or folder does not exist.
+        ValueError: ``limit`` < 1, or none of the images can be read.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    paths = image_paths(images)
+    in_chans, img_size = int(model.config["in_chans"]), int(model.config["img_size"])
+    decoded: list[np.ndarray] = []
+    used: list[Path] = []
+    skipped: list[BadImageError] = []
+    for path in paths:
+        try:
+            decoded.append(load_image(path, in_chans=in_chans, size=img_size))  # (C, S, S) uint8
+        except BadImageError as error:
+            skipped.append(error)
+            warnings.warn(f"skipped unreadable image {error.path} ({error.reason})", BadImageWarning, stacklevel=2)
+            continue
+        used.append(path)
+        if len(decoded) == limit:
+            break
+    if not decoded:
+        first = "; ".join(f"{error.path}: {error.reason}" for error in skipped[:3])
+        raise ValueError(f"none of the {len(paths)} image files could be read ({first or 'no image files found'})")
+    run_config = getattr(model, "run_config", None)
+    if run_config is not None:
+        mean, std = run_config.normalization()
+    else:
+        mean, std = default_normalization(in_chans, "folder")
+    batch = EvalTransform(img_size, mean=mean, std=std)(torch.from_numpy(np.stack(decoded)))  # (B, C, S, S)
+    return batch, used, tuple(mean), tuple(std)
 
 
 def reconstruct_files(
@@ -259,33 +309,9 @@ def reconstruct_files(
         FileNotFoundError: a given file or folder does not exist.
         CheckpointError: the checkpoint cannot be loaded.
     """
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    paths = _image_paths(images)
     model = load_checkpoint(checkpoint)
     args = model.config
-    in_chans, img_size = int(args["in_chans"]), int(args["img_size"])
-    decoded: list[np.ndarray] = []
-    skipped: list[BadImageError] = []
-    for path in paths:
-        try:
-            decoded.append(load_image(path, in_chans=in_chans, size=img_size))  # (C, S, S) uint8
-        except BadImageError as error:
-            skipped.append(error)
-            warnings.warn(f"skipped unreadable image {error.path} ({error.reason})", BadImageWarning, stacklevel=2)
-            continue
-        if len(decoded) == limit:
-            break
-    if not decoded:
-        first = "; ".join(f"{error.path}: {error.reason}" for error in skipped[:3])
-        raise ValueError(f"none of the {len(paths)} image files could be read ({first})")
-
-    run_config = getattr(model, "run_config", None)
-    if run_config is not None:
-        mean, std = run_config.normalization()
-    else:
-        mean, std = default_normalization(in_chans, "folder")
-    batch = EvalTransform(img_size, mean=mean, std=std)(torch.from_numpy(np.stack(decoded)))  # (B, C, S, S)
+    batch, _, mean, std = load_model_images(model, images, limit=limit)
     result = reconstruct(
         model, batch, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(seed), mean=mean, std=std
     )

@@ -155,7 +155,7 @@ class MaskedImageModel(nn.Module):
             generator: random generator for the masker (reproducible masks).
         """
         if mask is None:
-            mask = self.make_mask(images.shape[0], noise=noise, generator=generator)
+            mask = self.make_mask(images.shape[0], noise=noise, generator=generator, images=images)
         mask = mask.to(images.device)
         enc: EncoderOutput = self.encoder(images, mask)
         dec: DecoderOutput = self.decoder(enc, mask)
