@@ -61,7 +61,7 @@ class MaskConfig:
     hint_ratio_end: float = 0.0
     # switch to informed masks when mask-token utilization exceeds visible-token utilization, or at an epoch
     trigger: str = "utilization"
-    start_epoch: int | None = None
+    start_epoch: float | None = None
     # which layer's features are clustered: decoder after a random-masked pass (practical) or encoder (ideal)
     layer: int = -1
     setting: str = "practical"

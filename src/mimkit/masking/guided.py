@@ -157,8 +157,8 @@ class SelfGuidedMasker:
         hint_ratio: fraction of the foreground cluster revealed as hints right after the switch.
         hint_ratio_end: the fraction at the end of training.
         trigger: ``"utilization"`` or ``"epoch"``.
-        start_epoch: the switch epoch with ``trigger="epoch"``; with ``"utilization"``, an optional
-            earliest epoch.
+        start_epoch: the switch epoch with ``trigger="epoch"`` (fractional values switch mid-epoch, at the
+            first step past it); with ``"utilization"``, an optional earliest epoch.
         layer: which layer's features are clustered (Python index, -1 = last).
         setting: ``"practical"`` (decoder features) or ``"ideal"`` (encoder on all patches).
         foreground: ``"border"`` or ``"smaller"`` (see :func:`~mimkit.masking.ncut.choose_foreground`).
@@ -171,7 +171,7 @@ class SelfGuidedMasker:
         hint_ratio: float = 0.1,
         hint_ratio_end: float = 0.0,
         trigger: str = "utilization",
-        start_epoch: int | None = None,
+        start_epoch: float | None = None,
         layer: int = -1,
         setting: str = "practical",
         foreground: str = "border",
