@@ -20,9 +20,11 @@ decay assumes pretrained lower layers, and without it the baseline is stronger, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +61,17 @@ def cached(path: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
     return results if results.get("benchmark_recipe") == recipe else None
 
 
-def stamp(path: Path, recipe: dict[str, Any], seconds: float) -> dict[str, Any]:
-    results = json.loads(path.read_text())
-    results.update(benchmark_recipe=recipe, benchmark_seconds=round(seconds, 1))
-    write_results(path, results)
+def cell(label: str, path: Path, recipe: dict[str, Any], run: Callable[[], object]) -> dict[str, Any]:
+    """A cell's results: from ``path`` when made with ``recipe``, else from ``run()`` (which writes
+    ``path``), stamped with the recipe and the minutes it took."""
+    results = cached(path, recipe)
+    if results is None:
+        print(f"{label} ...", flush=True)
+        start = time.perf_counter()
+        run()
+        results = json.loads(path.read_text())
+        results.update(benchmark_recipe=recipe, benchmark_seconds=round(time.perf_counter() - start, 1))
+        write_results(path, results)
     return results
 
 
@@ -75,12 +84,12 @@ def encoder_cells(
     probe_limits = dict(train_limit=args.train_limit, test_limit=args.test_limit)
     for protocol in ("knn", "linear"):
         recipe = {"checkpoint": str(checkpoint), **probe_limits, "epochs": 90, "blr": 0.1, "seed": args.seed}
-        path = out / protocol / which / "results.json"
-        results = cached(path, recipe)
-        if results is None:
-            print(f"[{name}] {protocol} probe ...", flush=True)
-            start = time.perf_counter()
-            run_probe(
+        cells[protocol] = cell(
+            f"[{name}] {protocol} probe",
+            out / protocol / which / "results.json",
+            recipe,
+            functools.partial(
+                run_probe,
                 checkpoint,
                 protocol=protocol,
                 random_init=random_init,
@@ -91,9 +100,8 @@ def encoder_cells(
                 seed=args.seed,
                 progress=args.progress,
                 **probe_limits,
-            )
-            results = stamp(path, recipe, time.perf_counter() - start)
-        cells[protocol] = results
+            ),
+        )
     for partial in (1, 2, None):
         column = "full" if partial is None else f"partial{partial}"
         config = FinetuneConfig(
@@ -107,12 +115,12 @@ def encoder_cells(
             seed=args.seed,
         )
         recipe = {"checkpoint": str(checkpoint), **to_plain(config)}
-        path = out / column / which / "results.json"
-        results = cached(path, recipe)
-        if results is None:
-            print(f"[{name}] {column} fine-tuning ...", flush=True)
-            start = time.perf_counter()
-            run_finetune(
+        cells[column] = cell(
+            f"[{name}] {column} fine-tuning",
+            out / column / which / "results.json",
+            recipe,
+            functools.partial(
+                run_finetune,
                 checkpoint,
                 partial_blocks=partial,
                 random_init=random_init,
@@ -120,9 +128,8 @@ def encoder_cells(
                 out_dir=out,
                 progress=args.progress,
                 save_model=False,
-            )
-            results = stamp(path, recipe, time.perf_counter() - start)
-        cells[column] = results
+            ),
+        )
     return cells
 
 

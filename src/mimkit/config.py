@@ -348,20 +348,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ConfigError: invalid YAML, unknown key, wrong type or inconsistent values.
         FileNotFoundError: the YAML file does not exist.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    data = read_yaml_mapping(path, "config file") if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML recipe file holds (empty for an empty file).
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``what``).
+        ConfigError: invalid YAML, or a top level that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -108,19 +108,9 @@ def finetune_config(overrides: list[str] | None = None, path: str | Path | None 
         ConfigError: unknown key, wrong type or bad value.
         FileNotFoundError: the YAML file does not exist.
     """
-    import yaml
+    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
 
-    from mimkit.config import ConfigError, apply_overrides, from_dict
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"fine-tuning config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    data = read_yaml_mapping(path, "fine-tuning config") if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(FinetuneConfig, data).validate()
 
