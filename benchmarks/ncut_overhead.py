@@ -2,7 +2,9 @@
 
 Times one training step (forward + backward + AdamW) of the demo model, ViT-Tiny on 32x32 images with
 patch 4 (8x8 = 64 patches, embed 192) and the "tiny" decoder (128-d), against ``ncut_bipartition`` +
-``choose_foreground`` on (B, 64, 128) decoder features; prints the ratio ncut / step (target < 15%).
+``choose_foreground`` on (B, 64, 128) decoder features; prints the ratio ncut / step (target < 15%), and
+what a whole self-guided step costs over a random-mask step (the no-grad guidance pass that gives the
+decoder features, the Ncut and the informed mask included).
 
     .venv/bin/python benchmarks/ncut_overhead.py [--batches 64 256] [--repeats 10] [--device cpu] [--threads 1]
 """
@@ -58,7 +60,21 @@ def main() -> None:
         f"# median of {args.repeats} repeats after 3 warm-up runs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'batch':>6} {'step ms':>10} {'ncut f64 ms':>12} {'ratio f64':>10} {'ncut f32 ms':>12} {'ratio f32':>10}")
+    guided = create_model(
+        "vit_tiny",
+        img_size=32,
+        patch_size=4,
+        in_chans=1,
+        decoder="tiny",
+        mask_type="self_guided",
+        mask_options={"trigger": "epoch", "start_epoch": 0},
+    ).to(device)
+    guided.masker.update(step=0, total_steps=1, epoch=0.0)  # informed masks from the first step
+    guided_optimizer = torch.optim.AdamW(guided.parameters(), lr=1.5e-4, weight_decay=0.05)
+    print(
+        f"{'batch':>6} {'step ms':>10} {'ncut f64 ms':>12} {'ratio f64':>10} {'ncut f32 ms':>12} {'ratio f32':>10} "
+        f"{'informed step ms':>17} {'ratio':>7}"
+    )
     for batch in args.batches:
         images = torch.randn(batch, 1, 32, 32, device=device, generator=generator)
         features = torch.randn(batch, GRID[0] * GRID[1], decoder_dim, device=device, generator=generator)
@@ -72,12 +88,20 @@ def main() -> None:
             with torch.no_grad():
                 return choose_foreground(ncut_bipartition(features, dtype=dtype), GRID)
 
+        def informed_step(images: torch.Tensor = images) -> None:
+            # the whole self-guided step: decoder features of a random-masked pass, Ncut, informed mask, update
+            mask = guided.make_mask(images.shape[0], generator=torch.Generator().manual_seed(0), images=images)
+            guided_optimizer.zero_grad(set_to_none=True)
+            guided(images, mask=mask).loss.backward()
+            guided_optimizer.step()
+
         step = median_seconds(train_step, args.repeats, device)
+        informed = median_seconds(informed_step, args.repeats, device)
         ncut64 = median_seconds(lambda: ncut(torch.float64), args.repeats, device)
         ncut32 = median_seconds(lambda: ncut(torch.float32), args.repeats, device)
         print(
             f"{batch:>6} {step * 1e3:>10.1f} {ncut64 * 1e3:>12.2f} {ncut64 / step:>10.1%} "
-            f"{ncut32 * 1e3:>12.2f} {ncut32 / step:>10.1%}"
+            f"{ncut32 * 1e3:>12.2f} {ncut32 / step:>10.1%} {informed * 1e3:>17.1f} {informed / step - 1:>+7.1%}"
         )
 
 
