@@ -63,7 +63,7 @@ class MaskConfig:
     trigger: str = "utilization"
     start_epoch: float | None = None
     # which layer's features are clustered: decoder after a random-masked pass (practical) or encoder (ideal)
-    layer: int = -1
+    layer: int | None = None
     setting: str = "practical"
     foreground: str = "border"
     tau: float = 0.2

@@ -147,3 +147,13 @@ def test_bad_options_are_clear() -> None:
         AttentionMasker(mode="sometimes")
     with pytest.raises(ValueError, match="needs context"):
         AttentionMasker()(2, GRID, generator=generator())
+
+
+def test_default_guidance_layer_is_the_middle_block(images) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", **{**TINY, "depth": 4}, mask_type="self_guided", mask_options={"setting": "ideal"})
+    model.eval()
+    hidden = model.encoder(images, return_hidden=True).hidden_states  # 4 blocks
+    assert torch.allclose(model.guidance(images, "encoder_features"), hidden[1][:, 1:])
+    model.masker.layer = -1
+    assert torch.allclose(model.guidance(images, "encoder_features"), hidden[-1][:, 1:])

@@ -159,7 +159,10 @@ class SelfGuidedMasker:
         trigger: ``"utilization"`` or ``"epoch"``.
         start_epoch: the switch epoch with ``trigger="epoch"`` (fractional values switch mid-epoch, at the
             first step past it); with ``"utilization"``, an optional earliest epoch.
-        layer: which layer's features are clustered (Python index, -1 = last).
+        layer: which block's output features are clustered (Python index, -1 = last); None takes the middle
+            block, ``depth // 2 - 1`` (on the demo run the 4-block decoder's second block splits object
+            from background, intra- minus inter-cluster similarity 0.44, while its last block, which
+            specializes in pixels, shows no clusters: 0.00; see ``mimkit analyze``).
         setting: ``"practical"`` (decoder features) or ``"ideal"`` (encoder on all patches).
         foreground: ``"border"`` or ``"smaller"`` (see :func:`~mimkit.masking.ncut.choose_foreground`).
         tau: similarity threshold of the Ncut affinity graph.
@@ -172,7 +175,7 @@ class SelfGuidedMasker:
         hint_ratio_end: float = 0.0,
         trigger: str = "utilization",
         start_epoch: float | None = None,
-        layer: int = -1,
+        layer: int | None = None,
         setting: str = "practical",
         foreground: str = "border",
         tau: float = 0.2,

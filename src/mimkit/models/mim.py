@@ -95,7 +95,7 @@ class MaskedImageModel(nn.Module):
             images: (B, C, H, W) normalized images.
             kind: ``"cls_attention"``: (B, L) head-averaged attention of the class token over the patches
                 in the last encoder block, all patches visible. ``"encoder_features"``: (B, L, D) patch
-                tokens of encoder block ``masker.layer`` on all patches (the ideal setting).
+                tokens of encoder block ``masker.layer`` (None: the middle one) on all patches (the ideal setting).
                 ``"decoder_features"``: (B, L, Dd) patch tokens of decoder block ``masker.layer`` after a
                 forward pass with a random mask of the masker's ratio (the practical setting: visible
                 tokens and contextualized mask tokens).
@@ -109,7 +109,10 @@ class MaskedImageModel(nn.Module):
             if kind == "cls_attention":
                 enc = self.encoder(images, return_attn=True)
                 return enc.attentions[-1].mean(dim=1)[:, 0, enc.num_prefix_tokens :]  # (B, L)
-            layer = int(getattr(self.masker, "layer", -1))
+            layer = getattr(self.masker, "layer", None)
+            if layer is None:  # the middle block of the module whose features are clustered
+                blocks = self.decoder.blocks if kind == "decoder_features" else self.encoder.blocks
+                layer = len(blocks) // 2 - 1  # type: ignore[arg-type]
             if kind == "encoder_features":
                 enc = self.encoder(images, return_hidden=True)
                 return enc.hidden_states[layer][:, enc.num_prefix_tokens :]  # (B, L, D)
