@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="only these row names (slugs); default all")
     parser.add_argument("--train-limit", type=int, default=10000, help="training images of kNN and linear probe")
     parser.add_argument("--test-limit", type=int, default=2000, help="test images of every protocol")
-    parser.add_argument("--ft-train-limit", type=int, default=10000, help="training images of fine-tuning")
+    parser.add_argument("--ft-train-limit", type=int, default=5000, help="training images of fine-tuning")
     parser.add_argument("--ft-epochs", type=int, default=1)
     parser.add_argument("--ft-batch-size", type=int, default=64)
     parser.add_argument("--ft-blr", type=float, default=2e-3, help="full fine-tuning: lr = blr * batch / 256")

@@ -27,7 +27,6 @@ VARIANTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
     "block": ["mask.type=block", "mask.min_num_patches=4"],
     "grid": ["mask.type=grid"],
-    "attention": ["mask.type=attention", "mask.mode=hide", "mask.temperature=1.0"],
     # Self-Guided MAE as specified: switch when mask-token utilization passes visible-token utilization.
     "self_guided": ["mask.type=self_guided", "mask.trigger_every_steps=50"],
     # The same informed masking switched on at a fixed point (a quarter of the run), to see its effect
@@ -35,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "self_guided_fixed": ["mask.type=self_guided", "mask.trigger=epoch", "mask.start_epoch=0.25"],
     "random_r0.5": ["mask.type=random", "mask.ratio=0.5"],
     "random_r0.25": ["mask.type=random", "mask.ratio=0.25"],
+    "attention": ["mask.type=attention", "mask.mode=hide", "mask.temperature=1.0"],
 }
 
 
@@ -82,8 +82,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=20000, help="pretraining images (the first ones)")
-    parser.add_argument("--train-limit", type=int, default=10000, help="probe training images")
-    parser.add_argument("--test-limit", type=int, default=2000, help="probe test images")
+    parser.add_argument("--train-limit", type=int, default=5000, help="probe training images")
+    parser.add_argument("--test-limit", type=int, default=1000, help="probe test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
