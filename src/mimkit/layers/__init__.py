@@ -1,19 +1,26 @@
 """Pure ``nn.Module`` building blocks (no config)."""
 
 from mimkit.layers.block import Attention, Block, DropPath, Mlp, init_vit_weights
+from mimkit.layers.conv_block import ConvBlock, ConvMlp, ConvPatchEmbed, LayerNorm2d, masked, upsample_mask
 from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
 from mimkit.layers.pos_embed import sincos_1d, sincos_2d
 
 __all__ = [
     "Attention",
     "Block",
+    "ConvBlock",
+    "ConvMlp",
+    "ConvPatchEmbed",
     "DropPath",
+    "LayerNorm2d",
     "Mlp",
     "PatchEmbed",
     "check_patch_grid",
     "init_vit_weights",
+    "masked",
     "patchify",
     "sincos_1d",
     "sincos_2d",
     "unpatchify",
+    "upsample_mask",
 ]

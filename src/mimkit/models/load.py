@@ -41,6 +41,7 @@ from mimkit.models.convert import (
     to_mimkit,
     unwrap_checkpoint,
 )
+from mimkit.models.convvit import ConvViT
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.registry import create_model
 
@@ -142,6 +143,12 @@ def _tensors_only(weights: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
 
 def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
     """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both)."""
+    if isinstance(model.encoder, ConvViT):  # ConvMAE has the mimkit layout only: its own keys, all of them
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: the weights do not fit the ConvMAE model it describes ({err})") from None
+        return
     try:
         converted = to_mimkit(weights)
         if full and not any(key.startswith("decoder.") for key in converted):

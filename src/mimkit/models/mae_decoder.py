@@ -18,8 +18,9 @@ class DecoderOutput:
 
     Attributes:
         pred: (B, L, out_dim) one prediction per patch, raster order, prefix tokens removed.
-        attentions: per block (B, heads, 1 + L, 1 + L) when requested.
-        hidden_states: per block (B, 1 + L, D) when requested.
+        attentions: per block (B, heads, P + L, P + L) when requested; P is the decoder's
+            ``num_prefix_tokens`` (1, the class token, for ViT encoders; 0 for ConvMAE).
+        hidden_states: per block (B, P + L, D) when requested.
     """
 
     pred: Tensor
@@ -30,6 +31,10 @@ class DecoderOutput:
 class MAEDecoder(nn.Module):
     """The MAE decoder.
 
+    It keeps the encoder's class token with its own decoder position (MAE), or, built with
+    ``num_prefix_tokens=0`` for an encoder without a class token (ConvMAE), runs on the L patch tokens
+    only, with a sin-cos position table of L rows, as the ConvMAE code does.
+
     Args:
         grid: (grid_h, grid_w) patch grid.
         in_dim: encoder width.
@@ -39,6 +44,8 @@ class MAEDecoder(nn.Module):
         num_heads: decoder heads.
         mlp_ratio: MLP ratio.
         norm_eps: LayerNorm epsilon.
+        num_prefix_tokens: 1 (the encoder's class token is kept, extra prefix tokens dropped) or 0 (the
+            encoder has no prefix token).
     """
 
     def __init__(
@@ -51,13 +58,17 @@ class MAEDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-6,
+        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
+        if num_prefix_tokens not in (0, 1):
+            raise ValueError(f"num_prefix_tokens must be 0 or 1, got {num_prefix_tokens}")
         self.grid = grid
+        self.num_prefix_tokens = num_prefix_tokens
         self.embed_dim = embed_dim
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, 1)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, num_prefix_tokens)[None], requires_grad=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.pred = nn.Linear(embed_dim, out_dim)
@@ -73,6 +84,12 @@ class MAEDecoder(nn.Module):
         return_hidden: bool = False,
     ) -> DecoderOutput:
         """Predict every patch from the visible tokens plus one shared mask token per hidden patch."""
+        if (enc.num_prefix_tokens == 0) != (self.num_prefix_tokens == 0):
+            raise ValueError(
+                f"the encoder gives {enc.num_prefix_tokens} prefix token(s) but this decoder was built with "
+                f"num_prefix_tokens={self.num_prefix_tokens}; build it with "
+                f"num_prefix_tokens={min(enc.num_prefix_tokens, 1)}"
+            )
         x = self.embed(enc.tokens)  # (B, P + Lk, Dd)
         prefix, visible = x[:, : enc.num_prefix_tokens], x[:, enc.num_prefix_tokens :]
         batch, length = mask.ids_restore.shape
@@ -81,7 +98,7 @@ class MAEDecoder(nn.Module):
         index = mask.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.gather(x, 1, index)  # (B, L, Dd) back to raster order
         # Only the class token keeps its decoder position; extra prefix tokens are dropped (MAE has one).
-        x = torch.cat([prefix[:, :1], x], dim=1) + self.pos_embed  # (B, 1 + L, Dd)
+        x = torch.cat([prefix[:, : self.num_prefix_tokens], x], dim=1) + self.pos_embed  # (B, P + L, Dd)
         out = DecoderOutput(pred=x)
         for block in self.blocks:
             x, attn = block(x, return_attn=return_attn)
@@ -89,5 +106,5 @@ class MAEDecoder(nn.Module):
                 out.attentions.append(attn)
             if return_hidden:
                 out.hidden_states.append(x)
-        out.pred = self.pred(self.norm(x))[:, 1:]  # (B, L, out_dim)
+        out.pred = self.pred(self.norm(x))[:, self.num_prefix_tokens :]  # (B, L, out_dim)
         return out

@@ -120,7 +120,7 @@ class MaskedImageModel(nn.Module):
                 ratio = float(getattr(self.masker, "ratio", 0.75))
                 mask = RandomMasker(ratio)(images.shape[0], self.grid, generator=generator).to(images.device)
                 dec = self.decoder(self.encoder(images, mask), mask, return_hidden=True)
-                return dec.hidden_states[layer][:, 1:]  # (B, L, Dd): the decoder keeps one class token
+                return dec.hidden_states[layer][:, int(getattr(self.decoder, "num_prefix_tokens", 1)) :]  # (B, L, Dd)
         finally:
             self.train(was_training)
         raise ValueError(f"unknown masker guidance {kind!r}")
@@ -138,7 +138,8 @@ class MaskedImageModel(nn.Module):
             dec = self.decoder(self.encoder(images, mask), mask, return_attn=True)
         finally:
             self.train(was_training)
-        return mask_token_utilization(dec.attentions, mask.mask, num_prefix_tokens=1)
+        prefix = int(getattr(self.decoder, "num_prefix_tokens", 1))
+        return mask_token_utilization(dec.attentions, mask.mask, num_prefix_tokens=prefix)
 
     def forward(
         self,

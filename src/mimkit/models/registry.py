@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mimkit.masking import create_masker
+from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
@@ -17,6 +19,15 @@ ENCODERS: dict[str, dict[str, Any]] = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
     "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+}
+
+# ConvMAE encoders (ConvViT): three stages of widths ``embed_dims`` and depths ``depths``, downsampled by
+# ``patch_sizes`` (total stride 16 upstream). Base is the paper's; small and tiny are narrower. For 32x32
+# inputs (Fashion-MNIST) pass ``patch_sizes=(2, 2, 2)`` (a 4x4 grid) or ``(1, 2, 2)`` (8x8).
+CONV_ENCODERS: dict[str, dict[str, Any]] = {
+    "convmae_tiny": dict(embed_dims=(32, 64, 128), depths=(1, 1, 4), num_heads=4, patch_sizes=(4, 2, 2)),
+    "convmae_small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6, patch_sizes=(4, 2, 2)),
+    "convmae_base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, patch_sizes=(4, 2, 2)),
 }
 
 # Decoder presets: MAE's default 512-d x 8 and lighter ones for small models and CPUs.
@@ -41,7 +52,18 @@ DEFAULTS: dict[str, Any] = dict(
     mask_options=None,
 )
 
+# Arguments of ConvMAE only: the depthwise kernel of the convolution blocks and multi-scale fusion.
+CONV_DEFAULTS: dict[str, Any] = dict(kernel_size=5, fuse=True)
+
 ARG_NAMES = frozenset(DEFAULTS) | frozenset(ENCODERS["vit_base"]) | frozenset(DECODERS["mae"]) | {"decoder"}
+CONV_ARG_NAMES = (
+    frozenset(DEFAULTS)
+    | frozenset(CONV_DEFAULTS)
+    | frozenset(CONV_ENCODERS["convmae_base"])
+    | frozenset(DECODERS["mae"])
+    | {"decoder"}
+)
+_PER_STAGE = ("embed_dims", "depths", "patch_sizes")
 
 
 def model_args(name: str, **overrides: Any) -> dict[str, Any]:
@@ -52,23 +74,57 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
     arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
     ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`).
+
+    ConvMAE models (:data:`CONV_ENCODERS`) take ``embed_dims``, ``depths`` and ``patch_sizes`` (one value
+    per stage, stored as tuples), ``kernel_size`` and ``fuse`` instead of ``embed_dim``, ``depth`` and
+    ``patch_size``.
     """
-    if name not in ENCODERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS)}")
-    unknown = set(overrides) - ARG_NAMES
+    if name in ENCODERS:
+        encoder, defaults, valid = ENCODERS[name], DEFAULTS, ARG_NAMES
+    elif name in CONV_ENCODERS:
+        encoder, defaults, valid = CONV_ENCODERS[name], {**DEFAULTS, **CONV_DEFAULTS}, CONV_ARG_NAMES
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS) + sorted(CONV_ENCODERS)}")
+    unknown = set(overrides) - valid
     if unknown:
-        raise ValueError(f"unknown model argument(s) {sorted(unknown)}; valid: {sorted(ARG_NAMES)}")
+        raise ValueError(f"unknown model argument(s) {sorted(unknown)} for {name!r}; valid: {sorted(valid)}")
     decoder = overrides.get("decoder") or "mae"
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder preset {decoder!r}; choose one of {sorted(DECODERS)}")
-    args = {**DEFAULTS, **ENCODERS[name], **DECODERS[decoder], "decoder": decoder}
+    args = {**defaults, **encoder, **DECODERS[decoder], "decoder": decoder}
     args.update({key: value for key, value in overrides.items() if value is not None})
+    for key in _PER_STAGE:
+        if key in args:  # lists from YAML or JSON become tuples, so model.config compares equal after a reload
+            args[key] = tuple(args[key])
     return args
 
 
-def create_encoder(name: str, **overrides: Any) -> VisionTransformer:
+def encoder_stride(args: dict[str, Any]) -> int:
+    """Side in pixels of one patch of the encoder's output grid: ``patch_size``, or the product of a
+    ConvMAE's ``patch_sizes``; the pixel target's patch size."""
+    if "patch_sizes" in args:
+        return math.prod(args["patch_sizes"])
+    return int(args["patch_size"])
+
+
+def create_encoder(name: str, **overrides: Any) -> VisionTransformer | ConvViT:
     """Build only the encoder of a named model (for evaluation and transfer)."""
     args = model_args(name, **overrides)
+    if name in CONV_ENCODERS:
+        return ConvViT(
+            img_size=args["img_size"],
+            patch_sizes=args["patch_sizes"],
+            in_chans=args["in_chans"],
+            embed_dims=args["embed_dims"],
+            depths=args["depths"],
+            num_heads=args["num_heads"],
+            mlp_ratio=args["mlp_ratio"],
+            qkv_bias=args["qkv_bias"],
+            kernel_size=args["kernel_size"],
+            fuse=args["fuse"],
+            drop_path_rate=args["drop_path_rate"],
+            norm_eps=args["norm_eps"],
+        )
     return VisionTransformer(
         img_size=args["img_size"],
         patch_size=args["patch_size"],
@@ -84,7 +140,8 @@ def create_encoder(name: str, **overrides: Any) -> VisionTransformer:
 
 
 def create_model(name: str, **overrides: Any) -> MaskedImageModel:
-    """Build an MAE pretraining model, e.g. ``create_model("vit_tiny", patch_size=4, img_size=32)``.
+    """Build an MAE pretraining model, e.g. ``create_model("vit_tiny", patch_size=4, img_size=32)``, or a
+    ConvMAE one, e.g. ``create_model("convmae_tiny", patch_sizes=(2, 2, 2), img_size=32, in_chans=1)``.
 
     Returns:
         A :class:`MaskedImageModel`; ``model.encoder`` is the encoder used for evaluation and
@@ -92,22 +149,24 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
     """
     args = model_args(name, **overrides)
     encoder = create_encoder(name, **overrides)
-    out_dim = args["patch_size"] ** 2 * args["in_chans"]
+    stride = encoder_stride(args)
+    out_dim = stride**2 * args["in_chans"]
     decoder = MAEDecoder(
         encoder.grid,
-        in_dim=args["embed_dim"],
+        in_dim=encoder.embed_dim,
         out_dim=out_dim,
         embed_dim=args["decoder_embed_dim"],
         depth=args["decoder_depth"],
         num_heads=args["decoder_num_heads"],
         mlp_ratio=args["mlp_ratio"],
         norm_eps=args["norm_eps"],
+        num_prefix_tokens=encoder.num_prefix_tokens,
     )
     masker = create_masker(args["mask_type"], args["mask_ratio"], **(args["mask_options"] or {}))
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
         check_grid(encoder.grid)
-    target = PixelTarget(args["patch_size"], norm_pix=args["norm_pix_loss"], loss=args["loss"])
+    target = PixelTarget(stride, norm_pix=args["norm_pix_loss"], loss=args["loss"])
     model = MaskedImageModel(encoder, decoder, masker, target)
     model.name = name
     model.config = {"name": name, **args}

@@ -22,6 +22,8 @@ class EncoderOutput:
         grid: (grid_h, grid_w) patch grid of the full image.
         attentions: per block (B, heads, P + N, P + N) when requested.
         hidden_states: per block output (B, P + N, D) before the final norm, when requested.
+        stage_features: per stage (B, C_i, H_i, W_i) feature maps of a multi-stage encoder (ConvViT),
+            finest first, for dense tasks; empty for single-stage encoders.
     """
 
     tokens: Tensor
@@ -29,6 +31,7 @@ class EncoderOutput:
     grid: tuple[int, int]
     attentions: list[Tensor] = field(default_factory=list)
     hidden_states: list[Tensor] = field(default_factory=list)
+    stage_features: list[Tensor] = field(default_factory=list)
 
     @property
     def patch_tokens(self) -> Tensor:
