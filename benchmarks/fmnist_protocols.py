@@ -14,7 +14,7 @@ reused when its ``results.json`` exists with the same recipe, so rows can run in
         --checkpoint "MAE 1 epoch=runs/demo/last.pt" --checkpoint "MAE 5 epochs=runs/fmnist_5ep/last.pt"
 
 Scratch (random-init) fine-tuning uses no layer-wise lr decay (``--scratch-layer-decay 1.0``): layer
-decay assumes pretrained lower layers, and without it the baseline is stronger, not weaker.
+decay exists to protect pretrained lower layers, which a random init does not have.
 """
 
 from __future__ import annotations
