@@ -60,13 +60,15 @@ def pretrain(name: str, overrides: list[str], args: argparse.Namespace) -> dict[
     return run_pretraining(config)
 
 
-def probe(name: str, checkpoint: Path, protocol: str, args: argparse.Namespace) -> float:
-    path = args.out / name / "probe" / protocol / "pretrained" / "results.json"
+def probe(name: str, checkpoint: Path, protocol: str, args: argparse.Namespace, random_init: bool = False) -> float:
+    which = "random_init" if random_init else "pretrained"
+    path = args.out / name / "probe" / protocol / which / "results.json"
     if not path.is_file():
-        print(f"[{name}] {protocol} probe ...", flush=True)
+        print(f"[{name}] {protocol} probe{' (random init)' if random_init else ''} ...", flush=True)
         run_probe(
             checkpoint,
             protocol=protocol,
+            random_init=random_init,
             out_dir=args.out / name / "probe",
             train_limit=args.train_limit,
             test_limit=args.test_limit,
@@ -107,6 +109,11 @@ def main() -> None:
     )
     print("| masking | final loss | kNN | linear | switch step | utilization mask / visible (end) | minutes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    if rows:  # the same architecture untrained, for scale
+        first, summary = rows[0][0], rows[0][1]
+        checkpoint = Path(summary["checkpoint"])
+        knn, linear = (probe(first, checkpoint, protocol, args, random_init=True) for protocol in ("knn", "linear"))
+        print(f"| no pretraining (random init) | - | {100 * knn:.2f} | {100 * linear:.2f} | - | - | - |")
     for name, summary, knn, linear, switch, last in rows:
         util = f"{last['utilization/mask']:.2f} / {last['utilization/visible']:.2f}" if last else "-"
         print(
