@@ -38,6 +38,13 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # ConvMAE (convmae_*): per-stage widths, depths and downsampling (patch_size is then their product's
+    # business, not a key), depthwise kernel of the conv blocks, multi-scale fusion into the decoder
+    embed_dims: tuple[int, ...] | None = None
+    depths: tuple[int, ...] | None = None
+    patch_sizes: tuple[int, ...] | None = None
+    kernel_size: int | None = None
+    fuse: bool | None = None
 
 
 @dataclass
@@ -180,23 +187,41 @@ class Config:
         mean, std = default_normalization(self.model.in_chans, self.data.dataset)
         return tuple(self.data.mean or mean), tuple(self.data.std or std)
 
+    def encoder_stride(self) -> int:
+        """Pixels per side of one patch of the encoder's output grid (the masker's grid)."""
+        import math
+
+        from mimkit.models.registry import CONV_ENCODERS
+
+        if self.model.name in CONV_ENCODERS:
+            return math.prod(self.model.patch_sizes or CONV_ENCODERS[self.model.name]["patch_sizes"])
+        return self.model.patch_size
+
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid
         from mimkit.masking import MASKERS, create_masker, num_hidden_patches
-        from mimkit.models.registry import DECODERS, ENCODERS
+        from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS
         from mimkit.targets import LOSSES
 
         def check(ok: bool, key: str, message: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}: {message}")
 
-        check(
-            self.model.name in ENCODERS, "model.name", f"unknown model {self.model.name!r}; one of {sorted(ENCODERS)}"
-        )
+        names = sorted(ENCODERS) + sorted(CONV_ENCODERS)
+        check(self.model.name in names, "model.name", f"unknown model {self.model.name!r}; one of {names}")
+        conv = self.model.name in CONV_ENCODERS
+        for key in ("embed_dim", "depth") if conv else ("embed_dims", "depths", "patch_sizes", "kernel_size", "fuse"):
+            which = "ConvMAE models take embed_dims, depths, patch_sizes" if conv else "only ConvMAE models take it"
+            check(getattr(self.model, key) is None, f"model.{key}", f"not for {self.model.name}: {which}")
+        for key in ("embed_dims", "depths", "patch_sizes"):
+            value = getattr(self.model, key)
+            check(value is None or len(value) == 3, f"model.{key}", "ConvMAE has 3 stages: give 3 values")
+        kernel = self.model.kernel_size
+        check(kernel is None or (kernel > 0 and kernel % 2 == 1), "model.kernel_size", "must be a positive odd number")
         check(self.model.decoder in DECODERS, "model.decoder", f"unknown preset; one of {sorted(DECODERS)}")
         try:
-            check_patch_grid(self.model.img_size, self.model.patch_size)
+            check_patch_grid(self.model.img_size, self.encoder_stride())
         except ValueError as err:
             raise ConfigError(f"model.img_size: {err}") from None
         check(self.model.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.model.in_chans}")
@@ -212,7 +237,7 @@ class Config:
         check_grid = getattr(masker, "check_grid", None)
         if check_grid is not None:
             try:
-                check_grid(check_patch_grid(self.model.img_size, self.model.patch_size))
+                check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
             except ValueError as err:
                 raise ConfigError(f"mask.type: {err}") from None
         check(self.mask.utilization_every_steps >= 1, "mask.utilization_every_steps", "must be >= 1")
@@ -389,13 +414,19 @@ def mask_options(mask: MaskConfig) -> dict[str, Any]:
 
 def model_overrides(config: Config) -> dict[str, Any]:
     """``create_model`` keyword arguments for this config."""
+    from mimkit.models.registry import CONV_ENCODERS
+
     m = config.model
+    if m.name in CONV_ENCODERS:
+        encoder = dict(
+            embed_dims=m.embed_dims, depths=m.depths, patch_sizes=m.patch_sizes, kernel_size=m.kernel_size, fuse=m.fuse
+        )
+    else:
+        encoder = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth)
     return dict(
         img_size=m.img_size,
-        patch_size=m.patch_size,
         in_chans=m.in_chans,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
+        **encoder,
         num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio,
         decoder=m.decoder,

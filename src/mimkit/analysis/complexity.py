@@ -128,9 +128,9 @@ def model_info(model: MaskedImageModel, mask_ratio: float | None = None) -> dict
     """
     encoder, decoder = model.encoder, model.decoder
     if not isinstance(encoder, VisionTransformer) or not isinstance(decoder, MAEDecoder):
-        raise TypeError(
-            "model_info counts FLOPs of a VisionTransformer encoder with an MAEDecoder, got "
-            f"{type(encoder).__name__} and {type(decoder).__name__}"
+        raise ValueError(
+            "model_info counts FLOPs analytically for a VisionTransformer encoder with an MAEDecoder, got "
+            f"{type(encoder).__name__} and {type(decoder).__name__} (ConvMAE is not counted yet)"
         )
     ratio = float(getattr(model.masker, "ratio", 0.0) if mask_ratio is None else mask_ratio)
     num_patches = int(encoder.num_patches)
