@@ -1,6 +1,6 @@
 """Pure ``nn.Module`` building blocks (no config)."""
 
-from mimkit.layers.block import Attention, Block, DropPath, Mlp, init_vit_weights
+from mimkit.layers.block import Attention, Block, DropPath, Mlp, init_vit_weights, run_blocks
 from mimkit.layers.conv_block import ConvBlock, ConvMlp, ConvPatchEmbed, LayerNorm2d, masked, upsample_mask
 from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
 from mimkit.layers.pos_embed import sincos_1d, sincos_2d
@@ -19,6 +19,7 @@ __all__ = [
     "init_vit_weights",
     "masked",
     "patchify",
+    "run_blocks",
     "sincos_1d",
     "sincos_2d",
     "unpatchify",

@@ -103,6 +103,24 @@ class Block(nn.Module):
         return x, attn
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    *,
+    attentions: list[Tensor] | None = None,
+    hidden_states: list[Tensor] | None = None,
+) -> Tensor:
+    """Run a stack of :class:`Block` on x (B, N, D), appending each block's attention weights to
+    ``attentions`` and its output to ``hidden_states`` when those lists are given."""
+    for block in blocks:
+        x, attn = block(x, return_attn=attentions is not None)
+        if attentions is not None:
+            attentions.append(attn)
+        if hidden_states is not None:
+            hidden_states.append(x)
+    return x
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):

@@ -49,6 +49,11 @@ class MaskSpec:
     def num_patches(self) -> int:
         return self.ids_restore.shape[1]
 
+    def gather_visible(self, x: Tensor) -> Tensor:
+        """The visible entries of per-patch values: (B, L, D) in raster order -> (B, Lk, D) in ``ids_keep`` order."""
+        index = self.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
+        return torch.gather(x, 1, index)
+
     def rows(self, index: slice) -> MaskSpec:
         """The masks of a slice of the batch (e.g. a micro-batch under gradient accumulation)."""
         return MaskSpec(self.ids_keep[index], self.ids_restore[index], self.mask[index])

@@ -15,6 +15,7 @@ from mimkit.layers import (
     check_patch_grid,
     init_vit_weights,
     masked,
+    run_blocks,
     sincos_2d,
     upsample_mask,
 )
@@ -182,16 +183,15 @@ class ConvViT(nn.Module):
             fused = self.stage1_output_decode(x1).flatten(2).transpose(1, 2)  # (B, L, D)
             fused = fused + self.stage2_output_decode(x2).flatten(2).transpose(1, 2)  # (B, L, D)
         if mask is not None:
-            index = mask.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
-            x = torch.gather(x, 1, index)  # (B, Lk, D)
-            fused = None if fused is None else torch.gather(fused, 1, index)  # (B, Lk, D)
+            x = mask.gather_visible(x)  # (B, Lk, D)
+            fused = None if fused is None else mask.gather_visible(fused)  # (B, Lk, D)
         out = EncoderOutput(tokens=x, num_prefix_tokens=0, grid=self.grid)
-        for block in self.blocks3:
-            x, attn = block(x, return_attn=return_attn)
-            if attn is not None:
-                out.attentions.append(attn)
-            if return_hidden:
-                out.hidden_states.append(x)
+        x = run_blocks(
+            self.blocks3,
+            x,
+            attentions=out.attentions if return_attn else None,
+            hidden_states=out.hidden_states if return_hidden else None,
+        )
         if fused is not None:
             x = x + fused
         out.tokens = self.norm(x)  # (B, N, D)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.layers import Block, init_vit_weights, sincos_2d
+from mimkit.layers import Block, init_vit_weights, run_blocks, sincos_2d
 from mimkit.masking import MaskSpec
 from mimkit.models.vit import EncoderOutput
 
@@ -100,11 +100,11 @@ class MAEDecoder(nn.Module):
         # Only the class token keeps its decoder position; extra prefix tokens are dropped (MAE has one).
         x = torch.cat([prefix[:, : self.num_prefix_tokens], x], dim=1) + self.pos_embed  # (B, P + L, Dd)
         out = DecoderOutput(pred=x)
-        for block in self.blocks:
-            x, attn = block(x, return_attn=return_attn)
-            if attn is not None:
-                out.attentions.append(attn)
-            if return_hidden:
-                out.hidden_states.append(x)
+        x = run_blocks(
+            self.blocks,
+            x,
+            attentions=out.attentions if return_attn else None,
+            hidden_states=out.hidden_states if return_hidden else None,
+        )
         out.pred = self.pred(self.norm(x))[:, self.num_prefix_tokens :]  # (B, L, out_dim)
         return out

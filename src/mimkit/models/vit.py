@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.layers import Block, PatchEmbed, init_vit_weights, sincos_2d
+from mimkit.layers import Block, PatchEmbed, init_vit_weights, run_blocks, sincos_2d
 from mimkit.masking import MaskSpec
 
 
@@ -99,8 +99,7 @@ class VisionTransformer(nn.Module):
         N visible patches (all L without a mask), with positional embeddings added."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D)
         if mask is not None:
-            index = mask.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, Lk, D)
-            x = torch.gather(x, 1, index)  # (B, Lk, D)
+            x = mask.gather_visible(x)  # (B, Lk, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
 
@@ -131,12 +130,12 @@ class VisionTransformer(nn.Module):
         """
         x = self.embed_tokens(images, mask)  # (B, 1 + N, D)
         out = EncoderOutput(tokens=x, num_prefix_tokens=1, grid=self.grid)
-        for block in self.blocks:
-            x, attn = block(x, return_attn=return_attn)
-            if attn is not None:
-                out.attentions.append(attn)
-            if return_hidden:
-                out.hidden_states.append(x)
+        x = run_blocks(
+            self.blocks,
+            x,
+            attentions=out.attentions if return_attn else None,
+            hidden_states=out.hidden_states if return_hidden else None,
+        )
         out.tokens = self.norm(x)
         return out
 
