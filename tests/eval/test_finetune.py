@@ -19,9 +19,9 @@ from mimkit.eval.finetune import (
     format_finetune,
     layer_decay_groups,
     load_classifier,
-    predict_images,
     run_finetune,
 )
+from mimkit.eval.linear import predict
 from mimkit.models import create_model
 
 FMNIST_MEAN, FMNIST_STD = (0.286,), (0.353,)
@@ -126,7 +126,7 @@ def test_full_finetuning_learns_and_writes_its_outputs(checkpoint, tmp_path) -> 
     assert (run_dir / "confusion.png").stat().st_size > 1000
     restored, state = load_classifier(run_dir / "classifier.pt")
     test_images = resize_uint8(load_fashion_mnist(split="test")[0][:200], 32)
-    logits = predict_images(restored, test_images, EvalTransform(32, FMNIST_MEAN, FMNIST_STD))
+    logits = predict(restored, test_images, 256, transform=EvalTransform(32, FMNIST_MEAN, FMNIST_STD))
     assert state["classes"] == saved["classes"]
     assert (logits.argmax(1) == load_fashion_mnist(split="test")[1][:200]).float().mean().item() == pytest.approx(
         results["top1"]

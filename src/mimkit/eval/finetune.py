@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mimkit.eval.linear import LinearProbe
+from mimkit.eval.linear import LinearProbe, predict
 from mimkit.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), linear)
         else:
             self.head = LinearProbe(dim, num_classes)
+            encoder.cls_token.requires_grad_(False)
             for module in self.frozen_modules():
                 module.requires_grad_(False)
         self.train(self.training)
@@ -169,19 +170,10 @@ class Classifier(nn.Module):
             frozen.append(encoder.norm)
         return frozen
 
-    def frozen_parameters(self) -> list[nn.Parameter]:
-        """Frozen parameters, including the class token (a bare parameter)."""
-        if self.trainable_blocks is None:
-            return []
-        params = [p for module in self.frozen_modules() for p in module.parameters()]
-        return [self.encoder.cls_token, *params]
-
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if self.trainable_blocks is not None:
-            self.encoder.cls_token.requires_grad_(False)
-            for module in self.frozen_modules():
-                module.eval()  # frozen blocks never drop paths
+        for module in self.frozen_modules():
+            module.eval()  # frozen blocks never drop paths
         return self
 
     def forward(self, images: Tensor) -> Tensor:
@@ -239,31 +231,6 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
         )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
-
-
-@torch.no_grad()
-def predict_images(
-    model: nn.Module,
-    images: Tensor,
-    transform: Any,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    desc: str = "evaluate",
-) -> Tensor:
-    """Logits (N, num_classes) on the CPU of uint8 images (N, C, H, W), in eval mode (flag restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        starts = range(0, images.shape[0], batch_size)
-        logits = [
-            model(transform(images[start : start + batch_size].to(device))).float().cpu()
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(logits)
 
 
 @dataclass
@@ -409,12 +376,13 @@ def finetune(
                     ema.update(model, step=step)
                 running += loss.detach()
                 step += 1
-                if metrics is not None and step % config.log_every_steps == 0:
-                    metrics.log(step, {"finetune/loss": loss.item(), "finetune/lr": lr})
                 if step % config.log_every_steps == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            logits = predict_images(
-                model, test_images, evaluate, batch_size=config.eval_batch_size, device=device, progress=progress
+                    loss_value = loss.item()
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                    if metrics is not None:
+                        metrics.log(step, {"finetune/loss": loss_value, "finetune/lr": lr})
+            logits = predict(
+                model, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
             )
             top1 = classification_metrics(logits, test_labels, num_classes).top1
             record = {"epoch": epoch + 1, "train_loss": running.item() / steps_per_epoch, "test_top1": top1}
@@ -427,8 +395,8 @@ def finetune(
     model.eval()
     ema_logits = None
     if ema is not None:
-        ema_logits = predict_images(
-            ema.module, test_images, evaluate, batch_size=config.eval_batch_size, device=device, progress=progress
+        ema_logits = predict(
+            ema.module, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
         )
     return FinetuneResult(model=model, logits=logits, history=history, steps=step, lr=peak_lr, ema_logits=ema_logits)
 

@@ -6,7 +6,7 @@ only the head learns), so every epoch is a pass over an (N, D) tensor rather tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -146,19 +146,37 @@ def _check_features(features: Tensor, labels: Tensor, name: str, num_classes: in
 
 
 @torch.no_grad()
-def predict(head: nn.Module, features: Tensor, batch_size: int = 4096) -> Tensor:
-    """Logits (N, num_classes) of a head in eval mode, batch by batch (training flag restored)."""
-    was_training = head.training
-    head.eval()
-    device = next(head.parameters()).device
+def predict(
+    model: nn.Module,
+    inputs: Tensor,
+    batch_size: int = 4096,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> Tensor:
+    """Outputs (N, num_classes) on the CPU of a model in eval mode, batch by batch (training flag restored).
+
+    Args:
+        model: a head on features, or a whole classifier on images.
+        inputs: (N, ...) features or images, kept where they are; each batch moves to the model's device.
+        batch_size: inputs per forward pass.
+        transform: applied to each batch on the device first (e.g. uint8 images -> normalized floats).
+        progress: show a tqdm bar.
+        desc: the bar's label.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     try:
-        logits = [
-            head(features[start : start + batch_size].to(device)).float().cpu()
-            for start in range(0, len(features), batch_size)
-        ]
+        starts = range(0, len(inputs), batch_size)
+        outputs = []
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+            batch = inputs[start : start + batch_size].to(device)
+            outputs.append(model(transform(batch) if transform is not None else batch).float().cpu())
     finally:
-        head.train(was_training)
-    return torch.cat(logits)  # (N, num_classes)
+        model.train(was_training)
+    return torch.cat(outputs)  # (N, num_classes)
 
 
 def train_linear_probe(
