@@ -94,3 +94,23 @@ def test_format_info_lists_every_number(model):
     for key in ("encoder_params", "decoder_params", "pretrain_flops", "encoder_full_flops"):
         assert f"{info[key]:,}" in text
     assert "16 visible" in text
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_convmae_flops_match_a_whole_pretraining_forward(fuse):
+    torch.manual_seed(0)
+    model = create_model(
+        "convmae_tiny", img_size=32, in_chans=3, patch_sizes=(2, 2, 2), depths=(1, 2, 2), kernel_size=7,
+        fuse=fuse, decoder="micro", mlp_ratio=3.0,
+    ).eval()  # fmt: skip
+    images = torch.randn(2, 3, 32, 32)
+    info = model_info(model)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        counted = counted_flops(lambda: model(images, generator=torch.Generator().manual_seed(0)))
+        full = counted_flops(lambda: model.encoder(images))
+    assert info["num_visible"] == 4  # a 4x4 grid at ratio 0.75
+    assert counted == 2 * info["pretrain_flops"]
+    assert full == 2 * info["encoder_full_flops"]
+    # The convolution stages run on the whole image, masked or not: only stage 3 gets cheaper.
+    masked, unmasked = encoder_flops(model.encoder, 4), encoder_flops(model.encoder)
+    assert masked["patch_embed"] == unmasked["patch_embed"] and masked["mlp"] * 4 == unmasked["mlp"]

@@ -324,3 +324,13 @@ def test_analyze_command_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert "could be read" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_patch_saliency_is_class_attention_or_the_attention_each_patch_receives() -> None:
+    from mimkit.analysis.relations import patch_saliency
+
+    attention = torch.softmax(torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0)), dim=-1)  # (B, T, T)
+    assert torch.equal(patch_saliency(attention, 1), attention[:, 0, 1:])  # class token over the 4 patches
+    received = patch_saliency(attention, 0)  # (B, 5): no class token (ConvMAE)
+    torch.testing.assert_close(received, attention.mean(dim=1))
+    torch.testing.assert_close(received.sum(dim=1), torch.ones(2))  # rows sum to 1, so their mean does too

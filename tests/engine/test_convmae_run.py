@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,45 @@ def test_conv_and_vit_keys_are_not_mixed() -> None:
         load_config(RECIPE, ["model.patch_sizes=[2,2,4]", "model.img_size=24"])  # stride 16 does not divide 24
 
 
-def test_info_refuses_convmae_with_a_clear_message(capsys) -> None:
-    from mimkit.cli import main
+@pytest.fixture(scope="module")
+def convmae_checkpoint(tmp_path_factory) -> Path:
+    """A ConvMAE checkpoint from two steps of the recipe."""
+    out = tmp_path_factory.mktemp("convmae")
+    Pretrainer(
+        load_config(RECIPE, [*SMALL, "train.max_steps=2", "eval.reconstruct=false", f"train.output_dir={out}"])
+    ).fit()
+    return out / "last.pt"
 
-    assert main(["info", "--config", str(RECIPE)]) == 2
-    assert "ConvMAE is not counted yet" in capsys.readouterr().err
+
+def test_every_command_takes_a_convmae_checkpoint(convmae_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from mimkit.cli import main
+    from mimkit.data.fashion_mnist import load_fashion_mnist
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, pixels in enumerate(load_fashion_mnist(split="test")[0][:4]):
+        Image.fromarray(pixels[0].numpy()).save(images / f"{index}.png")
+    checkpoint, out = str(convmae_checkpoint), tmp_path / "out"
+
+    assert main(["info", "--config", str(RECIPE)]) == 0
+    assert "16 visible at mask ratio 0.75" in capsys.readouterr().out
+    assert main(["reconstruct", "--checkpoint", checkpoint, "--images", str(images), "--out", str(out / "r.png")]) == 0
+    assert (out / "r.png").stat().st_size > 1000
+    for setting in ("practical", "ideal"):
+        argv = ["analyze", "--checkpoint", checkpoint, "--images", str(images), "--out", str(out / setting)]
+        assert main([*argv, "--setting", setting]) == 0
+        layers = [layer["layer"] for layer in json.loads((out / setting / "relations.json").read_text())["layers"]]
+        assert layers[:4] == ["encoder.0", "encoder.1", "encoder.2", "encoder.3"]  # the transformer stage
+        assert len(layers) == (8 if setting == "practical" else 4)  # + the tiny decoder's 4 blocks
+    probe = ["probe", "--checkpoint", checkpoint, "--protocol", "knn", "--train-limit", "200", "--test-limit", "50"]
+    assert main([*probe, "--out", str(out / "probe"), "--no-progress"]) == 0
+    assert json.loads((out / "probe" / "knn" / "pretrained" / "results.json").read_text())["pools"] == ["avg"]
+    tune = ["finetune", "--checkpoint", checkpoint, "--out", str(out / "ft"), "--no-progress", "--partial-blocks", "1"]
+    assert main([*tune, "epochs=1", "batch_size=32", "train_limit=128", "test_limit=50"]) == 0
+    results = json.loads((out / "ft" / "partial1" / "pretrained" / "results.json").read_text())
+    assert results["model"] == "convmae_tiny" and results["steps"] == 4
+    capsys.readouterr()
+    assert main([*tune, "pool=cls"]) == 2
+    assert "ConvViT has no class token" in capsys.readouterr().err

@@ -171,3 +171,58 @@ def test_cli_finetune_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys, w
     assert main([*argv[:3], "--data", str(mismatched), "--out", str(tmp_path / "bad")]) == 2
     assert "['bag', 'sneaker']" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+CONVMAE = dict(img_size=32, in_chans=1, patch_sizes=(2, 2, 2), depths=(1, 1, 2), decoder="micro")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_classifier_features_are_the_encoders_own_for_vit_and_convmae(subset, tiny_args, fuse) -> None:
+    torch.manual_seed(0)
+    vit = tiny_encoder(tiny_args)
+    convvit = create_model("convmae_tiny", **CONVMAE, fuse=fuse).encoder
+    images = EvalTransform(32, FMNIST_MEAN, FMNIST_STD)(subset["test"][:8])  # (8, 1, 32, 32)
+    for encoder in (vit, convvit):
+        for blocks in (None, 0, 1):
+            model = Classifier(encoder, 10, pool="avg", trainable_blocks=blocks).eval()
+            model.head = torch.nn.Identity()  # the pooled features the head sees
+            expected = encoder.forward_features(images, pool="avg")  # (8, D), fusion included
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no class token"):
+        Classifier(convvit, 10, pool="cls")
+
+
+def test_partial_convmae_finetuning_freezes_the_conv_stages_and_decays_them_as_embeddings(subset) -> None:
+    torch.manual_seed(0)
+    encoder = create_model("convmae_tiny", **CONVMAE).encoder
+    model = Classifier(encoder, 10, trainable_blocks=1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = FinetuneConfig(epochs=1, batch_size=100, blr=4e-3, drop_path=0.2, log_every_steps=1)
+    result = finetune(
+        model, subset["train"], subset["train_labels"], subset["test"], subset["test_labels"],
+        config=config, mean=FMNIST_MEAN, std=FMNIST_STD, progress=False,
+    )  # fmt: skip
+    assert result.steps == 6
+    trainable = ("encoder.blocks3.1.", "encoder.norm.", "head.")
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        if name.startswith(trainable):
+            assert param.requires_grad and moved, name
+        else:  # conv stages, embeddings, fusion convolutions, the first transformer block
+            assert not param.requires_grad and not moved, name
+    model.train()
+    assert not any(module.training for module in (*encoder.blocks1, *encoder.blocks2, encoder.blocks3[0]))
+    assert encoder.blocks3[1].training
+
+    full = Classifier(create_model("convmae_tiny", **CONVMAE).encoder, 10)
+    groups = layer_decay_groups(full, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, param in full.named_parameters():
+        if name.startswith("encoder.blocks3."):
+            expected = 0.5 ** (2 - int(name.split(".")[2]))
+        elif name.startswith(("encoder.norm", "head.")):
+            expected = 1.0
+        else:  # stages 1-2, the stage-3 embedding and the fusion convolutions come before the blocks
+            expected = 0.5**3
+        if param.requires_grad:
+            assert scale_of[id(param)] == pytest.approx(expected), name

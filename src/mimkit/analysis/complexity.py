@@ -1,9 +1,12 @@
 """Parameter counts and analytic forward FLOPs of a masked image model.
 
 FLOPs count a multiply-add as 2 FLOPs (the convention of ``torch.utils.flop_counter`` and fvcore x 2).
-Only matrix products are counted: the patch-embedding convolution, the linear layers and the two
-attention products (``Q K^T`` and ``A V``). LayerNorm, softmax, GELU, biases, residual additions,
-position embeddings and gathers are ignored; for ViTs they are well under 1 % of the total.
+Only matrix products are counted: convolutions (the patch embedding; a ConvViT's convolution stages and
+fusion convolutions), the linear layers and the two attention products (``Q K^T`` and ``A V``).
+LayerNorm, softmax, GELU, biases, residual additions, position embeddings, gathers and the zeroing of
+masked convolution are ignored; for ViTs they are well under 1 % of the total. A ConvViT's convolution
+stages run on the whole image, masked or not (masked convolution zeroes hidden regions, it does not skip
+them); only its transformer stage runs on the visible tokens.
 
 To compare with ``torch.utils.flop_counter.FlopCounterMode`` on the CPU, run under
 ``sdpa_kernel(SDPBackend.MATH)`` (or with ``return_attn=True``): the CPU's fused attention kernel has
@@ -19,6 +22,7 @@ from torch import nn
 from mimkit.layers import Block
 from mimkit.masking import num_hidden_patches
 from mimkit.models import MAEDecoder, MaskedImageModel, VisionTransformer
+from mimkit.models.convvit import ConvViT
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -65,25 +69,55 @@ def _blocks_flops(blocks: nn.ModuleList, num_tokens: int) -> dict[str, int]:
     return total
 
 
-def encoder_flops(encoder: VisionTransformer, num_visible: int | None = None) -> dict[str, int]:
-    """Forward FLOPs per image of a :class:`~mimkit.models.VisionTransformer`.
+def conv_flops(conv: nn.Conv2d, out_size: tuple[int, int]) -> int:
+    """FLOPs of a 2-D convolution producing an ``out_size`` map: ``2 * H * W * out * in / groups * k_h * k_w``."""
+    kernel_h, kernel_w = conv.kernel_size
+    per_output = conv.in_channels // conv.groups * kernel_h * kernel_w
+    return 2 * out_size[0] * out_size[1] * conv.out_channels * per_output
 
-    The patch embedding always runs on all L patches (the encoder gathers the visible ones
-    afterwards); the blocks run on ``1 + num_visible`` tokens (class token included).
+
+def _convs_flops(module: nn.Module, out_size: tuple[int, int]) -> int:
+    """Sum of :func:`conv_flops` over every convolution of a module whose convolutions all keep the
+    spatial size (a :class:`~mimkit.layers.ConvBlock`)."""
+    return sum(conv_flops(conv, out_size) for conv in module.modules() if isinstance(conv, nn.Conv2d))
+
+
+def encoder_flops(encoder: VisionTransformer | ConvViT, num_visible: int | None = None) -> dict[str, int]:
+    """Forward FLOPs per image of a :class:`~mimkit.models.VisionTransformer` or a ConvMAE
+    :class:`~mimkit.models.convvit.ConvViT`.
+
+    The patch embedding (a ConvViT's convolution stages, its stage-3 embedding and fusion convolutions)
+    always runs on the whole image; the blocks run on ``P + num_visible`` tokens (P prefix tokens).
 
     Args:
-        encoder: the ViT encoder.
+        encoder: the encoder.
         num_visible: patches the encoder sees; None means all of them (evaluation).
 
     Returns:
-        ``patch_embed``, ``qkv``, ``attention``, ``proj``, ``mlp`` and their ``total``.
+        ``patch_embed`` (all convolutions and the stage-3 embedding), ``qkv``, ``attention``, ``proj``,
+        ``mlp`` and their ``total``.
     """
-    conv = encoder.patch_embed.proj
     num_patches = int(encoder.num_patches)
     num_visible = num_patches if num_visible is None else num_visible
-    kernel_h, kernel_w = conv.kernel_size
-    patch_embed = 2 * num_patches * conv.out_channels * conv.in_channels * kernel_h * kernel_w
-    flops = {"patch_embed": patch_embed, **_blocks_flops(encoder.blocks, encoder.num_prefix_tokens + num_visible)}
+    if isinstance(encoder, ConvViT):
+        height, width = encoder.img_size
+        patch_embed = 0
+        for stride, embed, blocks in (
+            (encoder.patch_sizes[0], encoder.patch_embed1, encoder.blocks1),
+            (encoder.patch_sizes[0] * encoder.patch_sizes[1], encoder.patch_embed2, encoder.blocks2),
+        ):
+            size = (height // stride, width // stride)
+            patch_embed += conv_flops(embed.proj, size) + sum(_convs_flops(block, size) for block in blocks)
+        patch_embed += conv_flops(encoder.patch_embed3.proj, encoder.grid)
+        patch_embed += linear_flops(encoder.patch_embed4, num_patches)
+        if encoder.fuse:
+            patch_embed += conv_flops(encoder.stage1_output_decode, encoder.grid)
+            patch_embed += conv_flops(encoder.stage2_output_decode, encoder.grid)
+        blocks = encoder.blocks3
+    else:
+        patch_embed = conv_flops(encoder.patch_embed.proj, encoder.grid)
+        blocks = encoder.blocks
+    flops = {"patch_embed": patch_embed, **_blocks_flops(blocks, encoder.num_prefix_tokens + num_visible)}
     flops["total"] = sum(flops.values())
     return flops
 
@@ -93,15 +127,15 @@ def decoder_flops(decoder: MAEDecoder, num_encoder_tokens: int, num_patches: int
 
     Args:
         decoder: the MAE decoder.
-        num_encoder_tokens: tokens the encoder hands over (class token + visible patches); the
+        num_encoder_tokens: tokens the encoder hands over (prefix tokens + visible patches); the
             decoder's ``embed`` projects these.
-        num_patches: L; the blocks and the ``pred`` head run on ``1 + L`` tokens (hidden patches are
-            mask tokens, the class token is kept until after ``pred``).
+        num_patches: L; the blocks and the ``pred`` head run on ``P + L`` tokens (hidden patches are
+            mask tokens, the decoder's P prefix tokens are kept until after ``pred``).
 
     Returns:
         ``embed``, ``qkv``, ``attention``, ``proj``, ``mlp``, ``pred`` and their ``total``.
     """
-    num_tokens = 1 + num_patches
+    num_tokens = decoder.num_prefix_tokens + num_patches
     flops = {
         "embed": linear_flops(decoder.embed, num_encoder_tokens),
         **_blocks_flops(decoder.blocks, num_tokens),
@@ -115,22 +149,22 @@ def model_info(model: MaskedImageModel, mask_ratio: float | None = None) -> dict
     """Sizes and analytic forward FLOPs per image of a :class:`~mimkit.models.MaskedImageModel`.
 
     Args:
-        model: a MAE-style model (ViT encoder, MAE decoder).
+        model: a MAE-style model (ViT or ConvViT encoder, MAE decoder).
         mask_ratio: fraction of hidden patches; defaults to ``model.masker.ratio``.
 
     Returns:
         A flat dict: ``name``, parameter counts (``encoder_params``, ``encoder_trainable_params``,
         ``decoder_params``, ``decoder_trainable_params``, ``total_params``, ``trainable_params``),
         ``num_patches``, ``num_visible``, ``mask_ratio``, and FLOPs per image:
-        ``encoder_visible_flops`` (pretraining: class token + visible patches),
-        ``encoder_full_flops`` (evaluation: class token + all patches), ``decoder_flops``
-        (class token + all patches) and ``pretrain_flops`` (encoder on visible + decoder).
+        ``encoder_visible_flops`` (pretraining: prefix tokens + visible patches),
+        ``encoder_full_flops`` (evaluation: prefix tokens + all patches), ``decoder_flops``
+        (prefix tokens + all patches) and ``pretrain_flops`` (encoder on visible + decoder).
     """
     encoder, decoder = model.encoder, model.decoder
-    if not isinstance(encoder, VisionTransformer) or not isinstance(decoder, MAEDecoder):
+    if not isinstance(encoder, VisionTransformer | ConvViT) or not isinstance(decoder, MAEDecoder):
         raise ValueError(
-            "model_info counts FLOPs analytically for a VisionTransformer encoder with an MAEDecoder, got "
-            f"{type(encoder).__name__} and {type(decoder).__name__} (ConvMAE is not counted yet)"
+            "model_info counts FLOPs analytically for a VisionTransformer or ConvViT encoder with an MAEDecoder, "
+            f"got {type(encoder).__name__} and {type(decoder).__name__}"
         )
     ratio = float(getattr(model.masker, "ratio", 0.0) if mask_ratio is None else mask_ratio)
     num_patches = int(encoder.num_patches)

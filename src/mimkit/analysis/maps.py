@@ -44,6 +44,7 @@ def save_relation_maps(
     mean: Sequence[float],
     std: Sequence[float],
     title: str | None = None,
+    attention_label: str = "class-token attention",
     cell_inches: float = 1.6,
     dpi: int = 100,
 ) -> Path:
@@ -63,6 +64,7 @@ def save_relation_maps(
         mean: per-channel normalization mean of ``images``.
         std: per-channel normalization std.
         title: figure title.
+        attention_label: heading of the attention column.
         cell_inches: size of one image cell.
         dpi: resolution.
 
@@ -106,7 +108,7 @@ def save_relation_maps(
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(MAP_COLUMNS[col], fontsize=8)
+                ax.set_title(attention_label if col == 1 else MAP_COLUMNS[col], fontsize=8)
     if title:
         figure.suptitle(title, fontsize=8, y=1.0 - 0.1 / figure_h, va="top")
     figure.subplots_adjust(

@@ -62,7 +62,8 @@ class LayerRelations:
         attention: (B, N, N) head-averaged attention of patch queries (rows) to patch keys (columns);
             rows sum to 1 minus the weight given to prefix tokens.
         similarity: (B, N, N) cosine similarity of ``features``.
-        cls_attention: (B, N) head-averaged attention of the class token to each patch.
+        cls_attention: (B, N) head-averaged attention of the class token to each patch (without a class
+            token, the attention each patch receives; see :func:`patch_saliency`).
         patch_index: (B, N) raster index of the patch each token stands for (``ids_keep`` for an encoder
             run on visible tokens, ``0..L-1`` otherwise).
         hidden: (B, N) bool, True where the token is a mask token (decoder layers in the practical
@@ -88,6 +89,18 @@ def _cosine_similarity(features: Tensor) -> Tensor:
     return unit @ unit.transpose(1, 2)  # (B, N, N)
 
 
+def patch_saliency(attention: Tensor, num_prefix_tokens: int) -> Tensor:
+    """How much attention each patch draws, from head-averaged weights (B, P + N, P + N) -> (B, N).
+
+    With a class token (P > 0) it is the class token's attention to the patches, as in DINO's maps and
+    the attention-guided maskers of AttMask/SemMAE; without one (ConvMAE) it is the attention each
+    patch receives averaged over all queries.
+    """
+    if num_prefix_tokens > 0:
+        return attention[:, 0, num_prefix_tokens:]  # (B, N)
+    return attention.mean(dim=1)  # (B, N)
+
+
 def _layers(
     prefix: str,
     attentions: Sequence[Tensor],
@@ -106,7 +119,7 @@ def _layers(
                 features=features,
                 attention=averaged[:, num_prefix_tokens:, num_prefix_tokens:],  # (B, N, N)
                 similarity=_cosine_similarity(features),
-                cls_attention=averaged[:, 0, num_prefix_tokens:],  # (B, N)
+                cls_attention=patch_saliency(averaged, num_prefix_tokens),  # (B, N)
                 patch_index=patch_index,
                 hidden=hidden,
             )
@@ -179,8 +192,8 @@ def token_relations(
     visible_hidden = torch.zeros_like(spec.ids_keep, dtype=torch.bool)  # (B, Lk)
     layers = _layers("encoder", enc.attentions, enc.hidden_states, enc.num_prefix_tokens, spec.ids_keep, visible_hidden)
     raster = torch.arange(num_patches, device=device).expand(batch, -1)  # (B, L)
-    # The decoder keeps exactly one prefix (class) token, whatever the encoder had.
-    layers += _layers("decoder", dec.attentions, dec.hidden_states, 1, raster, spec.mask)
+    decoder_prefix = int(getattr(model.decoder, "num_prefix_tokens", 1))
+    layers += _layers("decoder", dec.attentions, dec.hidden_states, decoder_prefix, raster, spec.mask)
     return layers
 
 
@@ -491,7 +504,19 @@ def analyze_files(
     informed = informed_mask(foreground, num_hidden, num_hints=0, generator=generator)  # (B, L)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(checkpoint).name}: {drawn.name} ({setting} setting)"
-    save_relation_maps(batch, attention_map, foreground, informed, out / "maps.png", mean=mean, std=std, title=title)
+    prefix = model.encoder.num_prefix_tokens if drawn.name.startswith("encoder") else model.decoder.num_prefix_tokens
+    label = "class-token attention" if prefix else "attention received"
+    save_relation_maps(
+        batch,
+        attention_map,
+        foreground,
+        informed,
+        out / "maps.png",
+        mean=mean,
+        std=std,
+        title=title,
+        attention_label=label,
+    )
     metrics = Path(checkpoint).parent / "metrics.jsonl"
     result["utilization_plot"] = None
     if metrics.is_file() and utilization_records(metrics):

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mimkit.eval.linear import LinearProbe, predict
+from mimkit.models.convvit import ConvViT
 from mimkit.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -116,28 +117,37 @@ def finetune_config(overrides: list[str] | None = None, path: str | Path | None 
 
 
 class Classifier(nn.Module):
-    """A ViT encoder with a classification head, fully or partially trainable.
+    """An encoder (ViT or ConvMAE's ConvViT) with a classification head, fully or partially trainable.
 
     Full fine-tuning (``trainable_blocks=None``): every encoder parameter learns; the head is MAE's
     ``fc_norm`` LayerNorm then a linear layer initialised with ``trunc_normal(std=2e-5)``.
-    Partial (``trainable_blocks=k``): patch embedding, class token and the first ``depth - k`` blocks are
-    frozen (no gradient, kept in eval mode, run under ``no_grad``); the last ``k`` blocks and the final
-    norm learn (the norm only when ``k > 0``); the head is the linear probe's BatchNorm without affine
-    then linear, so ``k = 0`` is exactly the linear probe's model.
+    Partial (``trainable_blocks=k``): everything before the transformer blocks (the patch embedding and
+    class token of a ViT; the convolution stages, embedding and fusion convolutions of a ConvViT) and
+    the first ``depth - k`` blocks are frozen (no gradient, kept in eval mode, run under ``no_grad``);
+    the last ``k`` blocks and the final norm learn (the norm only when ``k > 0``); the head is the linear
+    probe's BatchNorm without affine then linear, so ``k = 0`` is exactly the linear probe's model.
 
     Args:
-        encoder: a :class:`~mimkit.models.VisionTransformer` (the pretraining module itself).
+        encoder: the pretraining module's encoder: it has ``blocks``, ``norm``, ``embed_dim``,
+            ``num_prefix_tokens`` and ``stem(images) -> (tokens, residual)``.
         num_classes: output classes.
-        pool: ``"avg"`` (mean of patch tokens) or ``"cls"`` (class token), after the encoder's final norm.
+        pool: ``"avg"`` (mean of patch tokens) or ``"cls"`` (class token; not for encoders without one),
+            after the encoder's final norm.
         trainable_blocks: None for full fine-tuning, else k in [0, depth].
     """
 
     def __init__(
-        self, encoder: VisionTransformer, num_classes: int, pool: str = "avg", trainable_blocks: int | None = None
+        self,
+        encoder: VisionTransformer | ConvViT,
+        num_classes: int,
+        pool: str = "avg",
+        trainable_blocks: int | None = None,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if pool == "cls" and encoder.num_prefix_tokens == 0:
+            raise ValueError(f"{type(encoder).__name__} has no class token; use pool='avg'")
         depth = len(encoder.blocks)
         if trainable_blocks is not None and not 0 <= trainable_blocks <= depth:
             raise ValueError(f"partial fine-tuning trains 0 to {depth} blocks of this encoder, got {trainable_blocks}")
@@ -155,25 +165,27 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), linear)
         else:
             self.head = LinearProbe(dim, num_classes)
-            encoder.cls_token.requires_grad_(False)
-            for module in self.frozen_modules():
-                module.requires_grad_(False)
+            encoder.requires_grad_(False)
+            for module in self.trainable_modules():
+                module.requires_grad_(True)
         self.train(self.training)
 
-    def frozen_modules(self) -> list[nn.Module]:
-        """The encoder parts partial fine-tuning freezes (none for full fine-tuning)."""
+    def trainable_modules(self) -> list[nn.Module]:
+        """The encoder parts partial fine-tuning trains: the last k blocks and, when k > 0, the final norm
+        (the whole encoder for full fine-tuning)."""
         if self.trainable_blocks is None:
-            return []
-        encoder = self.encoder
-        frozen: list[nn.Module] = [encoder.patch_embed, *encoder.blocks[: self.num_frozen_blocks]]
-        if self.trainable_blocks == 0:
-            frozen.append(encoder.norm)
-        return frozen
+            return [self.encoder]
+        trained: list[nn.Module] = list(self.encoder.blocks[self.num_frozen_blocks :])
+        if self.trainable_blocks > 0:
+            trained.append(self.encoder.norm)
+        return trained
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()  # frozen blocks never drop paths
+        if self.trainable_blocks is not None:
+            self.encoder.eval()  # frozen parts never drop paths
+            for module in self.trainable_modules():
+                module.train(mode)
         return self
 
     def forward(self, images: Tensor) -> Tensor:
@@ -181,44 +193,48 @@ class Classifier(nn.Module):
         encoder = self.encoder
         frozen = self.trainable_blocks is not None
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            x = encoder.embed_tokens(images)  # (B, 1 + L, D)
+            x, residual = encoder.stem(images)  # (B, P + L, D), (B, L, D) or None
             for block in encoder.blocks[: self.num_frozen_blocks]:
                 x, _ = block(x)
         for block in encoder.blocks[self.num_frozen_blocks :]:
             x, _ = block(x)
+        prefix = encoder.num_prefix_tokens
+        if residual is not None:  # ConvMAE's multi-scale fusion, added before the final norm
+            x = torch.cat([x[:, :prefix], x[:, prefix:] + residual], dim=1)  # (B, P + L, D)
         with torch.no_grad() if self.trainable_blocks == 0 else contextlib.nullcontext():
-            x = encoder.norm(x)  # (B, 1 + L, D)
-        features = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, D)
+            x = encoder.norm(x)  # (B, P + L, D)
+        features = x[:, 0] if self.pool == "cls" else x[:, prefix:].mean(dim=1)  # (B, D)
         return self.head(features)
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """BEiT/MAE layer index of an encoder parameter name: 0 for the embeddings and class token,
-    ``i + 1`` for ``blocks.i.*``, ``num_layers`` (= depth + 1) for the final norm and the head."""
-    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers
+def parameter_layers(encoder: nn.Module) -> dict[str, int]:
+    """BEiT/MAE layer index of every encoder parameter name: ``i + 1`` for the parameters of
+    ``encoder.blocks[i]``, ``depth + 1`` for the final norm, 0 for everything before the blocks (patch
+    embedding, class and position embeddings; a ConvViT's convolution stages and fusion convolutions)."""
+    num_layers = len(encoder.blocks) + 1  # type: ignore[arg-type]
+    layer_of = {id(param): index + 1 for index, block in enumerate(encoder.blocks) for param in block.parameters()}  # type: ignore[arg-type, union-attr]
+    layer_of.update({id(param): num_layers for param in encoder.norm.parameters()})  # type: ignore[union-attr]
+    return {name: layer_of.get(id(param), 0) for name, param in encoder.named_parameters()}
 
 
 def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters grouped by (layer, decay), each group with its ``lr_scale``.
 
-    As MAE's ``param_groups_lrd``: the group of layer ``i`` of ``num_layers = depth + 1`` gets
-    ``lr_scale = layer_decay ** (num_layers - i)``, so the head learns at the full rate, block ``j`` at
-    ``layer_decay ** (depth - j)`` of it and the embeddings at ``layer_decay ** (depth + 1)``; biases,
-    norms and tokens get no weight decay.
+    As MAE's ``param_groups_lrd``: the group of layer ``i`` of ``num_layers = depth + 1`` (see
+    :func:`parameter_layers`) gets ``lr_scale = layer_decay ** (num_layers - i)``, so the head learns at
+    the full rate, block ``j`` at ``layer_decay ** (depth - j)`` of it and the embeddings (a ConvViT's
+    convolution stages too) at ``layer_decay ** (depth + 1)``; biases, norms and tokens get no weight decay.
     """
     from mimkit.engine.optim import NO_DECAY_NAMES
 
     num_layers = len(model.encoder.blocks) + 1
+    layers = parameter_layers(model.encoder)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         name = full_name.removeprefix("encoder.")
-        layer = layer_id(name, num_layers) if full_name.startswith("encoder.") else num_layers
+        layer = layers[name] if full_name.startswith("encoder.") else num_layers
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
         group = groups.setdefault(
             (layer, no_decay),
@@ -450,9 +466,9 @@ def run_finetune(
     if folder is not None:
         check_labelled_folder(folder)
     model = load_eval_model(checkpoint, random_init=random_init, seed=config.seed, dataset=dataset)
-    encoder = model.encoder
-    if not isinstance(encoder, VisionTransformer):
-        raise ValueError(f"fine-tuning takes a ViT encoder, this checkpoint holds a {type(encoder).__name__}")
+    encoder = cast(VisionTransformer | ConvViT, model.encoder)
+    if config.pool == "cls" and encoder.num_prefix_tokens == 0:
+        raise ValueError(f"{type(encoder).__name__} has no class token: fine-tune it with pool=avg")
     depth = len(encoder.blocks)
     if partial_blocks is not None and not 0 <= partial_blocks <= depth:
         raise ValueError(f"--partial-blocks must lie in [0, {depth}] for this encoder, got {partial_blocks}")
@@ -561,9 +577,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path} is not a mimkit fine-tuned classifier (no {', '.join(sorted(missing))})")
     args = dict(state["model_config"])
-    encoder = create_model(args.pop("name"), **args).encoder
-    if not isinstance(encoder, VisionTransformer):
-        raise CheckpointError(f"{path} holds a {type(encoder).__name__} encoder; fine-tuning takes a ViT")
+    encoder = cast(VisionTransformer | ConvViT, create_model(args.pop("name"), **args).encoder)
     classifier = Classifier(
         encoder, len(state["classes"]), pool=state["pool"], trainable_blocks=state["partial_blocks"]
     )

@@ -140,28 +140,10 @@ class ConvViT(nn.Module):
         ]
         return visible[0], visible[1]
 
-    def forward(
-        self,
-        images: Tensor,
-        mask: MaskSpec | None = None,
-        *,
-        return_attn: bool = False,
-        return_hidden: bool = False,
-    ) -> EncoderOutput:
-        """Encode images, letting only visible regions shape the output when ``mask`` is given.
-
-        Args:
-            images: (B, C, H, W).
-            mask: which stage-3 patches are hidden; None runs on all positions (evaluation).
-            return_attn: also return each stage-3 block's attention weights.
-            return_hidden: also return each stage-3 block's output.
-
-        Returns:
-            An :class:`EncoderOutput` with ``tokens`` (B, N, D) (no prefix token; the visible tokens in
-            ``mask.ids_keep`` order, or all L in raster order) and ``stage_features``: the stage-1 map
-            (B, C1, H/p1, W/p1), the stage-2 map (B, C2, H/(p1 p2), W/(p1 p2)) and the output tokens as a
-            (B, D, grid_h, grid_w) map, hidden positions zero when masked.
-        """
+    def _embed(self, images: Tensor, mask: MaskSpec | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Stages 1 and 2 and the stage-3 embedding: the stage-1 map (B, C1, H1, W1), the stage-2 map
+        (B, C2, H2, W2), the tokens the first transformer block sees (B, N, D) and, with ``fuse``, the
+        multi-scale residual (B, N, D) added after the last block (else None); N = visible or all L."""
         if images.shape[-2:] != self.img_size:
             raise ValueError(
                 f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}; "
@@ -185,6 +167,38 @@ class ConvViT(nn.Module):
         if mask is not None:
             x = mask.gather_visible(x)  # (B, Lk, D)
             fused = None if fused is None else mask.gather_visible(fused)  # (B, Lk, D)
+        return x1, x2, x, fused
+
+    def stem(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What runs before the transformer blocks, for callers that run the blocks themselves (partial
+        fine-tuning), on unmasked images: the tokens the first block sees (B, L, D) and the multi-scale
+        residual (B, L, D) to add after the last block (None without ``fuse``)."""
+        _, _, tokens, fused = self._embed(images, None)
+        return tokens, fused
+
+    def forward(
+        self,
+        images: Tensor,
+        mask: MaskSpec | None = None,
+        *,
+        return_attn: bool = False,
+        return_hidden: bool = False,
+    ) -> EncoderOutput:
+        """Encode images, letting only visible regions shape the output when ``mask`` is given.
+
+        Args:
+            images: (B, C, H, W).
+            mask: which stage-3 patches are hidden; None runs on all positions (evaluation).
+            return_attn: also return each stage-3 block's attention weights.
+            return_hidden: also return each stage-3 block's output.
+
+        Returns:
+            An :class:`EncoderOutput` with ``tokens`` (B, N, D) (no prefix token; the visible tokens in
+            ``mask.ids_keep`` order, or all L in raster order) and ``stage_features``: the stage-1 map
+            (B, C1, H/p1, W/p1), the stage-2 map (B, C2, H/(p1 p2), W/(p1 p2)) and the output tokens as a
+            (B, D, grid_h, grid_w) map, hidden positions zero when masked.
+        """
+        x1, x2, x, fused = self._embed(images, mask)
         out = EncoderOutput(tokens=x, num_prefix_tokens=0, grid=self.grid)
         x = run_blocks(
             self.blocks3,

@@ -94,7 +94,8 @@ class MaskedImageModel(nn.Module):
         Args:
             images: (B, C, H, W) normalized images.
             kind: ``"cls_attention"``: (B, L) head-averaged attention of the class token over the patches
-                in the last encoder block, all patches visible. ``"encoder_features"``: (B, L, D) patch
+                in the last encoder block, all patches visible (the attention each patch receives for an
+                encoder without a class token). ``"encoder_features"``: (B, L, D) patch
                 tokens of encoder block ``masker.layer`` (None: the middle one) on all patches (the ideal setting).
                 ``"decoder_features"``: (B, L, Dd) patch tokens of decoder block ``masker.layer`` after a
                 forward pass with a random mask of the masker's ratio (the practical setting: visible
@@ -107,8 +108,10 @@ class MaskedImageModel(nn.Module):
         self.eval()
         try:
             if kind == "cls_attention":
+                from mimkit.analysis.relations import patch_saliency
+
                 enc = self.encoder(images, return_attn=True)
-                return enc.attentions[-1].mean(dim=1)[:, 0, enc.num_prefix_tokens :]  # (B, L)
+                return patch_saliency(enc.attentions[-1].mean(dim=1), enc.num_prefix_tokens)  # (B, L)
             layer = getattr(self.masker, "layer", None)
             if layer is None:  # the middle block of the module whose features are clustered
                 blocks = self.decoder.blocks if kind == "decoder_features" else self.encoder.blocks

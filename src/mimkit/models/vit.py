@@ -103,6 +103,12 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
 
+    def stem(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What runs before the blocks, for callers that run the blocks themselves (partial fine-tuning):
+        the tokens the first block sees (B, 1 + L, D) and the residual added to the patch tokens after the
+        last block (none for the ViT)."""
+        return self.embed_tokens(images), None
+
     def set_drop_path_rate(self, drop_path_rate: float) -> None:
         """Stochastic depth rising linearly from 0 at the first block to ``drop_path_rate`` at the last
         (as at construction); fine-tuning turns it on for a pretrained encoder."""
