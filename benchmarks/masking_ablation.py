@@ -12,16 +12,13 @@ separate processes (``--variants``) and a last call prints the table::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
-from mimkit.config import load_config
 from mimkit.engine.logging import read_metrics
-from mimkit.engine.run import run_pretraining
-from mimkit.eval.probe import run_probe
 
 VARIANTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
@@ -39,42 +36,20 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def pretrain(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    out = args.out / name
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
-        return dict(json.loads(summary_path.read_text()))
-    print(f"[{name}] pretraining ...", flush=True)
-    config = load_config(
-        args.config,
-        [
-            *overrides,
-            f"train.output_dir={out}",
-            f"train.epochs={args.epochs}",
-            f"data.limit={args.limit}",
-            f"train.progress={'true' if args.progress else 'false'}",
-            "eval.knn=false",
-            "eval.reconstruct=true",
-            "log.utilization=true",
-        ],
-    )
-    return run_pretraining(config)
+    settings = [*overrides, f"train.epochs={args.epochs}", f"data.limit={args.limit}", "log.utilization=true"]
+    return ablation.pretrain(args.out / name, args.config, settings, progress=args.progress)
 
 
 def probe(name: str, checkpoint: Path, protocol: str, args: argparse.Namespace, random_init: bool = False) -> float:
-    which = "random_init" if random_init else "pretrained"
-    path = args.out / name / "probe" / protocol / which / "results.json"
-    if not path.is_file():
-        print(f"[{name}] {protocol} probe{' (random init)' if random_init else ''} ...", flush=True)
-        run_probe(
-            checkpoint,
-            protocol=protocol,
-            random_init=random_init,
-            out_dir=args.out / name / "probe",
-            train_limit=args.train_limit,
-            test_limit=args.test_limit,
-            progress=args.progress,
-        )
-    return float(json.loads(path.read_text())["top1"])
+    return ablation.probe(
+        args.out / name,
+        checkpoint,
+        protocol,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        random_init=random_init,
+        progress=args.progress,
+    )
 
 
 def main() -> None:

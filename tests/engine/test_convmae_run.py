@@ -88,3 +88,31 @@ def test_every_command_takes_a_convmae_checkpoint(convmae_checkpoint: Path, tmp_
     capsys.readouterr()
     assert main([*tune, "pool=cls"]) == 2
     assert "ConvViT has no class token" in capsys.readouterr().err
+
+
+def test_photo_folder_recipe_pretrains_on_real_photos(tmp_path: Path) -> None:
+    from matplotlib import cbook
+    from PIL import Image
+
+    photos = tmp_path / "photos" / "any_subfolder"
+    photos.mkdir(parents=True)
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        with cbook.get_sample_data(name) as handle:
+            photo = Image.open(handle).convert("RGB")
+        for index, box in enumerate([(0, 0, 300, 300), (100, 50, 400, 350), (0, 0, *photo.size)]):
+            photo.crop(box).save(photos / f"{Path(name).stem}_{index}.jpg")  # 6 real photos
+    recipe = RECIPE.with_name("convmae_base_folder.yaml")
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(recipe)
+    overrides = [
+        f"data.root={tmp_path / 'photos'}", "data.num_workers=0", "model.img_size=64", "model.depths=[1,1,2]",
+        "train.batch_size=3", "train.max_steps=2", "train.progress=false", "log.tensorboard=false",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    config = load_config(recipe, overrides)
+    assert (config.model.name, config.mask.type, config.optim.warmup_epochs) == ("convmae_base", "block", 40)
+    summary = run_pretraining(config)
+    assert summary["steps"] == 2 and summary["skipped_images"] == 0
+    assert Path(summary["reconstruction"]).stat().st_size > 1000
+    encoder = load_checkpoint(tmp_path / "run" / "last.pt").encoder
+    assert encoder.embed_dims == (256, 384, 768) and encoder.in_chans == 3 and encoder.grid == (4, 4)

@@ -1,0 +1,81 @@
+"""Shared steps of the ablation benchmarks: pretrain one variant, probe it, fine-tune it, each cached.
+
+Every step writes under ``<out>/<variant>/`` and is skipped when its result file exists, so variants may
+run in separate processes and a last call only gathers the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mimkit.config import load_config
+from mimkit.engine.run import run_pretraining
+from mimkit.eval.finetune import FinetuneConfig, run_finetune
+from mimkit.eval.probe import run_probe
+
+
+def pretrain(out: Path, config: Path, overrides: list[str], *, progress: bool = False) -> dict[str, Any]:
+    """Pretrain a recipe with overrides into ``out`` (its ``summary.json``, reused when present)."""
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        return dict(json.loads(summary_path.read_text()))
+    print(f"[{out.name}] pretraining ...", flush=True)
+    settings = [
+        *overrides,
+        f"train.output_dir={out}",
+        f"train.progress={'true' if progress else 'false'}",
+        "eval.knn=false",
+        "eval.reconstruct=true",
+    ]
+    return run_pretraining(load_config(config, settings))
+
+
+def probe(
+    out: Path,
+    checkpoint: Path,
+    protocol: str,
+    *,
+    train_limit: int,
+    test_limit: int,
+    random_init: bool = False,
+    pool: str | None = None,
+    progress: bool = False,
+) -> float:
+    """Top-1 of ``mimkit probe --protocol {knn,linear}`` on the checkpoint, written under ``out/probe``
+    (``pool`` as in :func:`~mimkit.eval.probe.run_probe`; with two pools, the better one)."""
+    which = "random_init" if random_init else "pretrained"
+    path = out / "probe" / protocol / which / "results.json"
+    if not path.is_file():
+        print(f"[{out.name}] {protocol} probe{' (random init)' if random_init else ''} ...", flush=True)
+        run_probe(
+            checkpoint,
+            protocol=protocol,
+            random_init=random_init,
+            out_dir=out / "probe",
+            train_limit=train_limit,
+            test_limit=test_limit,
+            pool=pool,
+            progress=progress,
+        )
+    return float(json.loads(path.read_text())["top1"])
+
+
+def finetune(
+    out: Path, checkpoint: Path, config: FinetuneConfig, *, random_init: bool = False, progress: bool = False
+) -> float:
+    """Top-1 of full fine-tuning (``mimkit finetune``) of the checkpoint, written under ``out/finetune``."""
+    which = "random_init" if random_init else "pretrained"
+    path = out / "finetune" / "full" / which / "results.json"
+    if not path.is_file():
+        print(f"[{out.name}] fine-tuning{' (random init)' if random_init else ''} ...", flush=True)
+        run_finetune(
+            checkpoint,
+            random_init=random_init,
+            config=config,
+            out_dir=out / "finetune",
+            progress=progress,
+            save_model=False,
+        )
+    return float(json.loads(path.read_text())["top1"])
