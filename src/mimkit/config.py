@@ -81,11 +81,30 @@ class MaskConfig:
 
 @dataclass
 class TargetConfig:
-    """What the decoder predicts and the loss on hidden patches."""
+    """What the decoder predicts and the loss on hidden patches (see :mod:`mimkit.targets`).
+
+    ``type``: ``pixel`` (MAE), ``hog`` (MaskFeat) or ``maskdistill`` (a frozen teacher's features, named
+    by ``teacher``: ``efficientnet_lite0``, a mimkit checkpoint path, ``timm:NAME@FILE`` or
+    ``hf_clip:DIR``). ``loss`` defaults to MSE, smooth-L1 for ``maskdistill``.
+    """
 
     type: str = "pixel"
     norm_pix: bool = True
-    loss: str = "mse"
+    loss: str | None = None
+    teacher: str | None = None
+    teacher_stage: int | None = None
+    teacher_input_size: int | None = None
+
+    def resolved_loss(self) -> str:
+        """``loss``, or the target's usual loss when unset."""
+        return self.loss or ("smooth_l1" if self.type == "maskdistill" else "mse")
+
+    def teacher_options(self) -> dict[str, int] | None:
+        """The set ``teacher_*`` keys as :func:`~mimkit.targets.build_teacher` options."""
+        if self.teacher is None:
+            return None
+        options = {"stage": self.teacher_stage, "input_size": self.teacher_input_size}
+        return {key: value for key, value in options.items() if value is not None}
 
 
 @dataclass
@@ -202,7 +221,7 @@ class Config:
         from mimkit.layers import check_patch_grid
         from mimkit.masking import MASKERS, create_masker, num_hidden_patches
         from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS
-        from mimkit.targets import LOSSES
+        from mimkit.targets import LOSSES, TARGETS
 
         def check(ok: bool, key: str, message: str) -> None:
             if not ok:
@@ -248,8 +267,18 @@ class Config:
             "mask.source",
             "only 'encoder' attention is available (a teacher's needs a feature target)",
         )
-        check(self.target.type == "pixel", "target.type", f"unknown {self.target.type!r}; one of ['pixel']")
-        check(self.target.loss in LOSSES, "target.loss", f"unknown {self.target.loss!r}; one of {list(LOSSES)}")
+        check(self.target.type in TARGETS, "target.type", f"unknown {self.target.type!r}; one of {list(TARGETS)}")
+        loss = self.target.resolved_loss()
+        check(loss in LOSSES, "target.loss", f"unknown {loss!r}; one of {list(LOSSES)}")
+        teacher = self.target.type == "maskdistill"
+        check(
+            (self.target.teacher is not None) == teacher,
+            "target.teacher",
+            "target.type=maskdistill needs a teacher (efficientnet_lite0, a checkpoint path, timm:NAME@FILE, "
+            "hf_clip:DIR)"
+            if teacher
+            else f"only target.type=maskdistill takes a teacher, not {self.target.type}",
+        )
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
         check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
         check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
@@ -440,5 +469,9 @@ def model_overrides(config: Config) -> dict[str, Any]:
         mask_ratio=config.mask.ratio,
         mask_options=mask_options(config.mask),
         norm_pix_loss=config.target.norm_pix,
-        loss=config.target.loss,
+        loss=config.target.resolved_loss(),
+        target=config.target.type,
+        teacher=config.target.teacher,
+        teacher_options=config.target.teacher_options(),
+        **(dict(zip(("data_mean", "data_std"), config.normalization(), strict=True)) if config.target.teacher else {}),
     )

@@ -154,8 +154,10 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
         "train_seconds": round(result.seconds, 1),
         "skipped_images": result.num_skipped_images,
     }
-    if config.eval.reconstruct:
+    if config.eval.reconstruct and config.target.type == "pixel":
         summary["reconstruction"] = reconstruction_picture(trainer)
+    elif config.eval.reconstruct:
+        log.info("no reconstruction picture: the model predicts %s targets, not pixels", config.target.type)
     if config.eval.knn:
         summary["knn"] = knn_report(trainer)
     text = json.dumps(summary, indent=2)

@@ -10,7 +10,7 @@ from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
-from mimkit.targets import PixelTarget
+from mimkit.targets import create_target
 
 # Standard ViT widths (timm / MAE vocabulary). Patch sizes are MAE's defaults; CPU recipes override.
 ENCODERS: dict[str, dict[str, Any]] = {
@@ -47,6 +47,11 @@ DEFAULTS: dict[str, Any] = dict(
     norm_eps=1e-6,
     norm_pix_loss=True,
     loss="mse",
+    target="pixel",
+    teacher=None,
+    teacher_options=None,
+    data_mean=None,
+    data_std=None,
     mask_ratio=0.75,
     mask_type="random",
     mask_options=None,
@@ -73,7 +78,10 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``decoder_embed_dim``, ``decoder_depth``,
     ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
     arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
-    ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`).
+    ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`), and the target:
+    ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher`` and ``teacher_options`` (see
+    :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the normalization of the
+    images, which a teacher undoes).
 
     ConvMAE models (:data:`CONV_ENCODERS`) take ``embed_dims``, ``depths`` and ``patch_sizes`` (one value
     per stage, stored as tuples), ``kernel_size`` and ``fuse`` instead of ``embed_dim``, ``depth`` and
@@ -93,8 +101,8 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown decoder preset {decoder!r}; choose one of {sorted(DECODERS)}")
     args = {**defaults, **encoder, **DECODERS[decoder], "decoder": decoder}
     args.update({key: value for key, value in overrides.items() if value is not None})
-    for key in _PER_STAGE:
-        if key in args:  # lists from YAML or JSON become tuples, so model.config compares equal after a reload
+    for key in (*_PER_STAGE, "data_mean", "data_std"):
+        if args.get(key) is not None:  # lists from YAML or JSON become tuples, so model.config compares equal
             args[key] = tuple(args[key])
     return args
 
@@ -149,12 +157,22 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
     """
     args = model_args(name, **overrides)
     encoder = create_encoder(name, **overrides)
-    stride = encoder_stride(args)
-    out_dim = stride**2 * args["in_chans"]
+    target = create_target(
+        args["target"],
+        patch_size=encoder_stride(args),
+        in_chans=args["in_chans"],
+        grid=encoder.grid,
+        loss=args["loss"],
+        norm_pix=args["norm_pix_loss"],
+        teacher=args["teacher"],
+        teacher_options=args["teacher_options"],
+        mean=args["data_mean"],
+        std=args["data_std"],
+    )
     decoder = MAEDecoder(
         encoder.grid,
         in_dim=encoder.embed_dim,
-        out_dim=out_dim,
+        out_dim=int(target.dim),
         embed_dim=args["decoder_embed_dim"],
         depth=args["decoder_depth"],
         num_heads=args["decoder_num_heads"],
@@ -166,7 +184,6 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
         check_grid(encoder.grid)
-    target = PixelTarget(stride, norm_pix=args["norm_pix_loss"], loss=args["loss"])
     model = MaskedImageModel(encoder, decoder, masker, target)
     model.name = name
     model.config = {"name": name, **args}

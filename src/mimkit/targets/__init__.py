@@ -1,7 +1,76 @@
 """What the decoder must predict, and the loss on hidden patches."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget
 from mimkit.targets.hog import HOGFeatures
-from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean
+from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
 from mimkit.targets.teacher import Teacher, build_teacher
 
-__all__ = ["LOSSES", "HOGFeatures", "PixelTarget", "Teacher", "build_teacher", "elementwise_loss", "masked_mean"]
+TARGETS = ("pixel", "hog", "maskdistill")
+
+
+def create_target(
+    kind: str,
+    *,
+    patch_size: int,
+    in_chans: int,
+    grid: tuple[int, int],
+    loss: str,
+    norm_pix: bool = True,
+    teacher: str | None = None,
+    teacher_options: dict[str, Any] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> PixelTarget | FeatureTarget:
+    """A target of :data:`TARGETS` with its ``dim``: the values the decoder predicts per patch.
+
+    Args:
+        kind: ``"pixel"`` (MAE), ``"hog"`` (MaskFeat) or ``"maskdistill"`` (a teacher's features).
+        patch_size: the student's patch side in pixels (its total stride for ConvMAE).
+        in_chans: image channels.
+        grid: the student's patch grid.
+        loss: one of :data:`LOSSES`.
+        norm_pix: pixel target only: normalize each target patch.
+        teacher: maskdistill only: the teacher spec of :func:`build_teacher`.
+        teacher_options: keyword options of :func:`build_teacher` (``stage``, ``input_size``, ...).
+        mean, std: the normalization of the student's images (the teacher undoes it).
+
+    Raises:
+        ValueError: unknown kind, a teacher missing or given where none is used.
+    """
+    if kind not in TARGETS:
+        raise ValueError(f"unknown target {kind!r}; choose one of {TARGETS}")
+    if (teacher is not None) != (kind == "maskdistill"):
+        raise ValueError(f"target {kind!r} {'needs' if kind == 'maskdistill' else 'takes no'} teacher")
+    target: PixelTarget | FeatureTarget
+    if kind == "pixel":
+        target = PixelTarget(patch_size, in_chans, norm_pix=norm_pix, loss=loss)
+    elif kind == "hog":
+        target = HOGTarget(patch_size, in_chans, loss=loss)
+    else:
+        if mean is None or std is None:
+            raise ValueError("a teacher target needs the mean and std the student's images are normalized with")
+        built = build_teacher(str(teacher), student_mean=mean, student_std=std, **(teacher_options or {}))
+        target = TeacherTarget(built, grid, loss=loss)
+    return target
+
+
+__all__ = [
+    "LOSSES",
+    "TARGETS",
+    "FeatureTarget",
+    "HOGFeatures",
+    "HOGTarget",
+    "PixelTarget",
+    "Teacher",
+    "TeacherTarget",
+    "build_teacher",
+    "create_target",
+    "elementwise_loss",
+    "masked_mean",
+    "patch_loss",
+]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from mimkit.layers import patchify
 from mimkit.masking import MaskSpec
 
-LOSSES = ("mse", "l1", "smooth_l1")
+LOSSES = ("mse", "l1", "smooth_l1", "cosine")
 
 
 def masked_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
@@ -18,14 +18,24 @@ def masked_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
 
 
 def elementwise_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Per-element regression loss of one of :data:`LOSSES`."""
+    """Per-element regression loss: ``"mse"``, ``"l1"`` or ``"smooth_l1"`` (beta 1)."""
     if kind == "mse":
         return (pred - target) ** 2
     if kind == "l1":
         return (pred - target).abs()
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    raise ValueError(f"unknown elementwise loss {kind!r}; choose one of {LOSSES[:3]}")
+
+
+def patch_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Loss of each patch, (B, L, D) x 2 -> (B, L): the mean over D of an elementwise loss, or for
+    ``"cosine"`` one minus the cosine similarity of the two vectors (as BEiT v2's and MILAN's feature losses)."""
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)  # (B, L)
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    return elementwise_loss(pred, target, kind).mean(dim=-1)  # (B, L)
 
 
 class PixelTarget(nn.Module):
@@ -33,16 +43,20 @@ class PixelTarget(nn.Module):
 
     Args:
         patch_size: patch side.
+        in_chans: image channels.
         norm_pix: normalise each target patch to zero mean and unit variance (MAE's ``norm_pix_loss``).
-        loss: ``"mse"`` (MAE), ``"l1"`` or ``"smooth_l1"``.
+        loss: ``"mse"`` (MAE), ``"l1"``, ``"smooth_l1"`` or ``"cosine"`` (see :func:`patch_loss`).
         eps: variance epsilon of the per-patch normalisation.
     """
 
-    def __init__(self, patch_size: int, norm_pix: bool = True, loss: str = "mse", eps: float = 1e-6) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int = 3, norm_pix: bool = True, loss: str = "mse", eps: float = 1e-6
+    ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
         self.patch_size = patch_size
+        self.dim = patch_size**2 * in_chans  # predicted values per patch
         self.norm_pix = norm_pix
         self.loss = loss
         self.eps = eps
@@ -69,5 +83,5 @@ class PixelTarget(nn.Module):
 
     def forward(self, images: Tensor, pred: Tensor, mask: MaskSpec) -> Tensor:
         """Scalar loss averaged over hidden patches."""
-        per_patch = elementwise_loss(pred, self.targets(images), self.loss).mean(dim=-1)  # (B, L)
+        per_patch = patch_loss(pred, self.targets(images), self.loss)  # (B, L)
         return masked_mean(per_patch, mask.mask)

@@ -1,0 +1,131 @@
+"""Feature targets in the MAE frame: HOG and a real frozen teacher's features, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mimkit.config import ConfigError, load_config
+from mimkit.data.fashion_mnist import load_fashion_mnist
+from mimkit.engine.pretrain import Pretrainer
+from mimkit.masking import MaskSpec, RandomMasker
+from mimkit.models import create_model, load_checkpoint
+from mimkit.models.load import save_checkpoint_as
+from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss
+
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
+# EfficientNet-Lite0 at 64x64 input: stage 4 (112 channels, stride 16) gives a 4x4 map, resampled to 8x8.
+LITE0 = dict(target="maskdistill", teacher="efficientnet_lite0", teacher_options={"input_size": 64})
+NORMALIZATION = dict(data_mean=FMNIST_MEAN, data_std=FMNIST_STD)
+
+
+@pytest.fixture(scope="module")
+def images() -> Tensor:
+    """8 Fashion-MNIST test images as a 32x32 student sees them: (8, 1, 32, 32), normalized."""
+    raw, _ = load_fashion_mnist(split="test")
+    pixels = F.interpolate(raw[:8].float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
+    return (pixels - FMNIST_MEAN[0]) / FMNIST_STD[0]
+
+
+def model_with(target: str, **extra):
+    torch.manual_seed(0)
+    extra = {**LITE0, **NORMALIZATION, **extra} if target == "maskdistill" else {"target": target, **extra}
+    return create_model("vit_tiny", **TINY, **extra)
+
+
+def test_each_target_sets_the_prediction_width() -> None:
+    widths = {"pixel": 4 * 4 * 1, "hog": 9 * 2 * 2, "maskdistill": 112}  # HOG: 9 bins x 2x2 cells of 2 pixels
+    assert set(widths) == set(TARGETS)
+    for name, width in widths.items():
+        model = model_with(name)
+        assert model.target.dim == width and model.decoder.pred.out_features == width, name
+    assert isinstance(model_with("hog").target, HOGTarget) and isinstance(model_with("pixel").target, PixelTarget)
+
+
+def test_teacher_targets_are_normalized_per_patch(images) -> None:
+    target = model_with("maskdistill").target
+    assert isinstance(target, TeacherTarget)
+    features = target.targets(images)  # (8, 64, 112)
+    assert features.shape == (8, 64, 112) and not features.requires_grad
+    torch.testing.assert_close(features.mean(dim=-1), torch.zeros(8, 64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(features.var(dim=-1, unbiased=False), torch.ones(8, 64), atol=1e-3, rtol=0)
+    raw = target.features(images)
+    assert raw.mean(dim=-1).abs().max() > 0.01  # the teacher's own features are not normalized already
+
+
+@pytest.mark.parametrize("kind", ["hog", "maskdistill"])
+def test_the_loss_sees_hidden_patches_only(images, kind) -> None:
+    model = model_with(kind)
+    spec = RandomMasker(0.75)(8, model.grid, generator=torch.Generator().manual_seed(0))
+    pred = torch.randn(8, 64, model.target.dim, generator=torch.Generator().manual_seed(1))
+    loss = model.target(images, pred, spec)
+    visible = (~spec.mask).unsqueeze(-1)  # (8, 64, 1)
+    assert torch.equal(model.target(images, torch.where(visible, pred + 5.0, pred), spec), loss)
+    assert not torch.equal(model.target(images, torch.where(visible, pred, pred + 5.0), spec), loss)
+    expected = patch_loss(pred, model.target.targets(images), model.target.loss)[spec.mask].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_cosine_loss_is_one_minus_cosine_similarity() -> None:
+    pred, target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]]), torch.tensor([[[0.0, 2.0], [3.0, 3.0]]])
+    torch.testing.assert_close(patch_loss(pred, target, "cosine"), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="unknown loss 'huber'"):
+        patch_loss(pred, target, "huber")
+
+
+@pytest.mark.parametrize("kind", ["pixel", "hog", "maskdistill"])
+def test_each_target_overfits_eight_images(images, kind) -> None:
+    # One fixed mask on eight real images: the loss on the hidden patches must fall 10x (pixels: raw, as in
+    # the MAE test; per-patch normalized 4x4 patches are near noise for so small a model).
+    model = model_with(kind, **({"norm_pix_loss": False} if kind == "pixel" else {}))
+    spec: MaskSpec = RandomMasker(0.75)(8, model.grid, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = model(images, mask=spec).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (kind, losses[0], losses[-1])
+
+
+def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path: Path) -> None:
+    overrides = [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=64",
+        "train.batch_size=16", "train.max_steps=3", "train.progress=false", "log.tensorboard=false",
+        "eval.reconstruct=true", "eval.knn=false", "target.type=maskdistill", "target.teacher=efficientnet_lite0",
+        "target.teacher_input_size=64", f"train.output_dir={tmp_path}",
+    ]  # fmt: skip
+    trainer = Pretrainer(load_config(None, overrides))
+    teacher = trainer.model.target.teacher
+    before = {key: value.clone() for key, value in teacher.state_dict().items()}
+    student = {key: value.clone() for key, value in trainer.model.encoder.state_dict().items()}
+    trainer.fit()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(value, before[key]) for key, value in teacher.state_dict().items())
+    assert any(not torch.equal(v, student[k]) for k, v in trainer.model.encoder.state_dict().items())  # it learned
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    assert not any(".teacher." in key for key in saved)  # the student only: the teacher is rebuilt from its spec
+    restored = load_checkpoint(tmp_path / "last.pt")
+    assert isinstance(restored.target, TeacherTarget) and restored.config["teacher"] == "efficientnet_lite0"
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value.cpu(), restored.state_dict()[key]), key
+    again = save_checkpoint_as(restored, tmp_path / "again.pt", "mimkit")
+    assert load_checkpoint(again).config == restored.config
+
+
+def test_target_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="target.teacher: target.type=maskdistill needs a teacher"):
+        load_config(None, ["target.type=maskdistill"])
+    with pytest.raises(ConfigError, match="target.teacher: only target.type=maskdistill takes a teacher"):
+        load_config(None, ["target.teacher=efficientnet_lite0"])
+    with pytest.raises(ConfigError, match="target.type: unknown 'clip'"):
+        load_config(None, ["target.type=clip"])
+    config = load_config(None, ["target.type=maskdistill", "target.teacher=efficientnet_lite0"])
+    assert config.target.resolved_loss() == "smooth_l1" and load_config(None).target.resolved_loss() == "mse"
