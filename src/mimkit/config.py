@@ -83,9 +83,10 @@ class MaskConfig:
 class TargetConfig:
     """What the decoder predicts and the loss on hidden patches (see :mod:`mimkit.targets`).
 
-    ``type``: ``pixel`` (MAE), ``hog`` (MaskFeat) or ``maskdistill`` (a frozen teacher's features, named
-    by ``teacher``: ``efficientnet_lite0``, a mimkit checkpoint path, ``timm:NAME@FILE`` or
-    ``hf_clip:DIR``). ``loss`` defaults to MSE, smooth-L1 for ``maskdistill``.
+    ``type``: ``pixel`` (MAE), ``hog`` (MaskFeat), ``maskdistill`` or ``milan`` (a frozen teacher's
+    features, the teacher named by ``teacher``: ``efficientnet_lite0``, a mimkit checkpoint path,
+    ``timm:NAME@FILE`` or ``hf_clip:DIR``; milan also swaps in the prompting decoder). ``loss`` defaults
+    to the target's usual one (:data:`~mimkit.targets.DEFAULT_LOSSES`).
     """
 
     type: str = "pixel"
@@ -97,7 +98,9 @@ class TargetConfig:
 
     def resolved_loss(self) -> str:
         """``loss``, or the target's usual loss when unset."""
-        return self.loss or ("smooth_l1" if self.type == "maskdistill" else "mse")
+        from mimkit.targets import DEFAULT_LOSSES
+
+        return self.loss or DEFAULT_LOSSES.get(self.type, "mse")
 
     def teacher_options(self) -> dict[str, int] | None:
         """The set ``teacher_*`` keys as :func:`~mimkit.targets.build_teacher` options."""
@@ -221,7 +224,7 @@ class Config:
         from mimkit.layers import check_patch_grid
         from mimkit.masking import MASKERS, create_masker, num_hidden_patches
         from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS
-        from mimkit.targets import LOSSES, TARGETS
+        from mimkit.targets import LOSSES, TARGETS, TEACHER_TARGETS
 
         def check(ok: bool, key: str, message: str) -> None:
             if not ok:
@@ -263,21 +266,21 @@ class Config:
         every = self.mask.trigger_every_steps
         check(every is None or every >= 1, "mask.trigger_every_steps", "must be >= 1 (or null)")
         check(
-            self.mask.type != "attention" or self.mask.source == "encoder",
+            self.mask.type != "attention" or self.mask.source == "encoder" or self.target.teacher is not None,
             "mask.source",
-            "only 'encoder' attention is available (a teacher's needs a feature target)",
+            "mask.source=teacher needs a teacher target (target.type=maskdistill or milan with target.teacher)",
         )
         check(self.target.type in TARGETS, "target.type", f"unknown {self.target.type!r}; one of {list(TARGETS)}")
         loss = self.target.resolved_loss()
         check(loss in LOSSES, "target.loss", f"unknown {loss!r}; one of {list(LOSSES)}")
-        teacher = self.target.type == "maskdistill"
+        teacher = self.target.type in TEACHER_TARGETS
         check(
             (self.target.teacher is not None) == teacher,
             "target.teacher",
-            "target.type=maskdistill needs a teacher (efficientnet_lite0, a checkpoint path, timm:NAME@FILE, "
-            "hf_clip:DIR)"
+            f"target.type={self.target.type} needs a teacher (efficientnet_lite0, a checkpoint path, "
+            "timm:NAME@FILE, hf_clip:DIR)"
             if teacher
-            else f"only target.type=maskdistill takes a teacher, not {self.target.type}",
+            else f"only target.type {' or '.join(TEACHER_TARGETS)} takes a teacher, not {self.target.type}",
         )
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
         check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")

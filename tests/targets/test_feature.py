@@ -13,7 +13,7 @@ from mimkit.config import ConfigError, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.masking import MaskSpec, RandomMasker
-from mimkit.models import create_model, load_checkpoint
+from mimkit.models import PromptingDecoder, create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss
 
@@ -34,17 +34,29 @@ def images() -> Tensor:
 
 def model_with(target: str, **extra):
     torch.manual_seed(0)
-    extra = {**LITE0, **NORMALIZATION, **extra} if target == "maskdistill" else {"target": target, **extra}
+    if target in ("maskdistill", "milan"):
+        extra = {**LITE0, **NORMALIZATION, "target": target, **extra}
+    else:
+        extra = {"target": target, **extra}
     return create_model("vit_tiny", **TINY, **extra)
 
 
 def test_each_target_sets_the_prediction_width() -> None:
-    widths = {"pixel": 4 * 4 * 1, "hog": 9 * 2 * 2, "maskdistill": 112}  # HOG: 9 bins x 2x2 cells of 2 pixels
+    widths = {
+        "pixel": 4 * 4 * 1,
+        "hog": 9 * 2 * 2,
+        "maskdistill": 112,
+        "milan": 112,
+    }  # HOG: 9 bins x 2x2 cells of 2 pixels
     assert set(widths) == set(TARGETS)
     for name, width in widths.items():
         model = model_with(name)
         assert model.target.dim == width and model.decoder.pred.out_features == width, name
     assert isinstance(model_with("hog").target, HOGTarget) and isinstance(model_with("pixel").target, PixelTarget)
+    milan = model_with("milan")
+    assert isinstance(milan.decoder, PromptingDecoder)
+    assert not isinstance(model_with("maskdistill").decoder, PromptingDecoder)
+    assert milan.target.loss == "cosine" and not milan.target.normalize  # MILAN: cosine, features as they come
 
 
 def test_teacher_targets_are_normalized_per_patch(images) -> None:
@@ -78,7 +90,7 @@ def test_cosine_loss_is_one_minus_cosine_similarity() -> None:
         patch_loss(pred, target, "huber")
 
 
-@pytest.mark.parametrize("kind", ["pixel", "hog", "maskdistill"])
+@pytest.mark.parametrize("kind", ["pixel", "hog", "maskdistill", "milan"])
 def test_each_target_overfits_eight_images(images, kind) -> None:
     # One fixed mask on eight real images: the loss on the hidden patches must fall 10x (pixels: raw, as in
     # the MAE test; per-patch normalized 4x4 patches are near noise for so small a model).
@@ -123,9 +135,42 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path: Path) -> None:
 def test_target_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="target.teacher: target.type=maskdistill needs a teacher"):
         load_config(None, ["target.type=maskdistill"])
-    with pytest.raises(ConfigError, match="target.teacher: only target.type=maskdistill takes a teacher"):
+    with pytest.raises(ConfigError, match="target.teacher: only target.type maskdistill or milan takes a teacher"):
         load_config(None, ["target.teacher=efficientnet_lite0"])
     with pytest.raises(ConfigError, match="target.type: unknown 'clip'"):
         load_config(None, ["target.type=clip"])
     config = load_config(None, ["target.type=maskdistill", "target.teacher=efficientnet_lite0"])
     assert config.target.resolved_loss() == "smooth_l1" and load_config(None).target.resolved_loss() == "mse"
+
+
+def test_semantic_aware_masking_keeps_what_the_teacher_attends_to(images, tmp_path: Path) -> None:
+    # A transformer teacher: a mimkit checkpoint; its saliency is its class token's last-block attention.
+    torch.manual_seed(1)
+    teacher_model = create_model("vit_tiny", **TINY)
+    path = save_checkpoint_as(teacher_model, tmp_path / "teacher.pt", "mimkit")
+    model = create_model(
+        "vit_tiny", **TINY, target="milan", teacher=str(path), mask_type="attention",
+        mask_options={"mode": "keep", "temperature": 0.0, "source": "teacher"}, **NORMALIZATION,
+    )  # fmt: skip
+    saliency = model.guidance(images, "teacher_attention")  # (8, 64)
+    expected = teacher_model.encoder(images, return_attn=True).attentions[-1].mean(dim=1)[:, 0, 1:]
+    torch.testing.assert_close(saliency, expected)
+    spec = model.make_mask(8, images=images, generator=torch.Generator().manual_seed(0))
+    top = saliency.topk(spec.num_visible, dim=1).indices.sort(dim=1).values  # (8, 16) the most attended
+    assert torch.equal(spec.ids_keep.sort(dim=1).values, top)  # MILAN keeps them visible
+    # A convolutional teacher: the norm of each patch's feature vector.
+    lite0 = model_with("maskdistill").target.teacher
+    torch.testing.assert_close(lite0.saliency(images, (8, 8)), lite0(images, (8, 8)).norm(dim=-1))
+
+
+def test_milan_recipe_trains_with_teacher_guided_masks(tmp_path: Path) -> None:
+    overrides = [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=32",
+        "train.batch_size=16", "train.max_steps=2", "train.progress=false", "log.tensorboard=false",
+        "eval.knn=false", "target.type=milan", "target.teacher=efficientnet_lite0", "target.teacher_input_size=64",
+        "mask.type=attention", "mask.mode=keep", "mask.source=teacher", f"train.output_dir={tmp_path}",
+    ]  # fmt: skip
+    summary_steps = Pretrainer(load_config(None, overrides)).fit()
+    assert summary_steps.steps == 2 and 0.0 < summary_steps.final_loss < 2.0  # cosine loss lies in [0, 2]
+    with pytest.raises(ConfigError, match="mask.source=teacher needs a teacher target"):
+        load_config(None, ["mask.type=attention", "mask.source=teacher"])

@@ -24,18 +24,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x: (B, N, D) -> ((B, N, D), attention (B, heads, N, N) or None)."""
+    def forward(self, x: Tensor, return_attn: bool = False, query_start: int = 0) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D) -> ((B, Nq, D), attention (B, heads, Nq, N) or None).
+
+        The tokens from ``query_start`` on are the queries (Nq = N - query_start; all of them by default);
+        every token is a key and a value (MILAN's prompting decoder queries with the mask tokens only).
+        """
         batch, length, dim = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
+        if query_start:
+            q = q[:, :, query_start:]  # (B, heads, Nq, hd)
         attn: Tensor | None = None
         if return_attn:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, Nq, N)
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, N, D)
+        out = out.transpose(1, 2).reshape(batch, length - query_start, dim)  # (B, Nq, D)
         return self.proj(out), attn
 
 
@@ -95,12 +101,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x: (B, N, D) -> ((B, N, D), attention or None)."""
-        attn_out, attn = self.attn(self.norm1(x), return_attn=return_attn)
-        x = x + self.drop_path(attn_out)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, attn
+    def forward(self, x: Tensor, return_attn: bool = False, query_start: int = 0) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D) -> ((B, N, D), attention or None).
+
+        With ``query_start > 0`` only the tokens from ``query_start`` on are updated (they attend to all
+        tokens); the first ``query_start`` tokens are returned unchanged (MILAN's prompts).
+        """
+        attn_out, attn = self.attn(self.norm1(x), return_attn=return_attn, query_start=query_start)
+        queries = x[:, query_start:] if query_start else x  # (B, Nq, D)
+        queries = queries + self.drop_path(attn_out)
+        queries = queries + self.drop_path(self.mlp(self.norm2(queries)))
+        if query_start:
+            return torch.cat([x[:, :query_start], queries], dim=1), attn  # (B, N, D)
+        return queries, attn
 
 
 def run_blocks(

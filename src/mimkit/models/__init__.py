@@ -3,6 +3,7 @@
 from mimkit.models.load import convert_checkpoint, load_checkpoint, save_checkpoint_as
 from mimkit.models.mae_decoder import DecoderOutput, MAEDecoder
 from mimkit.models.mim import MaskedImageModel, MIMOutput
+from mimkit.models.prompting_decoder import PromptingDecoder
 from mimkit.models.registry import DECODERS, ENCODERS, create_encoder, create_model, model_args
 from mimkit.models.vit import EncoderOutput, VisionTransformer
 
@@ -14,6 +15,7 @@ __all__ = [
     "MAEDecoder",
     "MIMOutput",
     "MaskedImageModel",
+    "PromptingDecoder",
     "VisionTransformer",
     "convert_checkpoint",
     "create_encoder",

@@ -314,7 +314,9 @@ def hf_config_from_args(args: Mapping[str, Any]) -> ViTMAEConfig:
 
     overrides = {key: value for key, value in args.items() if key != "name"}
     resolved = model_args(args.get("name", "vit_base"), **overrides)
-    if resolved["loss"] != "mse":
+    if resolved["target"] != "pixel":
+        raise ValueError(f"ViTMAEForPreTraining only predicts pixels, not {resolved['target']!r} targets")
+    if resolved["loss"] not in (None, "mse"):
         raise ValueError(f"ViTMAEForPreTraining only has an MSE loss, not {resolved['loss']!r}")
     if resolved["mask_type"] != "random":
         raise ValueError(f"ViTMAEForPreTraining only has random masking, not {resolved['mask_type']!r}")

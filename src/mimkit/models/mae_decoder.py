@@ -84,21 +84,11 @@ class MAEDecoder(nn.Module):
         return_hidden: bool = False,
     ) -> DecoderOutput:
         """Predict every patch from the visible tokens plus one shared mask token per hidden patch."""
-        if (enc.num_prefix_tokens == 0) != (self.num_prefix_tokens == 0):
-            raise ValueError(
-                f"the encoder gives {enc.num_prefix_tokens} prefix token(s) but this decoder was built with "
-                f"num_prefix_tokens={self.num_prefix_tokens}; build it with "
-                f"num_prefix_tokens={min(enc.num_prefix_tokens, 1)}"
-            )
-        x = self.embed(enc.tokens)  # (B, P + Lk, Dd)
-        prefix, visible = x[:, : enc.num_prefix_tokens], x[:, enc.num_prefix_tokens :]
-        batch, length = mask.ids_restore.shape
-        mask_tokens = self.mask_token.expand(batch, length - visible.shape[1], -1)  # (B, L - Lk, Dd)
+        prefix, visible, mask_tokens = self.embed_tokens(enc, mask)
         x = torch.cat([visible, mask_tokens], dim=1)  # (B, L, Dd) in [kept, hidden] order
         index = mask.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.gather(x, 1, index)  # (B, L, Dd) back to raster order
-        # Only the class token keeps its decoder position; extra prefix tokens are dropped (MAE has one).
-        x = torch.cat([prefix[:, : self.num_prefix_tokens], x], dim=1) + self.pos_embed  # (B, P + L, Dd)
+        x = torch.cat([prefix, x], dim=1) + self.pos_embed  # (B, P + L, Dd)
         out = DecoderOutput(pred=x)
         x = run_blocks(
             self.blocks,
@@ -108,3 +98,19 @@ class MAEDecoder(nn.Module):
         )
         out.pred = self.pred(self.norm(x))[:, self.num_prefix_tokens :]  # (B, L, out_dim)
         return out
+
+    def embed_tokens(self, enc: EncoderOutput, mask: MaskSpec) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder's inputs before positions: its prefix tokens (B, P, Dd), the embedded visible tokens
+        (B, Lk, Dd) in ``ids_keep`` order and one mask token per hidden patch (B, L - Lk, Dd)."""
+        if (enc.num_prefix_tokens == 0) != (self.num_prefix_tokens == 0):
+            raise ValueError(
+                f"the encoder gives {enc.num_prefix_tokens} prefix token(s) but this decoder was built with "
+                f"num_prefix_tokens={self.num_prefix_tokens}; build it with "
+                f"num_prefix_tokens={min(enc.num_prefix_tokens, 1)}"
+            )
+        x = self.embed(enc.tokens)  # (B, P_enc + Lk, Dd)
+        # Only the class token keeps its decoder position; extra prefix tokens are dropped (MAE has one).
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, enc.num_prefix_tokens :]
+        batch, length = mask.ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, length - visible.shape[1], -1)  # (B, L - Lk, Dd)
+        return prefix, visible, mask_tokens

@@ -95,8 +95,10 @@ class MaskedImageModel(nn.Module):
             images: (B, C, H, W) normalized images.
             kind: ``"cls_attention"``: (B, L) head-averaged attention of the class token over the patches
                 in the last encoder block, all patches visible (the attention each patch receives for an
-                encoder without a class token). ``"encoder_features"``: (B, L, D) patch
-                tokens of encoder block ``masker.layer`` (None: the middle one) on all patches (the ideal setting).
+                encoder without a class token). ``"teacher_attention"``: (B, L) the frozen teacher's
+                saliency of each patch (:meth:`~mimkit.targets.Teacher.saliency`).
+                ``"encoder_features"``: (B, L, D) patch tokens of encoder block ``masker.layer`` (None: the
+                middle one) on all patches (the ideal setting).
                 ``"decoder_features"``: (B, L, Dd) patch tokens of decoder block ``masker.layer`` after a
                 forward pass with a random mask of the masker's ratio (the practical setting: visible
                 tokens and contextualized mask tokens).
@@ -112,6 +114,11 @@ class MaskedImageModel(nn.Module):
 
                 enc = self.encoder(images, return_attn=True)
                 return patch_saliency(enc.attentions[-1].mean(dim=1), enc.num_prefix_tokens)  # (B, L)
+            if kind == "teacher_attention":
+                teacher = getattr(self.target, "teacher", None)
+                if teacher is None:
+                    raise ValueError("teacher attention needs a teacher target (maskdistill or milan)")
+                return teacher.saliency(images, self.grid)  # (B, L)
             layer = getattr(self.masker, "layer", None)
             if layer is None:  # the middle block of the module whose features are clustered
                 blocks = self.decoder.blocks if kind == "decoder_features" else self.encoder.blocks

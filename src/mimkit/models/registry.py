@@ -9,6 +9,7 @@ from mimkit.masking import create_masker
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
+from mimkit.models.prompting_decoder import PromptingDecoder
 from mimkit.models.vit import VisionTransformer
 from mimkit.targets import create_target
 
@@ -46,7 +47,7 @@ DEFAULTS: dict[str, Any] = dict(
     drop_path_rate=0.0,
     norm_eps=1e-6,
     norm_pix_loss=True,
-    loss="mse",
+    loss=None,  # the target's usual loss (mimkit.targets.DEFAULT_LOSSES): MSE for pixels
     target="pixel",
     teacher=None,
     teacher_options=None,
@@ -169,7 +170,8 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         mean=args["data_mean"],
         std=args["data_std"],
     )
-    decoder = MAEDecoder(
+    decoder_class = PromptingDecoder if args["target"] == "milan" else MAEDecoder  # MILAN's prompting decoder
+    decoder = decoder_class(
         encoder.grid,
         in_dim=encoder.embed_dim,
         out_dim=int(target.dim),

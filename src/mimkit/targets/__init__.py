@@ -10,7 +10,11 @@ from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
 from mimkit.targets.teacher import Teacher, build_teacher
 
-TARGETS = ("pixel", "hog", "maskdistill")
+TARGETS = ("pixel", "hog", "maskdistill", "milan")
+TEACHER_TARGETS = ("maskdistill", "milan")
+# Each target's usual loss: MAE's and MaskFeat's MSE, MaskDistill's smooth-L1, MILAN's cosine (mmselfsup's
+# MILAN head: 2 - 2 cos, twice this one).
+DEFAULT_LOSSES = {"pixel": "mse", "hog": "mse", "maskdistill": "smooth_l1", "milan": "cosine"}
 
 
 def create_target(
@@ -19,7 +23,7 @@ def create_target(
     patch_size: int,
     in_chans: int,
     grid: tuple[int, int],
-    loss: str,
+    loss: str | None = None,
     norm_pix: bool = True,
     teacher: str | None = None,
     teacher_options: dict[str, Any] | None = None,
@@ -29,13 +33,15 @@ def create_target(
     """A target of :data:`TARGETS` with its ``dim``: the values the decoder predicts per patch.
 
     Args:
-        kind: ``"pixel"`` (MAE), ``"hog"`` (MaskFeat) or ``"maskdistill"`` (a teacher's features).
+        kind: ``"pixel"`` (MAE), ``"hog"`` (MaskFeat), ``"maskdistill"`` (a teacher's features, LayerNorm
+            without affine) or ``"milan"`` (a teacher's features as they come; the model pairs it with
+            :class:`~mimkit.models.PromptingDecoder`).
         patch_size: the student's patch side in pixels (its total stride for ConvMAE).
         in_chans: image channels.
         grid: the student's patch grid.
-        loss: one of :data:`LOSSES`.
+        loss: one of :data:`LOSSES`; None for the target's usual one (:data:`DEFAULT_LOSSES`).
         norm_pix: pixel target only: normalize each target patch.
-        teacher: maskdistill only: the teacher spec of :func:`build_teacher`.
+        teacher: maskdistill and milan: the teacher spec of :func:`build_teacher`.
         teacher_options: keyword options of :func:`build_teacher` (``stage``, ``input_size``, ...).
         mean, std: the normalization of the student's images (the teacher undoes it).
 
@@ -44,8 +50,9 @@ def create_target(
     """
     if kind not in TARGETS:
         raise ValueError(f"unknown target {kind!r}; choose one of {TARGETS}")
-    if (teacher is not None) != (kind == "maskdistill"):
-        raise ValueError(f"target {kind!r} {'needs' if kind == 'maskdistill' else 'takes no'} teacher")
+    if (teacher is not None) != (kind in TEACHER_TARGETS):
+        raise ValueError(f"target {kind!r} {'needs a' if kind in TEACHER_TARGETS else 'takes no'} teacher")
+    loss = loss or DEFAULT_LOSSES[kind]
     target: PixelTarget | FeatureTarget
     if kind == "pixel":
         target = PixelTarget(patch_size, in_chans, norm_pix=norm_pix, loss=loss)
@@ -55,13 +62,15 @@ def create_target(
         if mean is None or std is None:
             raise ValueError("a teacher target needs the mean and std the student's images are normalized with")
         built = build_teacher(str(teacher), student_mean=mean, student_std=std, **(teacher_options or {}))
-        target = TeacherTarget(built, grid, loss=loss)
+        target = TeacherTarget(built, grid, loss=loss, normalize=kind == "maskdistill")
     return target
 
 
 __all__ = [
+    "DEFAULT_LOSSES",
     "LOSSES",
     "TARGETS",
+    "TEACHER_TARGETS",
     "FeatureTarget",
     "HOGFeatures",
     "HOGTarget",

@@ -181,6 +181,16 @@ class Teacher(nn.Module):
         feature_map = resample_to_grid(self.feature_map(self.preprocess(images)), grid)  # (B, D, grid_h, grid_w)
         return feature_map.flatten(2).transpose(1, 2)  # (B, L, D)
 
+    @torch.no_grad()
+    def saliency(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        """How much each patch matters to the teacher, for semantic-aware masking (MILAN): (B, L) >= 0.
+
+        A transformer teacher gives its class token's attention over the patches (last block, head
+        average); this default, for convolutional teachers, is the L2 norm of each patch's feature
+        vector (an activation map, as class-agnostic CAMs use).
+        """
+        return self(images, grid).norm(dim=-1)  # (B, L)
+
 
 # EfficientNet-Lite0 stages (blocks of efficientnet_lite_pytorch's ``_blocks``), channels and stride.
 EFFICIENTNET_LITE0_STAGES: tuple[tuple[range, int, int], ...] = (
@@ -357,6 +367,17 @@ class CheckpointTeacher(Teacher):
         tokens = out.tokens[:, out.num_prefix_tokens :]  # (B, L, D)
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *out.grid)  # (B, D, grid_h, grid_w)
 
+    @torch.no_grad()
+    def saliency(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The class token's head-averaged attention over the patches in the last block (the attention
+        each patch receives for an encoder without a class token), on the student's grid: (B, L)."""
+        from mimkit.analysis.relations import patch_saliency
+
+        out = self.backbone(self.preprocess(images), return_attn=True)
+        attention = patch_saliency(out.attentions[-1].mean(dim=1), out.num_prefix_tokens)  # (B, L_teacher)
+        attention_map = attention.reshape(attention.shape[0], 1, *out.grid)  # (B, 1, h, w)
+        return resample_to_grid(attention_map, grid).flatten(1)  # (B, L)
+
 
 def _load_timm_weights(model: nn.Module, path: Path) -> None:
     from timm.models import load_checkpoint
@@ -498,6 +519,18 @@ class CLIPTeacher(Teacher):
         tokens = hidden[:, 1:]  # (B, L, D)
         side = inputs.shape[-1] // self.patch_size
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)  # (B, D, side, side)
+
+    @torch.no_grad()
+    def saliency(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        """CLIP's class-token attention over the patches in its last layer, head-averaged, on the student's
+        grid (MILAN's semantic-aware sampling): (B, L)."""
+        inputs = self.preprocess(images)
+        out = self.backbone(pixel_values=inputs, interpolate_pos_encoding=self.interpolate, output_attentions=True)
+        if not out.attentions or out.attentions[-1] is None:
+            raise ValueError("this CLIP model returns no attention weights; load it with attn_implementation='eager'")
+        attention = out.attentions[-1].mean(dim=1)[:, 0, 1:]  # (B, L_teacher)
+        side = inputs.shape[-1] // self.patch_size
+        return resample_to_grid(attention.reshape(-1, 1, side, side), grid).flatten(1)  # (B, L)
 
 
 _OPTIONS: dict[str, frozenset[str]] = {
