@@ -109,6 +109,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from mimkit.targets.vqkd import format_tokenizer_summary, tokenizer_config, train_tokenizer
+
+    config = tokenizer_config(args.overrides, args.config)
+    summary = train_tokenizer(config, progress=not args.no_progress)
+    print(format_tokenizer_summary(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -216,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=8, help="at most this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     p.set_defaults(func=_analyze)
+
+    p = commands.add_parser("tokenizer-train", help="train a BEiT v2 VQ-KD visual tokenizer (codes as MIM targets)")
+    p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 model.num_codes=256")
+    p.set_defaults(func=_tokenizer_train)
 
     p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
     p.add_argument("--config", type=Path)

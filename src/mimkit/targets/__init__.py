@@ -9,6 +9,18 @@ from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
 from mimkit.targets.teacher import Teacher, build_teacher
+from mimkit.targets.vqkd import (
+    CodebookCollapseWarning,
+    CodebookStats,
+    TokenizerConfig,
+    VectorQuantizer,
+    VQKDTokenizer,
+    check_codebook,
+    codebook_stats,
+    load_tokenizer,
+    tokenizer_config,
+    train_tokenizer,
+)
 
 TARGETS = ("pixel", "hog", "maskdistill", "milan")
 TEACHER_TARGETS = ("maskdistill", "milan")
@@ -71,15 +83,25 @@ __all__ = [
     "LOSSES",
     "TARGETS",
     "TEACHER_TARGETS",
+    "CodebookCollapseWarning",
+    "CodebookStats",
     "FeatureTarget",
     "HOGFeatures",
     "HOGTarget",
     "PixelTarget",
     "Teacher",
     "TeacherTarget",
+    "TokenizerConfig",
+    "VQKDTokenizer",
+    "VectorQuantizer",
     "build_teacher",
+    "check_codebook",
+    "codebook_stats",
     "create_target",
     "elementwise_loss",
+    "load_tokenizer",
     "masked_mean",
     "patch_loss",
+    "tokenizer_config",
+    "train_tokenizer",
 ]

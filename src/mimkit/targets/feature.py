@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from mimkit.masking import MaskSpec
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, masked_mean, patch_loss
-from mimkit.targets.teacher import Teacher
+from mimkit.targets.teacher import Teacher, keep_teacher_out_of_state_dict
 
 
 class FeatureTarget(nn.Module):
@@ -108,24 +108,7 @@ class TeacherTarget(FeatureTarget):
         super().__init__(teacher.dim, loss=loss, normalize=normalize)
         self.teacher = teacher
         self.grid = (int(grid[0]), int(grid[1]))
-        self._teacher_keys = tuple(f"teacher.{key}" for key in teacher.state_dict())
-        self.register_state_dict_post_hook(_drop_teacher_keys)
-        self.register_load_state_dict_post_hook(_teacher_keys_not_missing)
+        keep_teacher_out_of_state_dict(self)
 
     def features(self, images: Tensor) -> Tensor:
         return self.teacher(images, self.grid)  # (B, L, D)
-
-
-def _drop_teacher_keys(module: TeacherTarget, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in module._teacher_keys:
-        state_dict.pop(prefix + key, None)
-
-
-def _teacher_keys_not_missing(module: TeacherTarget, incompatible_keys: Any) -> None:
-    missing = incompatible_keys.missing_keys
-    teacher_keys = module._teacher_keys
-    missing[:] = [
-        key
-        for key in missing
-        if not any(key == name or key.endswith("." + name) for name in teacher_keys if key.endswith(name))
-    ]
