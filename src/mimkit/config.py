@@ -85,8 +85,9 @@ class TargetConfig:
 
     ``type``: ``pixel`` (MAE), ``hog`` (MaskFeat), ``maskdistill`` or ``milan`` (a frozen teacher's
     features, the teacher named by ``teacher``: ``efficientnet_lite0``, a mimkit checkpoint path,
-    ``timm:NAME@FILE`` or ``hf_clip:DIR``; milan also swaps in the prompting decoder). ``loss`` defaults
-    to the target's usual one (:data:`~mimkit.targets.DEFAULT_LOSSES`).
+    ``timm:NAME@FILE`` or ``hf_clip:DIR``; milan also swaps in the prompting decoder) or ``vqkd`` (the
+    codes of the VQ-KD ``tokenizer``, BEiT v2). ``loss`` defaults to the target's usual one
+    (:data:`~mimkit.targets.DEFAULT_LOSSES`). ``cls_pretraining`` adds BEiT v2's class-token head.
     """
 
     type: str = "pixel"
@@ -95,6 +96,10 @@ class TargetConfig:
     teacher: str | None = None
     teacher_stage: int | None = None
     teacher_input_size: int | None = None
+    tokenizer: str | None = None  # vqkd: the tokenizer.pt of mimkit tokenizer-train
+    cls_pretraining: bool = False  # BEiT v2's class-token head (ViT encoders)
+    cls_layer: int | None = None  # its early encoder block; None: the one at 3/4 of the depth
+    cls_depth: int = 2
 
     def resolved_loss(self) -> str:
         """``loss``, or the target's usual loss when unset."""
@@ -272,7 +277,23 @@ class Config:
         )
         check(self.target.type in TARGETS, "target.type", f"unknown {self.target.type!r}; one of {list(TARGETS)}")
         loss = self.target.resolved_loss()
-        check(loss in LOSSES, "target.loss", f"unknown {loss!r}; one of {list(LOSSES)}")
+        if self.target.type == "vqkd":
+            check(loss == "cross_entropy", "target.loss", "vqkd predicts codes: its loss is cross_entropy")
+        else:
+            check(loss in LOSSES, "target.loss", f"unknown {loss!r}; one of {list(LOSSES)}")
+        check(
+            (self.target.tokenizer is not None) == (self.target.type == "vqkd"),
+            "target.tokenizer",
+            "target.type=vqkd needs target.tokenizer (a tokenizer.pt of mimkit tokenizer-train)"
+            if self.target.type == "vqkd"
+            else "only target.type=vqkd takes a tokenizer",
+        )
+        check(
+            not self.target.cls_pretraining or self.model.name not in CONV_ENCODERS,
+            "target.cls_pretraining",
+            "needs an encoder with a class token (ViT), not ConvMAE",
+        )
+        check(self.target.cls_depth >= 1, "target.cls_depth", "must be >= 1")
         teacher = self.target.type in TEACHER_TARGETS
         check(
             (self.target.teacher is not None) == teacher,
@@ -476,5 +497,13 @@ def model_overrides(config: Config) -> dict[str, Any]:
         target=config.target.type,
         teacher=config.target.teacher,
         teacher_options=config.target.teacher_options(),
-        **(dict(zip(("data_mean", "data_std"), config.normalization(), strict=True)) if config.target.teacher else {}),
+        tokenizer=config.target.tokenizer,
+        cls_pretraining=config.target.cls_pretraining,
+        cls_layer=config.target.cls_layer,
+        cls_depth=config.target.cls_depth,
+        **(
+            dict(zip(("data_mean", "data_std"), config.normalization(), strict=True))
+            if config.target.teacher or config.target.tokenizer
+            else {}
+        ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,14 @@ from mimkit.engine.pretrain import Pretrainer
 from mimkit.masking import MaskSpec, RandomMasker
 from mimkit.models import PromptingDecoder, create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
-from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss
+from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss, tokenizer_config, train_tokenizer
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 # EfficientNet-Lite0 at 64x64 input: stage 4 (112 channels, stride 16) gives a 4x4 map, resampled to 8x8.
 LITE0 = dict(target="maskdistill", teacher="efficientnet_lite0", teacher_options={"input_size": 64})
 NORMALIZATION = dict(data_mean=FMNIST_MEAN, data_std=FMNIST_STD)
+RECIPES = Path(__file__).parents[2] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +34,41 @@ def images() -> Tensor:
     return (pixels - FMNIST_MEAN[0]) / FMNIST_STD[0]
 
 
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    """A small VQ-KD tokenizer (64 codes) trained for 20 steps on Fashion-MNIST with the real teacher."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    overrides = [
+        "train.max_steps=20", "data.limit=320", "train.batch_size=16", "train.eval_images=64", "model.num_codes=64",
+        "teacher.input_size=64", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", f"train.output_dir={out}",
+    ]  # fmt: skip
+    train_tokenizer(tokenizer_config(overrides, RECIPES / "vqkd_fmnist.yaml"), progress=False)
+    return out / "tokenizer.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizer_for_model_with(tokenizer_path: Path) -> None:
+    TOKENIZER["path"] = str(tokenizer_path)
+
+
+TOKENIZER: dict[str, str] = {}
+
+
 def model_with(target: str, **extra):
     torch.manual_seed(0)
     if target in ("maskdistill", "milan"):
         extra = {**LITE0, **NORMALIZATION, "target": target, **extra}
+    elif target == "vqkd":
+        extra = {"target": "vqkd", "tokenizer": TOKENIZER["path"], **NORMALIZATION, **extra}
     else:
         extra = {"target": target, **extra}
     return create_model("vit_tiny", **TINY, **extra)
 
 
 def test_each_target_sets_the_prediction_width() -> None:
-    widths = {
-        "pixel": 4 * 4 * 1,
-        "hog": 9 * 2 * 2,
-        "maskdistill": 112,
-        "milan": 112,
-    }  # HOG: 9 bins x 2x2 cells of 2 pixels
+    # HOG: 9 bins x 2x2 cells of 2 pixels; vqkd: the 64-code tokenizer's logits
+    widths = {"pixel": 4 * 4 * 1, "hog": 9 * 2 * 2, "maskdistill": 112, "milan": 112, "vqkd": 64}
     assert set(widths) == set(TARGETS)
     for name, width in widths.items():
         model = model_with(name)
@@ -70,7 +91,7 @@ def test_teacher_targets_are_normalized_per_patch(images) -> None:
     assert raw.mean(dim=-1).abs().max() > 0.01  # the teacher's own features are not normalized already
 
 
-@pytest.mark.parametrize("kind", ["hog", "maskdistill"])
+@pytest.mark.parametrize("kind", ["hog", "maskdistill", "vqkd"])
 def test_the_loss_sees_hidden_patches_only(images, kind) -> None:
     model = model_with(kind)
     spec = RandomMasker(0.75)(8, model.grid, generator=torch.Generator().manual_seed(0))
@@ -79,7 +100,11 @@ def test_the_loss_sees_hidden_patches_only(images, kind) -> None:
     visible = (~spec.mask).unsqueeze(-1)  # (8, 64, 1)
     assert torch.equal(model.target(images, torch.where(visible, pred + 5.0, pred), spec), loss)
     assert not torch.equal(model.target(images, torch.where(visible, pred, pred + 5.0), spec), loss)
-    expected = patch_loss(pred, model.target.targets(images), model.target.loss)[spec.mask].mean()
+    if kind == "vqkd":  # cross-entropy of the logits against each hidden patch's code
+        codes = model.target.targets(images)  # (8, 64)
+        expected = F.cross_entropy(pred[spec.mask], codes[spec.mask])
+    else:
+        expected = patch_loss(pred, model.target.targets(images), model.target.loss)[spec.mask].mean()
     torch.testing.assert_close(loss, expected)
 
 
@@ -90,7 +115,7 @@ def test_cosine_loss_is_one_minus_cosine_similarity() -> None:
         patch_loss(pred, target, "huber")
 
 
-@pytest.mark.parametrize("kind", ["pixel", "hog", "maskdistill", "milan"])
+@pytest.mark.parametrize("kind", ["pixel", "hog", "maskdistill", "milan", "vqkd"])
 def test_each_target_overfits_eight_images(images, kind) -> None:
     # One fixed mask on eight real images: the loss on the hidden patches must fall 10x (pixels: raw, as in
     # the MAE test; per-patch normalized 4x4 patches are near noise for so small a model).
@@ -174,3 +199,39 @@ def test_milan_recipe_trains_with_teacher_guided_masks(tmp_path: Path) -> None:
     assert summary_steps.steps == 2 and 0.0 < summary_steps.final_loss < 2.0  # cosine loss lies in [0, 2]
     with pytest.raises(ConfigError, match="mask.source=teacher needs a teacher target"):
         load_config(None, ["mask.type=attention", "mask.source=teacher"])
+
+
+def test_vqkd_target_keeps_its_tokenizer_frozen_and_out_of_the_state_dict(images, tokenizer_path: Path) -> None:
+    model = model_with("vqkd")
+    tokenizer = model.target.tokenizer
+    codebook = tokenizer.quantizer.codebook.clone()
+    model.train()
+    assert not tokenizer.training  # a training student never moves the tokenizer's codebook
+    loss = model(images, generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    assert torch.equal(tokenizer.quantizer.codebook, codebook) and all(p.grad is None for p in tokenizer.parameters())
+    assert 0.5 * math.log(64) < loss.item() < 2 * math.log(64)  # untrained: about uniform over 64 codes
+    assert not any("tokenizer." in key for key in model.state_dict())
+    with pytest.raises(ValueError, match="normalized with mean"):
+        create_model(
+            "vit_tiny", **TINY, target="vqkd", tokenizer=str(tokenizer_path), data_mean=(0.5,), data_std=(0.5,)
+        )
+    with pytest.raises(ConfigError, match="target.tokenizer: target.type=vqkd needs target.tokenizer"):
+        load_config(None, ["target.type=vqkd"])
+
+
+def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(images) -> None:
+    model = model_with("vqkd", cls_pretraining=True, cls_depth=1)
+    assert model.decoder.layer == 1 and model.decoder.head.pred is model.decoder.decoder.pred  # 3/4 of 2 blocks
+    out = model(images, generator=torch.Generator().manual_seed(0))
+    main_loss, aux_loss = out.extras["main_loss"], out.extras["aux_loss"]
+    torch.testing.assert_close(out.loss.detach(), main_loss + aux_loss.detach())
+    out.loss.backward()
+    head_block = model.decoder.head.blocks[0].attn.qkv.weight
+    assert head_block.grad is not None and head_block.grad.abs().sum() > 0
+    # The head sees the final class token and block 1's tokens: every encoder block gets its gradient.
+    assert all(block.mlp.fc2.weight.grad.abs().sum() > 0 for block in model.encoder.blocks)
+    plain = model_with("vqkd")
+    assert "aux_loss" not in plain(images, generator=torch.Generator().manual_seed(0)).extras
+    with pytest.raises(ConfigError, match="target.cls_pretraining: needs an encoder with a class token"):
+        load_config(RECIPES / "convmae_tiny_fmnist.yaml", ["target.cls_pretraining=true"])

@@ -21,11 +21,14 @@ class DecoderOutput:
         attentions: per block (B, heads, P + L, P + L) when requested; P is the decoder's
             ``num_prefix_tokens`` (1, the class token, for ViT encoders; 0 for ConvMAE).
         hidden_states: per block (B, P + L, D) when requested.
+        aux_pred: (B, L, out_dim) a second prediction scored by the same target and added to the loss
+            (BEiT v2's class-token head, :class:`~mimkit.models.cls_pretraining.ClassTokenPretraining`).
     """
 
     pred: Tensor
     attentions: list[Tensor] = field(default_factory=list)
     hidden_states: list[Tensor] = field(default_factory=list)
+    aux_pred: Tensor | None = None
 
 
 class MAEDecoder(nn.Module):

@@ -171,7 +171,13 @@ class MaskedImageModel(nn.Module):
         if mask is None:
             mask = self.make_mask(images.shape[0], noise=noise, generator=generator, images=images)
         mask = mask.to(images.device)
-        enc: EncoderOutput = self.encoder(images, mask)
+        hidden = bool(getattr(self.decoder, "needs_hidden_states", False))  # e.g. BEiT v2's class-token head
+        enc: EncoderOutput = self.encoder(images, mask, return_hidden=hidden)
         dec: DecoderOutput = self.decoder(enc, mask)
         loss = self.target(images, dec.pred, mask)
-        return MIMOutput(loss=loss, pred=dec.pred, mask=mask.mask, spec=mask)
+        extras: dict[str, Any] = {}
+        if dec.aux_pred is not None:
+            extras["main_loss"] = loss.detach()
+            extras["aux_loss"] = self.target(images, dec.aux_pred, mask)
+            loss = loss + extras["aux_loss"]
+        return MIMOutput(loss=loss, pred=dec.pred, mask=mask.mask, spec=mask, extras=extras)

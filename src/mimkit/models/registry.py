@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from mimkit.masking import create_masker
+from mimkit.models.cls_pretraining import ClassTokenPretraining
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
@@ -53,6 +54,10 @@ DEFAULTS: dict[str, Any] = dict(
     teacher_options=None,
     data_mean=None,
     data_std=None,
+    tokenizer=None,
+    cls_pretraining=False,
+    cls_layer=None,
+    cls_depth=2,
     mask_ratio=0.75,
     mask_type="random",
     mask_options=None,
@@ -80,9 +85,10 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
     arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
     ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`), and the target:
-    ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher`` and ``teacher_options`` (see
-    :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the normalization of the
-    images, which a teacher undoes).
+    ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher``, ``teacher_options`` and
+    ``tokenizer`` (see :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the
+    normalization of the images, which a teacher undoes), and BEiT v2's class-token pretraining:
+    ``cls_pretraining``, ``cls_layer`` (default: the block at 3/4 of the depth), ``cls_depth``.
 
     ConvMAE models (:data:`CONV_ENCODERS`) take ``embed_dims``, ``depths`` and ``patch_sizes`` (one value
     per stage, stored as tuples), ``kernel_size`` and ``fuse`` instead of ``embed_dim``, ``depth`` and
@@ -169,9 +175,10 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         teacher_options=args["teacher_options"],
         mean=args["data_mean"],
         std=args["data_std"],
+        tokenizer=args["tokenizer"],
     )
     decoder_class = PromptingDecoder if args["target"] == "milan" else MAEDecoder  # MILAN's prompting decoder
-    decoder = decoder_class(
+    main_decoder = decoder_class(
         encoder.grid,
         in_dim=encoder.embed_dim,
         out_dim=int(target.dim),
@@ -182,6 +189,20 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         norm_eps=args["norm_eps"],
         num_prefix_tokens=encoder.num_prefix_tokens,
     )
+    decoder: MAEDecoder | ClassTokenPretraining = main_decoder
+    if args["cls_pretraining"]:  # BEiT v2's class-token head on an early block's patch tokens
+        depth = len(encoder.blocks)
+        layer = args["cls_layer"] if args["cls_layer"] is not None else max(round(0.75 * depth) - 1, 0)
+        if not 0 <= layer < depth:
+            raise ValueError(f"cls_layer must index one of the {depth} encoder blocks, got {layer}")
+        decoder = ClassTokenPretraining(
+            main_decoder,
+            encoder.embed_dim,
+            layer,
+            depth=args["cls_depth"],
+            num_heads=args["decoder_num_heads"],
+            mlp_ratio=args["mlp_ratio"],
+        )
     masker = create_masker(args["mask_type"], args["mask_ratio"], **(args["mask_options"] or {}))
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget
+from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget, TokenTarget
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
 from mimkit.targets.teacher import Teacher, build_teacher
@@ -22,11 +22,11 @@ from mimkit.targets.vqkd import (
     train_tokenizer,
 )
 
-TARGETS = ("pixel", "hog", "maskdistill", "milan")
+TARGETS = ("pixel", "hog", "maskdistill", "milan", "vqkd")
 TEACHER_TARGETS = ("maskdistill", "milan")
 # Each target's usual loss: MAE's and MaskFeat's MSE, MaskDistill's smooth-L1, MILAN's cosine (mmselfsup's
 # MILAN head: 2 - 2 cos, twice this one).
-DEFAULT_LOSSES = {"pixel": "mse", "hog": "mse", "maskdistill": "smooth_l1", "milan": "cosine"}
+DEFAULT_LOSSES = {"pixel": "mse", "hog": "mse", "maskdistill": "smooth_l1", "milan": "cosine", "vqkd": "cross_entropy"}
 
 
 def create_target(
@@ -41,7 +41,8 @@ def create_target(
     teacher_options: dict[str, Any] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> PixelTarget | FeatureTarget:
+    tokenizer: str | None = None,
+) -> PixelTarget | FeatureTarget | TokenTarget:
     """A target of :data:`TARGETS` with its ``dim``: the values the decoder predicts per patch.
 
     Args:
@@ -56,17 +57,26 @@ def create_target(
         teacher: maskdistill and milan: the teacher spec of :func:`build_teacher`.
         teacher_options: keyword options of :func:`build_teacher` (``stage``, ``input_size``, ...).
         mean, std: the normalization of the student's images (the teacher undoes it).
+        tokenizer: vqkd only: a ``tokenizer.pt`` written by ``mimkit tokenizer-train`` (or its folder).
 
     Raises:
         ValueError: unknown kind, a teacher missing or given where none is used.
     """
     if kind not in TARGETS:
         raise ValueError(f"unknown target {kind!r}; choose one of {TARGETS}")
+    if kind == "vqkd" and loss not in (None, "cross_entropy"):
+        raise ValueError(f"the vqkd target predicts codes with cross-entropy, not {loss!r}")
     if (teacher is not None) != (kind in TEACHER_TARGETS):
         raise ValueError(f"target {kind!r} {'needs a' if kind in TEACHER_TARGETS else 'takes no'} teacher")
     loss = loss or DEFAULT_LOSSES[kind]
-    target: PixelTarget | FeatureTarget
-    if kind == "pixel":
+    if (tokenizer is not None) != (kind == "vqkd"):
+        raise ValueError(f"target {kind!r} {'needs a' if kind == 'vqkd' else 'takes no'} tokenizer")
+    target: PixelTarget | FeatureTarget | TokenTarget
+    if kind == "vqkd":
+        from mimkit.targets.vqkd import load_tokenizer
+
+        target = TokenTarget(load_tokenizer(str(tokenizer)), grid, mean=mean, std=std)
+    elif kind == "pixel":
         target = PixelTarget(patch_size, in_chans, norm_pix=norm_pix, loss=loss)
     elif kind == "hog":
         target = HOGTarget(patch_size, in_chans, loss=loss)
@@ -91,6 +101,7 @@ __all__ = [
     "PixelTarget",
     "Teacher",
     "TeacherTarget",
+    "TokenTarget",
     "TokenizerConfig",
     "VQKDTokenizer",
     "VectorQuantizer",

@@ -11,11 +11,14 @@ target                 feature per patch               normalization            
 pixel (MAE)            the patch's pixels              per patch (``norm_pix``)    MSE
 hog (MaskFeat)         HOG of the patch's cells        L2 per patch                MSE
 maskdistill            a frozen teacher's features     LayerNorm, no affine        smooth-L1
+milan                  a frozen teacher's features     none (the loss is cosine)   cosine
+vqkd (BEiT v2)         the patch's VQ-KD code          one-hot over the codebook   cross-entropy
 =====================  ==============================  ==========================  ===========
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,6 +29,25 @@ from mimkit.masking import MaskSpec
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, masked_mean, patch_loss
 from mimkit.targets.teacher import Teacher, keep_teacher_out_of_state_dict
+
+
+class _LastTargets:
+    """The targets of the last images seen, so a second prediction of the same batch (BEiT v2's class-token
+    head) does not run the teacher or tokenizer again. Keyed on the tensor itself and its version counter."""
+
+    def __init__(self) -> None:
+        self.images: Tensor | None = None
+        self.version = -1
+        self.targets: Tensor | None = None
+
+    def get(self, images: Tensor) -> Tensor | None:
+        if self.images is images and images._version == self.version:
+            return self.targets
+        return None
+
+    def put(self, images: Tensor, targets: Tensor) -> Tensor:
+        self.images, self.version, self.targets = images, images._version, targets
+        return targets
 
 
 class FeatureTarget(nn.Module):
@@ -47,6 +69,7 @@ class FeatureTarget(nn.Module):
         self.loss = loss
         self.normalize = normalize
         self.eps = eps
+        self._last = _LastTargets()
 
     def features(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalized images -> (B, L, dim) raw per-patch features."""
@@ -55,10 +78,13 @@ class FeatureTarget(nn.Module):
     @torch.no_grad()
     def targets(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, L, dim) what the decoder must predict (no gradient reaches the extractor)."""
+        cached = self._last.get(images)
+        if cached is not None:
+            return cached
         features = self.features(images).float()  # (B, L, dim)
         if self.normalize:
             features = F.layer_norm(features, (features.shape[-1],), eps=self.eps)  # zero mean, unit var per patch
-        return features
+        return self._last.put(images, features)
 
     def forward(self, images: Tensor, pred: Tensor, mask: MaskSpec) -> Tensor:
         """Scalar loss averaged over hidden patches."""
@@ -112,3 +138,64 @@ class TeacherTarget(FeatureTarget):
 
     def features(self, images: Tensor) -> Tensor:
         return self.teacher(images, self.grid)  # (B, L, D)
+
+
+class TokenTarget(nn.Module):
+    """BEiT v2's target: the code index of each hidden patch under a frozen VQ-KD tokenizer, predicted with
+    cross-entropy over the codebook (the decoder's ``pred`` layer is the ``num_codes``-way classifier).
+
+    The tokenizer is loaded from its file when a model is created, so its weights stay out of the
+    model's ``state_dict``.
+
+    Args:
+        tokenizer: a trained :class:`~mimkit.targets.vqkd.VQKDTokenizer` on the student's patch grid.
+        grid: the student's (grid_h, grid_w) patch grid.
+        mean, std: the student's normalization, which must be the tokenizer's.
+
+    Raises:
+        ValueError: another grid or normalization than the tokenizer was trained with.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        grid: tuple[int, int],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if tuple(tokenizer.grid) != tuple(grid):  # type: ignore[arg-type]
+            raise ValueError(f"the tokenizer codes a {tuple(tokenizer.grid)} grid, the student has {tuple(grid)}")  # type: ignore[arg-type]
+        config: dict[str, Any] = getattr(tokenizer, "config", {})
+        for name, ours in (("mean", mean), ("std", std)):
+            theirs = config.get(name)
+            if ours is not None and theirs is not None and not torch.allclose(torch.tensor(ours), torch.tensor(theirs)):
+                raise ValueError(
+                    f"the student's images are normalized with {name} {tuple(ours)}, the tokenizer's with "
+                    f"{tuple(theirs)}; set data.{name} to match"
+                )
+        tokenizer.requires_grad_(False)
+        self.tokenizer = tokenizer.eval()
+        self.dim = int(tokenizer.num_codes)  # type: ignore[arg-type]
+        self.grid = (int(grid[0]), int(grid[1]))
+        self._last = _LastTargets()
+        keep_teacher_out_of_state_dict(self, "tokenizer")
+
+    def train(self, mode: bool = True) -> TokenTarget:
+        super().train(mode)
+        self.tokenizer.eval()  # the frozen tokenizer never updates its codebook
+        return self
+
+    @torch.no_grad()
+    def targets(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, L) int64 code of every patch."""
+        cached = self._last.get(images)
+        if cached is not None:
+            return cached
+        return self._last.put(images, self.tokenizer.tokenize(images))  # type: ignore[operator]
+
+    def forward(self, images: Tensor, pred: Tensor, mask: MaskSpec) -> Tensor:
+        """Cross-entropy of the (B, L, num_codes) logits against the codes, averaged over hidden patches."""
+        codes = self.targets(images)  # (B, L)
+        per_patch = F.cross_entropy(pred.transpose(1, 2).float(), codes, reduction="none")  # (B, L)
+        return masked_mean(per_patch, mask.mask)

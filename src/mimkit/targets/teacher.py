@@ -192,25 +192,26 @@ class Teacher(nn.Module):
         return self(images, grid).norm(dim=-1)  # (B, L)
 
 
-def keep_teacher_out_of_state_dict(module: nn.Module) -> None:
-    """Leave ``module.teacher``'s weights out of ``module.state_dict()`` and do not expect them in
-    ``load_state_dict``: a frozen teacher is rebuilt from its spec, so checkpoints hold the student only."""
-    module.register_state_dict_post_hook(_drop_teacher_keys)
-    module.register_load_state_dict_post_hook(_teacher_keys_not_missing)
+def keep_teacher_out_of_state_dict(module: nn.Module, attribute: str = "teacher") -> None:
+    """Leave ``module.<attribute>``'s weights (a frozen teacher or tokenizer, rebuilt from its spec or file)
+    out of ``module.state_dict()`` and do not expect them in ``load_state_dict``: checkpoints hold the
+    student only."""
+    prefix = attribute + "."
 
+    def drop(module: nn.Module, state_dict: dict[str, Any], module_prefix: str, local_metadata: Any) -> None:
+        for key in [key for key in state_dict if key.startswith(module_prefix + prefix)]:
+            del state_dict[key]
 
-def _drop_teacher_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [key for key in state_dict if key.startswith(prefix + "teacher.")]:
-        del state_dict[key]
+    def not_missing(module: nn.Module, incompatible_keys: Any) -> None:
+        frozen = getattr(module, attribute, None)
+        if frozen is None:
+            return
+        names = tuple(prefix + key for key in frozen.state_dict(keep_vars=True))
+        missing = incompatible_keys.missing_keys
+        missing[:] = [key for key in missing if not key.endswith(names)]
 
-
-def _teacher_keys_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
-    teacher = getattr(module, "teacher", None)
-    if teacher is None:
-        return
-    names = tuple("teacher." + key for key in teacher.state_dict())
-    missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if not key.endswith(names)]
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_post_hook(not_missing)
 
 
 # EfficientNet-Lite0 stages (blocks of efficientnet_lite_pytorch's ``_blocks``), channels and stride.
