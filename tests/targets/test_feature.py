@@ -235,3 +235,14 @@ def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(im
     assert "aux_loss" not in plain(images, generator=torch.Generator().manual_seed(0)).extras
     with pytest.raises(ConfigError, match="target.cls_pretraining: needs an encoder with a class token"):
         load_config(RECIPES / "convmae_tiny_fmnist.yaml", ["target.cls_pretraining=true"])
+
+
+def test_a_guided_milan_step_runs_the_teacher_once(images) -> None:
+    model = model_with("milan", mask_type="attention", mask_options={"mode": "keep", "source": "teacher"})
+    calls = []
+    stem = next(m for m in model.target.teacher.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    stem.register_forward_hook(lambda *_: calls.append(1))  # the teacher's first convolution
+    model(images, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert len(calls) == 1  # the mask's saliency and the loss's targets share one teacher forward
+    model(images.clone(), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # another batch: a fresh forward

@@ -42,6 +42,7 @@ from mimkit.models.convert import (
     unwrap_checkpoint,
 )
 from mimkit.models.convvit import ConvViT
+from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.registry import create_model
 
@@ -142,12 +143,17 @@ def _tensors_only(weights: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
 
 
 def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
-    """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both)."""
-    if isinstance(model.encoder, ConvViT):  # ConvMAE has the mimkit layout only: its own keys, all of them
+    """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both).
+
+    ConvMAE and models with a decoder beyond MAE's (BEiT v2's class-token head) have the mimkit layout
+    only: their own keys, all of them."""
+    native = isinstance(model.encoder, ConvViT) or not isinstance(model.decoder, MAEDecoder)
+    if native or set(weights) == set(model.state_dict()):
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as err:
-            raise CheckpointError(f"{path}: the weights do not fit the ConvMAE model it describes ({err})") from None
+            kind = type(model.encoder).__name__ + " + " + type(model.decoder).__name__
+            raise CheckpointError(f"{path}: the weights do not fit the {kind} model it describes ({err})") from None
         return
     try:
         converted = to_mimkit(weights)

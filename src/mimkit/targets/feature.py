@@ -28,26 +28,7 @@ from torch import Tensor, nn
 from mimkit.masking import MaskSpec
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, masked_mean, patch_loss
-from mimkit.targets.teacher import Teacher, keep_teacher_out_of_state_dict
-
-
-class _LastTargets:
-    """The targets of the last images seen, so a second prediction of the same batch (BEiT v2's class-token
-    head) does not run the teacher or tokenizer again. Keyed on the tensor itself and its version counter."""
-
-    def __init__(self) -> None:
-        self.images: Tensor | None = None
-        self.version = -1
-        self.targets: Tensor | None = None
-
-    def get(self, images: Tensor) -> Tensor | None:
-        if self.images is images and images._version == self.version:
-            return self.targets
-        return None
-
-    def put(self, images: Tensor, targets: Tensor) -> Tensor:
-        self.images, self.version, self.targets = images, images._version, targets
-        return targets
+from mimkit.targets.teacher import LastOutput, Teacher, keep_teacher_out_of_state_dict
 
 
 class FeatureTarget(nn.Module):
@@ -69,7 +50,7 @@ class FeatureTarget(nn.Module):
         self.loss = loss
         self.normalize = normalize
         self.eps = eps
-        self._last = _LastTargets()
+        self._last = LastOutput()
 
     def features(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalized images -> (B, L, dim) raw per-patch features."""
@@ -178,7 +159,7 @@ class TokenTarget(nn.Module):
         self.tokenizer = tokenizer.eval()
         self.dim = int(tokenizer.num_codes)  # type: ignore[arg-type]
         self.grid = (int(grid[0]), int(grid[1]))
-        self._last = _LastTargets()
+        self._last = LastOutput()
         keep_teacher_out_of_state_dict(self, "tokenizer")
 
     def train(self, mode: bool = True) -> TokenTarget:

@@ -1,0 +1,169 @@
+"""What to predict: pixels, HOG, a teacher's features (MaskDistill, MILAN) or VQ-KD codes, at one budget.
+
+Every variant pretrains the demo's student (ViT-Tiny/4, 8x8 patches of 32x32 Fashion-MNIST) for the same
+steps on the same images, then its frozen encoder is measured by kNN and the linear probe (better of
+class token and average pool) and fine-tuned at one fixed budget (``mimkit probe`` / ``mimkit
+finetune``). The teacher is the ImageNet EfficientNet-Lite0 (stage 4, 112-d, input 128: an 8x8 map); its
+own linear probe and kNN (average-pooled stage-4 features) are the reference line. Variants:
+
+* ``pixel``: MAE, per-patch normalized pixels, MSE.
+* ``hog``: MaskFeat, HOG of each patch, MSE.
+* ``maskdistill``: the teacher's features, LayerNorm without affine, smooth-L1.
+* ``milan``: the teacher's features, cosine loss, prompting decoder, masks that keep what the teacher
+  finds salient (``mask.type=attention mask.mode=keep mask.source=teacher``).
+* ``vqkd``: BEiT v2, cross-entropy on the codes of a VQ-KD tokenizer (``configs/vqkd_fmnist.yaml``,
+  trained first when ``--tokenizer`` does not exist).
+* ``vqkd_cls``: the same with BEiT v2's class-token pretraining head.
+
+Step cost: after the runs, one training step of each variant (forward, backward, AdamW; the teacher or
+tokenizer included) is timed on the same batch, one after another in this process, and reported
+relative to ``pixel``. Runs are cached under ``--out/<variant>/``; variants may run in separate
+processes (``--variants``; ``--threads 1`` for two at once on two cores) and a last call prints the table::
+
+    .venv/bin/python benchmarks/targets_ablation.py --out runs/targets --threads 1 [--variants pixel hog]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import ablation  # benchmarks/ablation.py, beside this script
+import torch
+
+from mimkit.config import load_config
+from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
+from mimkit.data.transforms import EvalTransform, default_normalization
+from mimkit.engine.pretrain import build_model
+from mimkit.eval.finetune import FinetuneConfig
+from mimkit.eval.knn import knn_scores
+from mimkit.eval.linear import train_linear_probe
+from mimkit.eval.report import classification_metrics
+from mimkit.targets import build_teacher, tokenizer_config, train_tokenizer
+
+RECIPE = Path("configs/mae_vit_tiny_fmnist.yaml")
+TEACHER = ["target.teacher=efficientnet_lite0", "target.teacher_input_size=128"]
+
+
+def variants(tokenizer: Path) -> dict[str, list[str]]:
+    vqkd = ["target.type=vqkd", f"target.tokenizer={tokenizer}"]
+    return {
+        "pixel": [],
+        "hog": ["target.type=hog"],
+        "maskdistill": ["target.type=maskdistill", *TEACHER],
+        "milan": ["target.type=milan", *TEACHER, "mask.type=attention", "mask.mode=keep", "mask.source=teacher"],
+        "vqkd": vqkd,
+        "vqkd_cls": [*vqkd, "target.cls_pretraining=true"],
+    }
+
+
+def teacher_reference(out: Path, train_limit: int, test_limit: int) -> dict[str, float]:
+    """kNN and linear probe on the teacher's average-pooled stage-4 features of the same images."""
+    path = out / "teacher_reference.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    print("[teacher] features and probes ...", flush=True)
+    mean, std = default_normalization(1, "fashion_mnist")
+    teacher = build_teacher("efficientnet_lite0", student_mean=mean, student_std=std, input_size=128)
+    transform = EvalTransform(32, mean=mean, std=std)
+    data = {}
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        images, labels = load_fashion_mnist(split=split)
+        batches = resize_uint8(images[:limit], 32).split(256)
+        features = torch.cat([teacher(transform(batch), (8, 8)).mean(dim=1) for batch in batches])  # (N, 112)
+        data[split] = (features, labels[:limit].long())
+    (train, train_labels), (test, test_labels) = data["train"], data["test"]
+    knn = classification_metrics(knn_scores(train, train_labels, test, num_classes=10), test_labels, 10).top1
+    linear = train_linear_probe(train, train_labels, test, test_labels, num_classes=10, epochs=90, blr=0.1).top1
+    result = {"knn": knn, "linear": linear}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def step_seconds(overrides: list[str], repeats: int = 5) -> float:
+    """Median seconds of one training step of a variant's model on one batch of 64 real images."""
+    torch.manual_seed(0)
+    model = build_model(load_config(RECIPE, overrides))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    mean, std = default_normalization(1, "fashion_mnist")
+    images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
+    times = []
+    for index in range(repeats + 2):  # 2 warm-up steps
+        start = time.perf_counter()
+        loss = model(images, generator=torch.Generator().manual_seed(index)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/targets"))
+    parser.add_argument("--tokenizer", type=Path, default=Path("runs/vqkd_fmnist/tokenizer.pt"))
+    parser.add_argument("--variants", nargs="*", default=None, help="default: all")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=20000, help="pretraining images (the first ones)")
+    parser.add_argument("--train-limit", type=int, default=5000, help="probe and fine-tuning training images")
+    parser.add_argument("--test-limit", type=int, default=1000, help="probe and fine-tuning test images")
+    parser.add_argument("--ft-epochs", type=int, default=1)
+    parser.add_argument("--no-step-cost", action="store_true", help="skip the step timing")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = variants(args.tokenizer)
+    names = args.variants or list(table)
+    unknown = set(names) - set(table)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(table)}")
+    if any(name.startswith("vqkd") for name in names) and not args.tokenizer.is_file():
+        print(f"[tokenizer] training {args.tokenizer} ...", flush=True)
+        config = tokenizer_config([f"train.output_dir={args.tokenizer.parent}"], "configs/vqkd_fmnist.yaml")
+        train_tokenizer(config, progress=args.progress)
+    finetune_config = FinetuneConfig(
+        epochs=args.ft_epochs, batch_size=64, train_limit=args.train_limit, test_limit=args.test_limit
+    ).validate()
+    limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
+    rows = []
+    for name in names:
+        out = args.out / name
+        settings = [*table[name], f"train.epochs={args.epochs}", f"data.limit={args.limit}"]
+        summary = ablation.pretrain(out, RECIPE, settings, progress=args.progress)
+        checkpoint = Path(summary["checkpoint"])
+        knn = ablation.probe(out, checkpoint, "knn", **limits)
+        linear = ablation.probe(out, checkpoint, "linear", **limits)
+        tuned = ablation.finetune(out, checkpoint, finetune_config, progress=args.progress)
+        rows.append((name, summary, knn, linear, tuned))
+    reference = teacher_reference(args.out, args.train_limit, args.test_limit)
+    costs = {} if args.no_step_cost else {name: step_seconds(table[name]) for name in ["pixel", *names]}
+
+    print()
+    print(
+        f"Fashion-MNIST 32x32, ViT-Tiny/4 student, {args.epochs} epoch(s) of {args.limit} images, batch 64; kNN, "
+        f"linear probe and {args.ft_epochs}-epoch full fine-tuning on {args.train_limit} train / "
+        f"{args.test_limit} test images (top-1 %); step cost relative to pixel (same batch, same process)"
+    )
+    print("| target | final loss | kNN | linear | fine-tune | step cost |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, summary, knn, linear, tuned in rows:
+        cost = f"{costs[name] / costs['pixel']:.2f}x" if costs else "-"
+        print(
+            f"| {name} | {summary['final_loss']:.4f} | {100 * knn:.2f} | {100 * linear:.2f} | {100 * tuned:.2f} "
+            f"| {cost} |"
+        )
+    print(f"| teacher (EfficientNet-Lite0 stage 4, pooled) | - | {100 * reference['knn']:.2f} | "
+          f"{100 * reference['linear']:.2f} | - | - |")  # fmt: skip
+    if costs:
+        print(f"(pixel step: {costs['pixel'] * 1000:.0f} ms on {torch.get_num_threads()} thread(s))")
+
+
+if __name__ == "__main__":
+    main()
