@@ -96,6 +96,7 @@ class TargetConfig:
     teacher: str | None = None
     teacher_stage: int | None = None
     teacher_input_size: int | None = None
+    teacher_cache: str | None = None  # keep the teacher's features on disk (small data, no augmentation)
     tokenizer: str | None = None  # vqkd: the tokenizer.pt of mimkit tokenizer-train
     cls_pretraining: bool = False  # BEiT v2's class-token head (ViT encoders)
     cls_layer: int | None = None  # its early encoder block; None: the one at 3/4 of the depth
@@ -294,6 +295,11 @@ class Config:
             "needs an encoder with a class token (ViT), not ConvMAE",
         )
         check(self.target.cls_depth >= 1, "target.cls_depth", "must be >= 1")
+        check(
+            self.target.teacher_cache is None or self.target.teacher is not None,
+            "target.teacher_cache",
+            "caches a teacher's features: set target.teacher (maskdistill or milan)",
+        )
         teacher = self.target.type in TEACHER_TARGETS
         check(
             (self.target.teacher is not None) == teacher,
@@ -498,6 +504,7 @@ def model_overrides(config: Config) -> dict[str, Any]:
         teacher=config.target.teacher,
         teacher_options=config.target.teacher_options(),
         tokenizer=config.target.tokenizer,
+        teacher_cache=config.target.teacher_cache,
         cls_pretraining=config.target.cls_pretraining,
         cls_layer=config.target.cls_layer,
         cls_depth=config.target.cls_depth,

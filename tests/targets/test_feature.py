@@ -246,3 +246,37 @@ def test_a_guided_milan_step_runs_the_teacher_once(images) -> None:
     assert len(calls) == 1  # the mask's saliency and the loss's targets share one teacher forward
     model(images.clone(), generator=torch.Generator().manual_seed(0))
     assert len(calls) == 2  # another batch: a fresh forward
+
+
+def test_teacher_feature_cache_serves_repeated_images_from_disk(images, tmp_path: Path) -> None:
+    cached = model_with("maskdistill", teacher_cache=str(tmp_path / "cache")).target
+    plain = model_with("maskdistill").target
+    calls = []
+    stem = next(m for m in cached.teacher.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    stem.register_forward_hook(lambda *_: calls.append(1))
+    first = cached.targets(images.clone())
+    assert (cached.cache.misses, cached.cache.hits, len(calls)) == (8, 0, 1)
+    again = cached.targets(torch.cat([images[4:], images[:4]]))  # the same images, another order and tensor
+    assert (cached.cache.misses, cached.cache.hits, len(calls)) == (8, 8, 1)  # no teacher forward
+    assert torch.equal(again, torch.cat([first[4:], first[:4]]))
+    torch.testing.assert_close(first, plain.targets(images))
+    reopened = model_with("maskdistill", teacher_cache=str(tmp_path / "cache")).target  # a new run: from disk
+    assert torch.equal(reopened.targets(images.clone()), first) and reopened.cache.hits == 8
+    with pytest.raises(ValueError, match="holds features of"):
+        model_with("maskdistill", teacher_cache=str(tmp_path / "cache"), teacher_options={"input_size": 96})
+
+
+def test_unaugmented_training_reads_the_teacher_from_the_cache_after_one_epoch(tmp_path: Path) -> None:
+    overrides = [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=32",
+        "train.batch_size=16", "train.epochs=2", "train.progress=false", "log.tensorboard=false", "eval.knn=false",
+        "eval.reconstruct=false", "target.type=maskdistill", "target.teacher=efficientnet_lite0",
+        "target.teacher_input_size=64", f"target.teacher_cache={tmp_path / 'cache'}", "data.crop_scale=[1,1]",
+        "data.crop_ratio=[1,1]", "data.hflip=false", f"train.output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    trainer = Pretrainer(load_config(None, overrides))
+    trainer.fit()
+    cache = trainer.model.target.cache
+    assert (cache.misses, cache.hits) == (32, 32)  # epoch 1 computes every image, epoch 2 reads them all
+    with pytest.raises(ConfigError, match="target.teacher_cache"):
+        load_config(None, [f"target.teacher_cache={tmp_path}"])

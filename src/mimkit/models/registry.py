@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = dict(
     data_mean=None,
     data_std=None,
     tokenizer=None,
+    teacher_cache=None,
     cls_pretraining=False,
     cls_layer=None,
     cls_depth=2,
@@ -176,6 +177,7 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         mean=args["data_mean"],
         std=args["data_std"],
         tokenizer=args["tokenizer"],
+        teacher_cache=args["teacher_cache"],
     )
     decoder_class = PromptingDecoder if args["target"] == "milan" else MAEDecoder  # MILAN's prompting decoder
     main_decoder = decoder_class(

@@ -8,7 +8,7 @@ from typing import Any
 from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget, TokenTarget
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
-from mimkit.targets.teacher import Teacher, build_teacher
+from mimkit.targets.teacher import FeatureCache, Teacher, build_teacher
 from mimkit.targets.vqkd import (
     CodebookCollapseWarning,
     CodebookStats,
@@ -42,6 +42,7 @@ def create_target(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     tokenizer: str | None = None,
+    teacher_cache: str | None = None,
 ) -> PixelTarget | FeatureTarget | TokenTarget:
     """A target of :data:`TARGETS` with its ``dim``: the values the decoder predicts per patch.
 
@@ -58,6 +59,7 @@ def create_target(
         teacher_options: keyword options of :func:`build_teacher` (``stage``, ``input_size``, ...).
         mean, std: the normalization of the student's images (the teacher undoes it).
         tokenizer: vqkd only: a ``tokenizer.pt`` written by ``mimkit tokenizer-train`` (or its folder).
+        teacher_cache: a directory keeping the teacher's features on disk (:class:`FeatureCache`).
 
     Raises:
         ValueError: unknown kind, a teacher missing or given where none is used.
@@ -84,7 +86,11 @@ def create_target(
         if mean is None or std is None:
             raise ValueError("a teacher target needs the mean and std the student's images are normalized with")
         built = build_teacher(str(teacher), student_mean=mean, student_std=std, **(teacher_options or {}))
-        target = TeacherTarget(built, grid, loss=loss, normalize=kind == "maskdistill")
+        cache = None
+        if teacher_cache is not None:
+            identity = dict(teacher=teacher, options=teacher_options or {}, grid=grid, mean=mean, std=std)
+            cache = FeatureCache(teacher_cache, identity)
+        target = TeacherTarget(built, grid, loss=loss, normalize=kind == "maskdistill", cache=cache)
     return target
 
 
@@ -95,6 +101,7 @@ __all__ = [
     "TEACHER_TARGETS",
     "CodebookCollapseWarning",
     "CodebookStats",
+    "FeatureCache",
     "FeatureTarget",
     "HOGFeatures",
     "HOGTarget",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mimkit.masking import MaskSpec
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, masked_mean, patch_loss
-from mimkit.targets.teacher import LastOutput, Teacher, keep_teacher_out_of_state_dict
+from mimkit.targets.teacher import FeatureCache, LastOutput, Teacher, keep_teacher_out_of_state_dict
 
 
 class FeatureTarget(nn.Module):
@@ -107,17 +107,26 @@ class TeacherTarget(FeatureTarget):
         grid: the student's (grid_h, grid_w) patch grid.
         loss: regression loss.
         normalize: per-patch LayerNorm of the teacher's features.
+        cache: keep the teacher's features on disk (see :class:`~mimkit.targets.teacher.FeatureCache`).
     """
 
     def __init__(
-        self, teacher: Teacher, grid: tuple[int, int], loss: str = "smooth_l1", normalize: bool = True
+        self,
+        teacher: Teacher,
+        grid: tuple[int, int],
+        loss: str = "smooth_l1",
+        normalize: bool = True,
+        cache: FeatureCache | None = None,
     ) -> None:
         super().__init__(teacher.dim, loss=loss, normalize=normalize)
         self.teacher = teacher
         self.grid = (int(grid[0]), int(grid[1]))
+        self.cache = cache
         keep_teacher_out_of_state_dict(self)
 
     def features(self, images: Tensor) -> Tensor:
+        if self.cache is not None:
+            return self.cache.get(images, lambda batch: self.teacher(batch, self.grid))  # (B, L, D)
         return self.teacher(images, self.grid)  # (B, L, D)
 
 
