@@ -1,5 +1,7 @@
 """Shared steps of the ablation benchmarks: pretrain one variant, probe it, fine-tune it, each cached.
 
+Fine-tuning follows ``benchmarks/fmnist_protocols.py``'s budget (:func:`finetune_recipe`).
+
 Every step writes under ``<out>/<variant>/`` and is skipped when its result file exists, so variants may
 run in separate processes and a last call only gathers the table.
 """
@@ -10,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import load_config
+from mimkit.config import load_config, to_plain
 from mimkit.engine.run import run_pretraining
 from mimkit.eval.finetune import FinetuneConfig, run_finetune
 from mimkit.eval.probe import run_probe
@@ -62,13 +64,22 @@ def probe(
     return float(json.loads(path.read_text())["top1"])
 
 
+def finetune_recipe(epochs: int, train_limit: int, test_limit: int) -> FinetuneConfig:
+    """The fine-tuning budget of the ablations: MAE's recipe at batch 64, blr 2e-3, warmup 0.2 epoch,
+    layer decay 0.75 (as the protocols table)."""
+    return FinetuneConfig(
+        epochs=epochs, batch_size=64, blr=2e-3, warmup_epochs=0.2, train_limit=train_limit, test_limit=test_limit
+    ).validate()
+
+
 def finetune(
     out: Path, checkpoint: Path, config: FinetuneConfig, *, random_init: bool = False, progress: bool = False
 ) -> float:
-    """Top-1 of full fine-tuning (``mimkit finetune``) of the checkpoint, written under ``out/finetune``."""
+    """Top-1 of full fine-tuning (``mimkit finetune``) of the checkpoint, written under ``out/finetune``
+    (redone when the results there came from another recipe)."""
     which = "random_init" if random_init else "pretrained"
     path = out / "finetune" / "full" / which / "results.json"
-    if not path.is_file():
+    if not path.is_file() or json.loads(path.read_text()).get("config") != to_plain(config):
         print(f"[{out.name}] fine-tuning{' (random init)' if random_init else ''} ...", flush=True)
         run_finetune(
             checkpoint,

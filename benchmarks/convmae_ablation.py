@@ -28,7 +28,6 @@ from pathlib import Path
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
-from mimkit.eval.finetune import FinetuneConfig
 from mimkit.models import load_checkpoint
 
 MAE = Path("configs/mae_vit_tiny_fmnist.yaml")
@@ -58,9 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    finetune_config = FinetuneConfig(
-        epochs=args.ft_epochs, batch_size=64, train_limit=args.train_limit, test_limit=args.test_limit
-    ).validate()
+    finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, pool="avg", progress=args.progress)
     rows = []
     for name in args.variants:

@@ -38,7 +38,6 @@ from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform, default_normalization
 from mimkit.engine.pretrain import build_model
-from mimkit.eval.finetune import FinetuneConfig
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linear import train_linear_probe
 from mimkit.eval.report import classification_metrics
@@ -128,9 +127,7 @@ def main() -> None:
         print(f"[tokenizer] training {args.tokenizer} ...", flush=True)
         config = tokenizer_config([f"train.output_dir={args.tokenizer.parent}"], "configs/vqkd_fmnist.yaml")
         train_tokenizer(config, progress=args.progress)
-    finetune_config = FinetuneConfig(
-        epochs=args.ft_epochs, batch_size=64, train_limit=args.train_limit, test_limit=args.test_limit
-    ).validate()
+    finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
     rows = []
     for name in names:
