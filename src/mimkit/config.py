@@ -5,7 +5,9 @@ Unknown keys and values of the wrong type are errors that name the key, raised b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -268,6 +270,21 @@ class Config:
                 check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
             except ValueError as err:
                 raise ConfigError(f"mask.type: {err}") from None
+        grid_h, grid_w = check_patch_grid(self.model.img_size, self.encoder_stride())
+        num_hidden = num_hidden_patches(grid_h * grid_w, self.mask.ratio)
+        check(
+            num_hidden >= 1,
+            "mask.ratio",
+            f"{self.mask.ratio} hides no patch of the {grid_h}x{grid_w} patch grid, so there is no loss; raise "
+            "mask.ratio or model.img_size",
+        )
+        values_per_patch = self.encoder_stride() ** 2 * self.model.in_chans
+        check(
+            not self.target.norm_pix or self.target.type != "pixel" or values_per_patch > 1,
+            "target.norm_pix",
+            "a patch of a single pixel value has no variance to normalize by; set target.norm_pix=false or use "
+            "a larger model.patch_size",
+        )
         check(self.mask.utilization_every_steps >= 1, "mask.utilization_every_steps", "must be >= 1")
         every = self.mask.trigger_every_steps
         check(every is None or every >= 1, "mask.trigger_every_steps", "must be >= 1 (or null)")
@@ -311,6 +328,17 @@ class Config:
         )
         check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
         check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
+        for key in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self.data, key)
+            check(0 < low <= high, f"data.{key}", f"must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        for key in ("mean", "std"):
+            stats = getattr(self.data, key)
+            check(
+                stats is None or len(stats) in (1, self.model.in_chans),
+                f"data.{key}",
+                f"give 1 or model.in_chans={self.model.in_chans} values (one per channel), got {stats}",
+            )
+        check(all(s > 0 for s in self.data.std or ()), "data.std", f"must be positive, got {self.data.std}")
         check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
         check(self.eval.online_probe_lr > 0, "eval.online_probe_lr", f"must be > 0, got {self.eval.online_probe_lr}")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
@@ -368,14 +396,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # YAML 1.1 reads "1e-3" as a str
+            with contextlib.suppress(ValueError, OverflowError):  # not a number, or an int beyond float range
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # NaN or inf would only surface as a NaN loss, hours later
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value

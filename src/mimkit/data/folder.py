@@ -229,7 +229,7 @@ def load_image(path: str | Path, in_chans: int = 3, size: int | None = None) -> 
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
     if pixels.ndim == 2:
         return pixels[None].copy()  # (1, H, W)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, H, W)
+    return pixels.transpose(2, 0, 1).copy()  # (3, H, W), writable even where Pillow's buffer is read-only
 
 
 def check_image_header(path: str | Path) -> None:

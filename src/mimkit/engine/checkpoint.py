@@ -43,6 +43,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
+def error_summary(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters), for errors of third-party readers.
+
+    Some readers raise errors with an empty message (``torch.load`` of a cut file: a bare ``EOFError``).
+    """
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
 def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict safely (``weights_only=True``: no code from the file is executed).
 
@@ -52,6 +61,10 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): its save or copy did not finish; use an earlier checkpoint"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
@@ -61,11 +74,14 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
                 "runs code stored in a checkpoint, so re-save it as a plain state dict (torch.save(model.state_dict()))"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"checkpoint {path} could not be read ({error_summary(err)}); "
             "it may be truncated or not a PyTorch checkpoint; use an earlier checkpoint"
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict; save checkpoints as dicts, e.g. "
+            "torch.save({'model': model.state_dict()}, path)"
+        )
     return state
 
 

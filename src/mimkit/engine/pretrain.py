@@ -239,7 +239,15 @@ class Pretrainer:
                 raise CheckpointError(f"{path} is not a mimkit training checkpoint (no {key!r})")
         saved = config_from_dict(state["config"]) if "config" in state else None
         if saved is not None and saved.model != self.config.model:
-            raise CheckpointError(f"{path} was trained with model {saved.model}, not {self.config.model}")
+            differ = ", ".join(
+                f"model.{key}: {value!r} in the checkpoint, {getattr(self.config.model, key)!r} here"
+                for key, value in vars(saved.model).items()
+                if value != getattr(self.config.model, key)
+            )
+            raise CheckpointError(
+                f"{path} was trained with another model ({differ}); resume with the run's own config "
+                f"({path.parent / CONFIG_NAME}) or choose a new train.output_dir"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from mimkit.config import Config, ConfigError, config_from_dict
-from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
+from mimkit.engine.checkpoint import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
 from mimkit.models.convert import (
+    _preview,
     args_from_hf_config,
     detect_layout,
     from_mimkit,
@@ -114,8 +115,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         return dict(safetensors_torch.load_file(str(path), device="cpu"))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise CheckpointError(
-            f"{path} could not be read as safetensors ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            "it may be truncated; export it again"
+            f"{path} could not be read as safetensors ({error_summary(err)}); it may be truncated; export it again"
         ) from None
 
 
@@ -142,18 +142,38 @@ def _tensors_only(weights: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
     return dict(weights)
 
 
+def _mismatched_keys(model: MaskedImageModel, weights: Mapping[str, Tensor]) -> str:
+    """Missing, unexpected and shape-mismatched keys of ``weights`` against ``model`` (empty when they fit)."""
+    expected = model.state_dict()
+    problems = []
+    if missing := [key for key in expected if key not in weights]:
+        problems.append(f"missing keys: {_preview(missing)}")
+    if unexpected := [key for key in weights if key not in expected]:
+        problems.append(f"unexpected keys: {_preview(unexpected)}")
+    if shapes := [
+        f"{key} {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in weights.items()
+        if key in expected and value.shape != expected[key].shape
+    ]:
+        problems.append(f"shape mismatches: {_preview(shapes)}")
+    return "; ".join(problems)
+
+
 def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
     """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both).
 
     ConvMAE and models with a decoder beyond MAE's (BEiT v2's class-token head) have the mimkit layout
     only: their own keys, all of them."""
+    kind = type(model.encoder).__name__ + " + " + type(model.decoder).__name__
+    advice = (
+        f"the file's weights belong to another architecture than the {kind} it describes; re-save it from the "
+        "model that produced the weights"
+    )
     native = isinstance(model.encoder, ConvViT) or not isinstance(model.decoder, MAEDecoder)
     if native or set(weights) == set(model.state_dict()):
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
-            kind = type(model.encoder).__name__ + " + " + type(model.decoder).__name__
-            raise CheckpointError(f"{path}: the weights do not fit the {kind} model it describes ({err})") from None
+        if problems := _mismatched_keys(model, weights):
+            raise CheckpointError(f"{path}: the weights do not fit the model ({problems}); {advice}")
+        model.load_state_dict(weights, strict=True)
         return
     try:
         converted = to_mimkit(weights)
@@ -161,7 +181,8 @@ def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: 
             raise ValueError("it holds encoder weights only, but a full pretraining model was saved")
         load_into(model, converted, "mimkit")
     except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        fit = "does not fit the model" in str(err)
+        raise CheckpointError(f"{path}: {err}" + (f"; {advice}" if fit else "")) from None
 
 
 def _build(args: Mapping[str, Any], path: Path, source: str) -> MaskedImageModel:
