@@ -1,8 +1,9 @@
 """Cost of one ConvMAE training step relative to one MAE step on the same images and grid.
 
 Times forward + backward + AdamW of ``convmae_tiny`` (patch sizes (1, 2, 2): 8x8 tokens on 32x32
-images) against the demo's MAE ViT-Tiny/4 (8x8 patches), both with the "tiny" decoder and 75 % masks,
-and prints the ratio with the parameter counts (upstream reports about 2x per iteration at Base size).
+images) and a ConvMAE of the ViT-Tiny's size against the demo's MAE ViT-Tiny/4 (8x8 patches), all with
+the "tiny" decoder and 75 % masks, and prints the ratio with the parameter counts (upstream reports
+about 2x per iteration at Base size).
 
     .venv/bin/python benchmarks/convmae_step_cost.py [--batch 64] [--repeats 10] [--threads 1] [--device cpu]
 """
@@ -21,6 +22,11 @@ MODELS = {
     "mae vit_tiny/4": ("vit_tiny", dict(patch_size=4)),
     "convmae_tiny (1,2,2)": ("convmae_tiny", dict(patch_sizes=(1, 2, 2))),
     "convmae_tiny (1,2,2), no fusion": ("convmae_tiny", dict(patch_sizes=(1, 2, 2), fuse=False)),
+    # The ablation's ConvMAE of the ViT-Tiny's size (benchmarks/convmae_ablation.py).
+    "convmae 48/96/192 x 2/2/11": (
+        "convmae_tiny",
+        dict(patch_sizes=(1, 2, 2), embed_dims=(48, 96, 192), depths=(2, 2, 11), num_heads=3),
+    ),
 }
 
 
