@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -239,23 +239,9 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Any], layout: str | Non
         weights = {key.removeprefix("encoder."): value for key, value in weights.items() if key.startswith("encoder.")}
     expected = model.state_dict()
     encoder_only = not any(key.startswith("decoder.") for key in weights)
-    missing = [key for key in expected if key not in weights]
-    left_out = [key for key in missing if encoder_only and key.startswith("decoder.")]
-    problems = []
-    if unexpected := [key for key in weights if key not in expected]:
-        problems.append(f"unexpected keys: {_preview(unexpected)}")
-    if missing_encoder := [key for key in missing if key not in left_out]:
-        problems.append(f"missing keys: {_preview(missing_encoder)}")
-    if mismatched := [
-        f"{key} {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-        for key, value in weights.items()
-        if key in expected and value.shape != expected[key].shape
-    ]:
-        problems.append(f"shape mismatches: {_preview(mismatched)}")
-    if problems:
-        raise ValueError(
-            "state dict does not fit the model (a different architecture or size?): " + "; ".join(problems)
-        )
+    left_out = [key for key in expected if key not in weights and encoder_only and key.startswith("decoder.")]
+    if problems := fit_problems(expected, weights, allowed_missing=left_out):
+        raise ValueError(f"state dict does not fit the model (a different architecture or size?): {problems}")
     model.load_state_dict(weights, strict=False)
     if left_out:
         warnings.warn(
@@ -264,6 +250,26 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Any], layout: str | Non
             stacklevel=2,
         )
     return left_out
+
+
+def fit_problems(
+    expected: Mapping[str, Tensor], weights: Mapping[str, Tensor], allowed_missing: Sequence[str] = ()
+) -> str:
+    """Why ``weights`` do not fit a model whose ``state_dict()`` is ``expected``: its unexpected keys,
+    missing keys (other than ``allowed_missing``) and shape mismatches, previewed; empty when they fit."""
+    problems = []
+    if unexpected := [key for key in weights if key not in expected]:
+        problems.append(f"unexpected keys: {_preview(unexpected)}")
+    allowed = set(allowed_missing)
+    if missing := [key for key in expected if key not in weights and key not in allowed]:
+        problems.append(f"missing keys: {_preview(missing)}")
+    if mismatched := [
+        f"{key} {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in weights.items()
+        if key in expected and value.shape != expected[key].shape
+    ]:
+        problems.append(f"shape mismatches: {_preview(mismatched)}")
+    return "; ".join(problems)
 
 
 def encoder_to_timm(state_dict: Mapping[str, Any], layout: str | None = None) -> dict[str, Tensor]:

@@ -32,9 +32,9 @@ from torch import Tensor
 from mimkit.config import Config, ConfigError, config_from_dict
 from mimkit.engine.checkpoint import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
 from mimkit.models.convert import (
-    _preview,
     args_from_hf_config,
     detect_layout,
+    fit_problems,
     from_mimkit,
     hf_config_from_args,
     infer_args_from_mae_state_dict,
@@ -142,23 +142,6 @@ def _tensors_only(weights: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
     return dict(weights)
 
 
-def _mismatched_keys(model: MaskedImageModel, weights: Mapping[str, Tensor]) -> str:
-    """Missing, unexpected and shape-mismatched keys of ``weights`` against ``model`` (empty when they fit)."""
-    expected = model.state_dict()
-    problems = []
-    if missing := [key for key in expected if key not in weights]:
-        problems.append(f"missing keys: {_preview(missing)}")
-    if unexpected := [key for key in weights if key not in expected]:
-        problems.append(f"unexpected keys: {_preview(unexpected)}")
-    if shapes := [
-        f"{key} {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-        for key, value in weights.items()
-        if key in expected and value.shape != expected[key].shape
-    ]:
-        problems.append(f"shape mismatches: {_preview(shapes)}")
-    return "; ".join(problems)
-
-
 def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
     """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both).
 
@@ -171,7 +154,7 @@ def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: 
     )
     native = isinstance(model.encoder, ConvViT) or not isinstance(model.decoder, MAEDecoder)
     if native or set(weights) == set(model.state_dict()):
-        if problems := _mismatched_keys(model, weights):
+        if problems := fit_problems(model.state_dict(), weights):
             raise CheckpointError(f"{path}: the weights do not fit the model ({problems}); {advice}")
         model.load_state_dict(weights, strict=True)
         return
