@@ -11,14 +11,14 @@ about 2x per iteration at Base size).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from typing import Any
 
+import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
 from mimkit.models import create_model
 
-MODELS = {
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mae vit_tiny/4": ("vit_tiny", dict(patch_size=4)),
     "convmae_tiny (1,2,2)": ("convmae_tiny", dict(patch_sizes=(1, 2, 2))),
     "convmae_tiny (1,2,2), no fusion": ("convmae_tiny", dict(patch_sizes=(1, 2, 2), fuse=False)),
@@ -33,22 +33,9 @@ MODELS = {
 def step_seconds(name: str, options: dict, batch: int, repeats: int, device: torch.device) -> tuple[float, int]:
     torch.manual_seed(0)
     model = create_model(name, img_size=32, in_chans=1, decoder="tiny", mask_type="block", **options).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 1, 32, 32, device=device)
-    times = []
-    for index in range(repeats + 3):  # 3 warm-up steps
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        loss = model(images, generator=torch.Generator().manual_seed(index)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), sum(p.numel() for p in model.encoder.parameters())
+    seconds = ablation.median_step_seconds(model, images, repeats=repeats, warmup=3)
+    return seconds, sum(p.numel() for p in model.encoder.parameters())
 
 
 def main() -> None:

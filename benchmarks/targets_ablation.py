@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import ablation  # benchmarks/ablation.py, beside this script
@@ -87,19 +85,9 @@ def step_seconds(overrides: list[str], repeats: int = 5) -> float:
     """Median seconds of one training step of a variant's model on one batch of 64 real images."""
     torch.manual_seed(0)
     model = build_model(load_config(RECIPE, overrides))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     mean, std = default_normalization(1, "fashion_mnist")
     images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
-    times = []
-    for index in range(repeats + 2):  # 2 warm-up steps
-        start = time.perf_counter()
-        loss = model(images, generator=torch.Generator().manual_seed(index)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if index >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return ablation.median_step_seconds(model, images, repeats=repeats, warmup=2)
 
 
 def main() -> None:
