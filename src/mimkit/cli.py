@@ -11,14 +11,19 @@ from mimkit.config import ConfigError, load_config
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from mimkit.engine import distributed
     from mimkit.engine.run import format_summary, run_pretraining
 
     config = load_config(args.config, args.overrides)
     resume: bool | str = args.resume if args.resume not in (None, "") else False
     if args.resume == "":
         resume = True
-    summary = run_pretraining(config, resume=resume)
-    print(format_summary(summary))
+    try:
+        summary = run_pretraining(config, resume=resume)
+    finally:
+        distributed.shutdown()
+    if distributed.place().is_main:
+        print(format_summary(summary))
     return 0
 
 

@@ -160,3 +160,18 @@ def test_bad_arguments() -> None:
         MAEAugment(32, scale=(0.8, 0.2))
     with pytest.raises(ValueError, match="std"):
         MAEAugment(32, mean=(0.5,), std=(0.0,))
+
+
+def test_parts_of_a_batch_are_augmented_as_the_whole_batch(batch32: torch.Tensor) -> None:
+    # What distributed ranks rely on: each augments its rows of the global batch exactly as one process would.
+    augment = MAEAugment(32, scale=(0.2, 1.0))
+    whole = augment(batch32, generator=torch.Generator().manual_seed(5))
+    half = batch32.shape[0] // 2
+    parts = [
+        augment(batch32[rows], generator=torch.Generator().manual_seed(5), part=(rows.start, batch32.shape[0]))
+        for rows in (slice(0, half), slice(half, None))
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[1], augment(batch32[half:], generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="does not hold"):
+        augment(batch32, part=(1, batch32.shape[0]))

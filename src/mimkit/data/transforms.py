@@ -194,23 +194,32 @@ class MAEAugment:
         self.hflip = hflip
         self.mean, self.std = _channel_stats(mean, std)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, *, part: tuple[int, int] | None = None
+    ) -> Tensor:
         """Augment a batch.
 
         Args:
             images: (B, C, H, W) uint8 on any device.
             generator: source of the crop and flip draws (made on its device, then moved); the global
                 RNG when None. The same generator state gives the same output.
+            part: ``(offset, total)``: these images are rows ``offset .. offset + B`` of a batch of ``total``
+                (one rank's share of a distributed batch). The draws are made for all ``total`` rows and
+                this part's rows used, so N ranks augment exactly as one process does the whole batch.
 
         Returns:
             (B, C, img_size, img_size) float32 normalized, on ``images.device``.
         """
         _check_channels(images, self.mean)
         batch, _, height, width = images.shape
-        boxes = random_resized_crop_params(batch, height, width, self.scale, self.ratio, generator)  # (B, 4)
+        offset, total = (0, batch) if part is None else part
+        if not 0 <= offset <= total - batch:
+            raise ValueError(f"part {part} does not hold {batch} rows")
+        rows = slice(offset, offset + batch)
+        boxes = random_resized_crop_params(total, height, width, self.scale, self.ratio, generator)[rows]  # (B, 4)
         flip = None
         if self.hflip:
-            flip = torch.rand(batch, generator=generator, device=boxes.device) < 0.5  # (B,)
+            flip = (torch.rand(total, generator=generator, device=boxes.device) < 0.5)[rows]  # (B,)
         out = resized_crop(images.float(), boxes, self.img_size, flip)  # (B, C, S, S) in 0..255
         return _normalize_uint8_scale(out, self.mean, self.std)
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -23,7 +30,7 @@ def atomic_write(path: str | Path, write: Any) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -39,8 +46,77 @@ def atomic_write(path: str | Path, write: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` a checkpoint dict atomically."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    """``torch.save`` a checkpoint dict atomically.
+
+    Raises:
+        CheckpointError: the disk is full (the previous checkpoint at ``path`` is left as it was).
+    """
+    try:
+        atomic_write(path, lambda handle: torch.save(state, handle))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(
+            f"no space left to write {path} ({err.strerror}); the previous checkpoint there is intact. "
+            "Free disk space or choose another train.output_dir, then resume"
+        ) from err
+    except RuntimeError as err:  # torch.save's zip writer reports a full disk as a RuntimeError
+        if "No space left" not in str(err) and "file write failed" not in str(err):
+            raise
+        raise CheckpointError(
+            f"writing {path} failed ({error_summary(err)}), most likely a full disk; the previous checkpoint "
+            "there is intact. Free disk space or choose another train.output_dir, then resume"
+        ) from err
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process is killed mid-write.
+
+    Only names of the form ``.<name>.<random>.tmp`` are touched. Returns the removed paths.
+    """
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(f".*{TEMP_SUFFIX}"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        log.info("removed %d unfinished checkpoint write(s) in %s", len(removed), directory)
+    return removed
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(value) for value in state)
+    return 0
+
+
+def check_free_space(directory: str | Path, needed: int) -> None:
+    """Fail before training, not at the first save, when ``directory`` cannot hold a checkpoint.
+
+    An atomic save writes the new file beside the old one, so ``needed`` bytes (plus 5% and 16 MiB of
+    slack) must be free.
+
+    Raises:
+        OSError: (ENOSPC) with both sizes and what to do.
+    """
+    directory = Path(directory)
+    while not directory.exists():
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    want = int(needed * 1.05) + 16 * 2**20
+    if free < want:
+        raise OSError(
+            errno.ENOSPC,
+            f"{directory} has {free / 2**20:.0f} MiB free but a checkpoint of this run needs about "
+            f"{want / 2**20:.0f} MiB; free disk space or choose another train.output_dir",
+        )
 
 
 def error_summary(err: BaseException) -> str:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mimkit.engine.checkpoint import atomic_write
+
 
 class MetricsLogger:
     """Append one JSON object per record to ``out_dir/metrics.jsonl`` and mirror scalars to TensorBoard.
@@ -22,8 +24,8 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = "".join(line + "\n" for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step)
+            atomic_write(self.path, lambda handle: handle.write(kept.encode()))  # a kill here loses no record
         elif resume_step is None:
             self.path.write_text("")
         self.writer = None
@@ -45,6 +47,16 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def _step_of(line: str) -> float:

@@ -19,15 +19,19 @@ import yaml
 from tqdm.auto import tqdm
 
 from mimkit.config import Config, config_from_dict, model_overrides
+from mimkit.engine import distributed
 from mimkit.engine.checkpoint import (
     CheckpointError,
     atomic_write,
+    check_free_space,
     load_checkpoint_file,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_bytes,
 )
-from mimkit.engine.logging import MetricsLogger
+from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.linear import LinearProbe
@@ -99,10 +103,18 @@ def build_model(config: Config) -> MaskedImageModel:
     return create_model(config.model.name, **model_overrides(config))
 
 
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, step, stream): masks and augmentation
+RANK_STRIDE = 2**40  # seeds of rank r are those of rank 0 shifted by r * RANK_STRIDE
+
+
+def step_generator(seed: int, step: int, stream: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, stream, rank): masks and augmentation
     depend on nothing a resume could lose."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream + rank * RANK_STRIDE)
+
+
+def restarted_by_torchrun() -> bool:
+    """True in a worker that torchrun restarted after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 def write_config(config: Config, out_dir: Path) -> None:
@@ -113,6 +125,14 @@ def write_config(config: Config, out_dir: Path) -> None:
 
 class Pretrainer:
     """Runs MAE-style pretraining for a :class:`Config`.
+
+    Under ``torchrun`` (see :mod:`mimkit.engine.distributed`) each rank trains on its share of every
+    batch: ``train.batch_size`` is per rank, the effective batch is ``batch_size * world_size`` and the
+    learning rate scales with it. Rank ``r`` takes rows ``r * B .. (r + 1) * B`` of the global batch one
+    process would take, with the same augmentation and (for maskers that do not look at the images) the
+    same masks, so N ranks train the same weights as one process with N times the batch. Only rank 0 writes
+    checkpoints, logs and pictures; metrics are reduced over ranks. A worker that torchrun restarts after a
+    failure resumes from ``output_dir/last.pt`` by itself.
 
     Args:
         config: the validated run config.
@@ -126,11 +146,16 @@ class Pretrainer:
         self.config = config
         cfg = config
         self.out_dir = Path(cfg.train.output_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.place, self.device = distributed.setup(resolve_device(cfg.train.device))
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        if not resume and restarted_by_torchrun() and (self.out_dir / CHECKPOINT_NAME).is_file():
+            log.warning("restarted by torchrun: resuming from %s", self.out_dir / CHECKPOINT_NAME)
+            resume = True
         resume_path = self._resume_path(resume)
         self._check_output_dir(resume_path)
+        if self.place.is_main:
+            remove_stale_temporaries(self.out_dir)
 
         torch.manual_seed(cfg.train.seed)
         self.dataset = build_dataset(
@@ -142,10 +167,12 @@ class Pretrainer:
             in_memory=cfg.data.in_memory,
             limit=cfg.data.limit,
         )
-        if len(self.dataset) < cfg.train.batch_size:
+        world = self.place.world_size
+        if len(self.dataset) < cfg.train.batch_size * world:
+            ranks = f" x {world} ranks" if world > 1 else ""
             raise ValueError(
                 f"the data set has {len(self.dataset)} images, fewer than train.batch_size "
-                f"{cfg.train.batch_size}; lower the batch size or add images"
+                f"{cfg.train.batch_size}{ranks}; lower the batch size or add images"
             )
         self.mean, self.std = cfg.normalization()
         self.augment = MAEAugment(
@@ -162,8 +189,11 @@ class Pretrainer:
             seed=cfg.train.seed,
             drop_last=True,
             num_workers=cfg.data.num_workers,
+            rank=self.place.rank,
+            world_size=world,
+            pin_memory=self.device.type == "cuda",
         )
-        self.steps_per_epoch = len(self.dataset) // cfg.train.batch_size
+        self.steps_per_epoch = len(self.loader)
         # The schedules (lr, hint ratio) span train.epochs; train.max_steps only stops the run earlier, so a
         # run stopped there and resumed is the same run as one never stopped.
         self.schedule_steps = cfg.train.epochs * self.steps_per_epoch
@@ -172,7 +202,7 @@ class Pretrainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         self.model = build_model(cfg).to(self.device)
-        self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size, cfg.optim.lr)
+        self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size * world, cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.online_probe: LinearProbe | None = None
@@ -188,10 +218,35 @@ class Pretrainer:
         self.last_loss = math.nan  # mean loss over the last logging interval
         if resume_path is not None:
             self._load(resume_path)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, self.out_dir)
-        self.logger = MetricsLogger(
-            self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
+        # The module that runs forward and backward: the model itself, or its DistributedDataParallel
+        # wrapper (which all-reduces gradients); self.model stays the plain module for everything else.
+        self.forward_model: torch.nn.Module = self.model
+        self.probe_forward: torch.nn.Module | None = self.online_probe
+        if self.place.distributed:
+            self.forward_model = self._data_parallel(self.model)
+            if self.online_probe is not None:
+                self.probe_forward = self._data_parallel(self.online_probe)
+        self.logger: MetricsLogger | NullLogger = NullLogger()
+        if self.place.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            check_free_space(self.out_dir, state_bytes(self.state_dict()) + 2 * trainable)  # + AdamW moments
+            write_config(cfg, self.out_dir)
+            self.logger = MetricsLogger(
+                self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
+            )
+
+    def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under DistributedDataParallel: rank 0's weights are broadcast, gradients averaged.
+
+        ``find_unused_parameters``: some variants leave parameters out of some steps (e.g. hint tokens
+        before informed masking starts). Buffers are not re-broadcast every step (frozen teachers).
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(
+            module, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
         )
 
     def _build_online_probe(self) -> None:
@@ -322,27 +377,35 @@ class Pretrainer:
         (see :meth:`probe_step`); the pretraining update does not depend on them.
         """
         cfg = self.config
-        seed, step = cfg.train.seed, self.step
+        seed, step, rank = cfg.train.seed, self.step, self.place.rank
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images = self.augment(images_uint8.to(self.device, non_blocking=True), generator=step_generator(seed, step, 0))
-        batch = images.shape[0]
+        batch = images_uint8.shape[0]
+        part = (rank * batch, self.place.world_size * batch)  # this rank's rows of the global batch
+        # a custom augment that knows nothing of ranks still works in a single process
+        share = {"part": part} if self.place.distributed else {}
+        images = self.augment(
+            images_uint8.to(self.device, non_blocking=True), generator=step_generator(seed, step, 0), **share
+        )
         self._update_masker()
-        mask = self.model.make_mask(batch, generator=step_generator(seed, step, 1), images=images).to(self.device)
+        mask = self._make_mask(images, part).to(self.device)
         if self._measures_utilization() and step % cfg.mask.utilization_every_steps == 0:
             utilization = self.model.utilization(images, mask)
-            measured = torch.tensor([utilization.mask, utilization.visible, 1.0])
+            measured = distributed.all_reduce(torch.tensor([utilization.mask, utilization.visible, 1.0]))
             self.utilization_trigger += measured
             self.utilization_log += measured
-        torch.manual_seed(seed * 1_000_003 + step)  # drop path and other global randomness
+        torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # drop path and other global randomness
         accum = cfg.optim.accum_steps
         micro = batch // accum
         total = torch.zeros((), device=self.device)
         for index in range(accum):
             rows = slice(index * micro, (index + 1) * micro)
-            out = self.model(images[rows], mask=mask.rows(rows))
-            (out.loss / accum).backward()
+            last = index == accum - 1
+            no_sync = getattr(self.forward_model, "no_sync", None)  # DDP: all-reduce once, after the last
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                out = self.forward_model(images[rows], mask=mask.rows(rows))
+                (out.loss / accum).backward()
             total += out.loss.detach() / accum
         if cfg.optim.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
@@ -352,6 +415,19 @@ class Pretrainer:
             self.probe_step(images, labels)
         self.step += 1
         return total
+
+    def _make_mask(self, images: torch.Tensor, part: tuple[int, int]) -> Any:
+        """This rank's masks. A masker that does not look at the images draws the masks of the whole
+        global batch and this rank keeps its rows (so N ranks mask as one process); a guided masker masks
+        this rank's images with a generator of the rank's own."""
+        seed, step = self.config.train.seed, self.step
+        offset, total = part
+        batch = images.shape[0]
+        if getattr(self.model.masker, "guidance", None) is None:
+            return self.model.make_mask(total, generator=step_generator(seed, step, 1)).rows(
+                slice(offset, offset + batch)
+            )
+        return self.model.make_mask(batch, generator=step_generator(seed, step, 1, self.place.rank), images=images)
 
     def _measures_utilization(self) -> bool:
         return bool(getattr(self.model.masker, "wants_utilization", False)) or self.config.log.utilization
@@ -398,7 +474,8 @@ class Pretrainer:
             finally:
                 encoder.train(was_training)
         labels = labels.to(self.device, non_blocking=True)
-        logits = self.online_probe(features)  # (B, num_classes)
+        assert self.probe_forward is not None
+        logits = self.probe_forward(features)  # (B, num_classes)
         loss = torch.nn.functional.cross_entropy(logits, labels)
         self.probe_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -409,7 +486,7 @@ class Pretrainer:
         )
 
     def _check_finite(self, nonfinite: torch.Tensor, since: int) -> None:
-        if bool(nonfinite):
+        if distributed.any_rank(nonfinite, self.device):
             raise NonFiniteLossError(
                 f"loss became NaN/inf between steps {since} and {self.step}; training stopped and the last good "
                 f"checkpoint in {self.out_dir} was kept. Lower optim.blr, set optim.clip_grad, or check the data."
@@ -424,7 +501,7 @@ class Pretrainer:
             initial=self.step,
             desc="pretrain",
             unit="step",
-            disable=not cfg.train.progress,
+            disable=not (cfg.train.progress and self.place.is_main),
             dynamic_ncols=True,
         )
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -452,8 +529,9 @@ class Pretrainer:
                         last_checked = self.step
                         now = time.perf_counter()
                         steps = self.step - last_log_step
-                        self.last_loss = loss_value = float(running) / max(steps, 1)
-                        img_s = steps * cfg.train.batch_size / max(now - last_log_time, 1e-9)
+                        world = self.place.world_size
+                        self.last_loss = loss_value = float(distributed.all_reduce(running)) / max(steps, 1) / world
+                        img_s = steps * cfg.train.batch_size * world / max(now - last_log_time, 1e-9)
                         lr = self.lr_at(self.step - 1)
                         metrics = {
                             "train/loss": loss_value,
@@ -462,6 +540,7 @@ class Pretrainer:
                             "epoch": self.step / self.steps_per_epoch,
                         }
                         if self.online_probe is not None:
+                            distributed.all_reduce(self.probe_running)
                             probe_loss, probe_correct, probe_seen = self.probe_running.tolist()
                             if probe_seen:
                                 metrics["probe/loss"] = probe_loss / probe_seen
@@ -478,6 +557,8 @@ class Pretrainer:
                         last_log_step, last_log_time = self.step, now
                     save_steps = cfg.train.save_every_steps
                     epochs_done = self.step // self.steps_per_epoch
+                    if self.place.distributed:  # every rank stops at the same step
+                        interrupt["requested"] = distributed.any_rank(interrupt["requested"], self.device)
                     if (
                         (save_steps and self.step % save_steps == 0)
                         or done
@@ -485,9 +566,10 @@ class Pretrainer:
                         or (at_epoch_end and epochs_done % cfg.train.save_every_epochs == 0)
                     ):
                         self._check_finite(nonfinite, last_checked)
-                        self.save()
+                        if self.place.is_main:
+                            self.save()
                     keep = cfg.train.keep_every_epochs
-                    if keep and at_epoch_end and epochs_done % keep == 0:
+                    if keep and at_epoch_end and epochs_done % keep == 0 and self.place.is_main:
                         self.save(f"epoch_{epochs_done:04d}.pt")
                     if interrupt["requested"]:
                         raise TrainingInterrupted(
@@ -497,7 +579,7 @@ class Pretrainer:
                     if done:
                         break
         seconds = time.perf_counter() - started
-        images_seen = (self.step - start_step) * cfg.train.batch_size
+        images_seen = (self.step - start_step) * cfg.train.batch_size * self.place.world_size
         return PretrainResult(
             output_dir=self.out_dir,
             checkpoint=self.out_dir / CHECKPOINT_NAME,

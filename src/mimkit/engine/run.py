@@ -138,6 +138,8 @@ def reconstruction_picture(trainer: Pretrainer) -> str:
 def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any]:
     """Pretrain, then write the reconstruction picture and the kNN check if the recipe asks for them.
 
+    Under torchrun every rank trains; rank 0 alone draws, evaluates and writes the summary.
+
     Returns:
         A summary dict, also written to ``output_dir/summary.json``.
     """
@@ -154,6 +156,10 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
         "train_seconds": round(result.seconds, 1),
         "skipped_images": result.num_skipped_images,
     }
+    if trainer.place.distributed:
+        summary["world_size"] = trainer.place.world_size
+    if not trainer.place.is_main:
+        return summary
     if config.eval.reconstruct and config.target.type == "pixel":
         summary["reconstruction"] = reconstruction_picture(trainer)
     elif config.eval.reconstruct:
@@ -171,7 +177,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run directory   {summary['output_dir']}",
         f"checkpoint      {summary['checkpoint']} (step {summary['steps']})",
         f"final loss      {summary['final_loss']:.4f}",
-        f"throughput      {summary['train_images_per_second']:.1f} img/s over {summary['train_seconds']:.0f} s",
+        f"throughput      {summary['train_images_per_second']:.1f} img/s over {summary['train_seconds']:.0f} s"
+        + (f" on {summary['world_size']} ranks" if summary.get("world_size") else ""),
     ]
     if summary.get("skipped_images"):
         lines.append(f"skipped images  {summary['skipped_images']} unreadable file(s), named in the warnings above")
