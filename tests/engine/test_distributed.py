@@ -34,7 +34,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_two_ranks_with_half_batches_train_the_same_weights_as_one_process(tmp_path: Path, small_config) -> None:
     # One process, batch 16 (4 steps per epoch on 64 images) ...
-    single = Pretrainer(small_config(tmp_path / "one", "train.max_steps=3", "train.num_threads=1"))
+    single = Pretrainer(small_config(tmp_path / "one", "train.max_steps=3"))
     single.fit()
     # ... and two gloo ranks with batch 8 each: same global batches, augmentation and masks, lr scaled
     # by the world size, gradients averaged by DDP.
