@@ -326,8 +326,16 @@ class Config:
             if teacher
             else f"only target.type {' or '.join(TEACHER_TARGETS)} takes a teacher, not {self.target.type}",
         )
-        check(self.data.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'")
-        check(self.data.dataset != "folder" or bool(self.data.root), "data.root", "data.dataset=folder needs data.root")
+        check(
+            self.data.dataset in ("fashion_mnist", "folder", "shards"),
+            "data.dataset",
+            "must be 'fashion_mnist', 'folder' or 'shards'",
+        )
+        check(
+            self.data.dataset == "fashion_mnist" or bool(self.data.root),
+            "data.root",
+            f"data.dataset={self.data.dataset} needs data.root",
+        )
         for key in ("crop_scale", "crop_ratio"):
             low, high = getattr(self.data, key)
             check(0 < low <= high, f"data.{key}", f"must be [low, high] with 0 < low <= high, got [{low}, {high}]")

@@ -1,4 +1,4 @@
-"""Data sets (Fashion-MNIST, image folders) held as uint8, batched loaders and on-device augmentation."""
+"""Data sets (Fashion-MNIST, image folders, tar shards) held as uint8, batched loaders and on-device augmentation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist
 from mimkit.data.folder import BadImageError, BadImageWarning, ImageFolderDataset, load_image, scan_image_folder
 from mimkit.data.loader import EpochDataLoader, ImageDataset, TensorBatchLoader, build_loader
+from mimkit.data.shards import TarShardDataset
 from mimkit.data.transforms import EvalTransform, MAEAugment, default_normalization, denormalize
 
-DATASETS = ("fashion_mnist", "folder")
+DATASETS = ("fashion_mnist", "folder", "shards")
 
 __all__ = [
     "DATASETS",
@@ -22,6 +23,7 @@ __all__ = [
     "ImageDataset",
     "ImageFolderDataset",
     "MAEAugment",
+    "TarShardDataset",
     "TensorBatchLoader",
     "build_dataset",
     "build_loader",
@@ -75,18 +77,19 @@ def build_dataset(
     limit: int | None = None,
     progress: bool | None = None,
     num_workers: int = 2,
-) -> FashionMNIST | ImageFolderDataset:
+) -> FashionMNIST | ImageFolderDataset | TarShardDataset:
     """A data set by name, as uint8 squares of side ``img_size``.
 
     Args:
-        dataset: ``"fashion_mnist"`` or ``"folder"``.
+        dataset: ``"fashion_mnist"``, ``"folder"`` or ``"shards"``.
         root: the data folder; Fashion-MNIST defaults to ``/usr/share/datasets/fashion-mnist``, folders
-            need one (see :func:`resolve_folder_split` for the train/test layout).
+            need one (see :func:`resolve_folder_split` for the train/test layout), shards a folder, file,
+            glob or brace range (see :mod:`mimkit.data.shards`).
         split: ``"train"`` or ``"test"``.
         img_size: stored image side; defaults to 28 for Fashion-MNIST (its native size), required for
             folders.
         in_chans: 1 or 3; defaults to 1 for Fashion-MNIST and 3 for folders.
-        in_memory: folders only (Fashion-MNIST is always in memory); see :class:`ImageFolderDataset`.
+        in_memory: folders and shards (Fashion-MNIST is always in memory); see :class:`ImageFolderDataset`.
         limit: keep at most this many images (the first ones for Fashion-MNIST, evenly spaced ones for
             folders).
         progress: decoding progress bar for folders (None: only on a terminal).
@@ -116,6 +119,23 @@ def build_dataset(
             resolve_folder_split(root, split),
             img_size,
             in_chans=3 if in_chans is None else in_chans,
+            in_memory=in_memory,
+            limit=limit,
+            progress=progress,
+            num_workers=num_workers,
+        )
+    if dataset == "shards":
+        if root is None:
+            raise ValueError(
+                "dataset 'shards' needs its shards (set data.root to a folder, file, glob or {a..b} range)"
+            )
+        if img_size is None:
+            raise ValueError("dataset 'shards' needs img_size")
+        return TarShardDataset(
+            root,
+            img_size,
+            in_chans=3 if in_chans is None else in_chans,
+            split=split,
             in_memory=in_memory,
             limit=limit,
             progress=progress,

@@ -21,6 +21,7 @@ Decoding conventions (:func:`load_image`):
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ MAX_NAMED_WARNINGS = 20  # bad files named one warning each; the rest go to the 
 _DECODE_BLOCK = 1024  # images submitted to the thread pool at a time (bounds pending futures)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _T = TypeVar("_T")
+_S = TypeVar("_S")
 
 
 class BadImageError(Exception):
@@ -191,15 +193,18 @@ def _resize_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
 
 
-def load_image(path: str | Path, in_chans: int = 3, size: int | None = None) -> np.ndarray:
+def load_image(
+    path: str | Path, in_chans: int = 3, size: int | None = None, *, data: bytes | None = None
+) -> np.ndarray:
     """Decode one image file to uint8, whatever its mode (conventions in the module docstring).
 
     Args:
-        path: the image file.
+        path: the image file (with ``data``: only its name, for errors).
         in_chans: 1 for luminance, 3 for RGB.
         size: if given, resize so the shorter side is ``size`` and center-crop to ``size x size``
             (bilinear, antialiased; JPEGs are decoded at a reduced DCT scale first when that is still
             at least ``size``, which is much faster for large photos).
+        data: the file's bytes, when they come from elsewhere (e.g. a tar shard).
 
     Returns:
         (in_chans, H, W) uint8 array, or (in_chans, size, size) when ``size`` is given.
@@ -213,7 +218,7 @@ def load_image(path: str | Path, in_chans: int = 3, size: int | None = None) -> 
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(path if data is None else io.BytesIO(data)) as opened:
             _check_pixel_count(opened)
             if size is not None and opened.format == "JPEG":
                 # Decoding at 1/2, 1/4 or 1/8 scale keeps both sides >= size; libjpeg can also emit luma directly.
@@ -249,20 +254,21 @@ def check_image_header(path: str | Path) -> None:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
 
 
-def _map_paths(
-    function: Callable[[Path], _T],
-    paths: Sequence[Path],
+def map_items(
+    function: Callable[[_S], _T],
+    paths: Sequence[_S],
     *,
     num_workers: int,
     progress: bool,
     desc: str,
 ) -> Iterator[_T | BadImageError]:
-    """``function`` over ``paths`` in order, on a thread pool; bad files yield their BadImageError.
+    """``function`` over ``paths`` (files, or any items naming an image) in order, on a thread pool; bad
+    images yield their BadImageError.
 
     Threads suffice: Pillow releases the GIL while decoding and resizing.
     """
 
-    def guarded(path: Path) -> _T | BadImageError:
+    def guarded(path: _S) -> _T | BadImageError:
         try:
             return function(path)
         except BadImageError as error:
@@ -376,7 +382,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.in_memory:
             storage = np.empty((len(paths), in_chans, img_size, img_size), dtype=np.uint8)  # (N, C, S, S)
             decode = partial(load_image, in_chans=in_chans, size=img_size)
-            results = _map_paths(decode, paths, num_workers=num_workers, progress=show, desc=f"decode {self.root}")
+            results = map_items(decode, paths, num_workers=num_workers, progress=show, desc=f"decode {self.root}")
             num_kept = 0
             for index, result in enumerate(results):
                 if isinstance(result, BadImageError):
@@ -390,7 +396,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             check: Callable[[Path], object] = check_image_header
             if validate == "full":
                 check = partial(load_image, in_chans=in_chans, size=img_size)
-            checks = _map_paths(check, paths, num_workers=num_workers, progress=show, desc=f"check {self.root}")
+            checks = map_items(check, paths, num_workers=num_workers, progress=show, desc=f"check {self.root}")
             for index, outcome in enumerate(checks):
                 if isinstance(outcome, BadImageError):
                     self.skipped.append((outcome.path, outcome.reason))

@@ -32,7 +32,7 @@ def default_normalization(in_chans: int, dataset: str) -> tuple[tuple[float, ...
 
     Args:
         in_chans: 1 or 3.
-        dataset: ``"fashion_mnist"`` or ``"folder"``.
+        dataset: ``"fashion_mnist"``, ``"folder"`` or ``"shards"`` (as ``"folder"``).
 
     Returns:
         (mean, std), each a tuple of ``in_chans`` floats.
@@ -41,9 +41,9 @@ def default_normalization(in_chans: int, dataset: str) -> tuple[tuple[float, ...
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     if dataset == "fashion_mnist":
         return FASHION_MNIST_MEAN * in_chans, FASHION_MNIST_STD * in_chans
-    if dataset == "folder":
+    if dataset in ("folder", "shards"):
         return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (GRAY_MEAN, GRAY_STD)
-    raise ValueError(f"unknown dataset {dataset!r}; choose 'fashion_mnist' or 'folder'")
+    raise ValueError(f"unknown dataset {dataset!r}; choose 'fashion_mnist', 'folder' or 'shards'")
 
 
 def _channel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
