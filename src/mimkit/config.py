@@ -163,6 +163,7 @@ class TrainConfig:
     max_steps: int | None = None
     num_threads: int | None = None
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (sharded weights and optimizer state)
 
 
 @dataclass
@@ -351,6 +352,7 @@ class Config:
         check(self.eval.online_probe_lr > 0, "eval.online_probe_lr", f"must be > 0, got {self.eval.online_probe_lr}")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.train.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")
         check(self.train.save_every_epochs >= 1, "train.save_every_epochs", "must be >= 1")
         for key in ("save_every_steps", "keep_every_epochs", "max_steps"):
             value = getattr(self.train, key)

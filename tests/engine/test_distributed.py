@@ -55,3 +55,40 @@ def test_two_ranks_with_half_batches_train_the_same_weights_as_one_process(tmp_p
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == len(one) == 2
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_train_like_one_process_and_its_checkpoint_loads_anywhere(tmp_path: Path, small_config) -> None:
+    single = Pretrainer(small_config(tmp_path / "one", "train.epochs=2"))  # 8 steps of batch 16
+    single.fit()
+    run_dir = tmp_path / "fsdp"
+    recipe = tmp_path / "fsdp.yaml"
+    stopped = small_config(run_dir, "train.epochs=2", "train.batch_size=8", "train.parallel=fsdp", "train.max_steps=3")
+    recipe.write_text(yaml.safe_dump(stopped.to_dict()))
+    done = torchrun(2, ["--config", str(recipe)])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    pointer = torch.load(run_dir / "last.pt", weights_only=True)
+    assert "model" not in pointer and pointer["sharded"]["world_size"] == 2  # last.pt only names the shards
+    shards = sorted((run_dir / pointer["sharded"]["dir"]).iterdir())
+    assert [path.name for path in shards] == ["rank_00000.pt", "rank_00001.pt"]
+    assert len(list((run_dir / "shards").iterdir())) == 1  # older steps' shards were removed
+    part = torch.load(shards[1], weights_only=True)["model"]["encoder.blocks.0.mlp.fc1.weight"]
+    whole = single.model.state_dict()["encoder.blocks.0.mlp.fc1.weight"]
+    assert part.shape[0] == whole.shape[0] // 2  # each rank holds half of each weight
+
+    # Resume the sharded run on 2 ranks to the end; then its checkpoint, joined in this process, equals
+    # the single-process run.
+    resumed = small_config(run_dir, "train.epochs=2", "train.batch_size=8", "train.parallel=fsdp")
+    recipe.write_text(yaml.safe_dump(resumed.to_dict()))
+    done = torchrun(2, ["--config", str(recipe), "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint_file(run_dir / "last.pt")
+    assert state["step"] == 8 and "sharded" not in state
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(state["model"][key], value, atol=5e-5, rtol=1e-4, msg=key)
+    # and a single process resumes a sharded checkpoint (here: one more epoch)
+    more = Pretrainer(small_config(run_dir, "train.epochs=3", "train.batch_size=16"), resume=True)
+    assert more.step == 8
+    more.fit()
+    assert more.step == 12 and load_checkpoint_file(run_dir / "last.pt")["step"] == 12

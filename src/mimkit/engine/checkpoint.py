@@ -128,11 +128,17 @@ def error_summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
-def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(
+    path: str | Path, map_location: str | torch.device = "cpu", *, merge_shards: bool = True
+) -> dict[str, Any]:
     """Load a checkpoint dict safely (``weights_only=True``: no code from the file is executed).
 
+    A sharded checkpoint (an FSDP run's ``last.pt``, which names a folder of per-rank shard files) is
+    returned whole: its shards are read and concatenated, so one process can evaluate or resume it.
+    ``merge_shards=False`` returns the small ``last.pt`` itself (its ``sharded`` entry names the shards).
+
     Raises:
-        CheckpointError: missing, truncated or unreadable file, with the path and what to do.
+        CheckpointError: missing, truncated or unreadable file (or shard), with the path and what to do.
     """
     path = Path(path)
     if not path.is_file():
@@ -158,7 +164,49 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
             f"checkpoint {path} holds a {type(state).__name__}, not a dict; save checkpoints as dicts, e.g. "
             "torch.save({'model': model.state_dict()}, path)"
         )
+    if merge_shards and "sharded" in state:
+        state = merged_sharded_state(path, state, map_location)
     return state
+
+
+SHARDS_DIR = "shards"
+
+
+def shard_path(directory: Path, rank: int) -> Path:
+    """The file rank ``rank`` writes its shards to."""
+    return directory / f"rank_{rank:05d}.pt"
+
+
+def merged_sharded_state(path: Path, state: dict[str, Any], map_location: str | torch.device) -> dict[str, Any]:
+    """``state`` (a sharded checkpoint's ``last.pt``) with ``model`` and ``optimizer`` rebuilt from its shards."""
+    from mimkit.engine.distributed import merge_shards
+
+    info = state["sharded"]
+    directory = path.parent / info["dir"]
+    parts = [load_checkpoint_file(shard_path(directory, rank), map_location) for rank in range(info["world_size"])]
+    merged = merge_shards(parts, set(info["keys"]))
+    return {**{k: v for k, v in state.items() if k != "sharded"}, **merged}
+
+
+def remove_unreferenced_shards(directory: str | Path) -> list[Path]:
+    """Delete shard folders under ``directory/shards`` that no checkpoint of ``directory`` names (older
+    steps, and saves a kill interrupted before their ``last.pt`` was written). Returns the removed folders."""
+    directory = Path(directory)
+    root = directory / SHARDS_DIR
+    if not root.is_dir():
+        return []
+    named = set()
+    for checkpoint in directory.glob("*.pt"):
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable checkpoint names nothing
+            continue
+        if isinstance(state, dict) and "sharded" in state:
+            named.add((directory / state["sharded"]["dir"]).resolve())
+    removed = [folder for folder in root.iterdir() if folder.is_dir() and folder.resolve() not in named]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def _numpy_state_plain() -> tuple:

@@ -8,9 +8,12 @@ code runs on one CPU and on many GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,3 +102,99 @@ def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` in place with FSDP (``fully_shard``): each transformer block is its own unit (its
+    weights gathered just before it runs, freed after), the rest of the model forms the root unit.
+
+    Parameters become DTensors sharded along their first dimension over all ranks; forward, backward
+    and the optimizer step work unchanged. Call before building the optimizer.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from mimkit.layers.block import Block
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model sharded by :func:`shard_model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Gather the root unit's weights of a sharded model while code calls its submodules directly (mask
+    guidance, utilization, the online probe's encoder pass); a no-op for other models."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.reshard()  # type: ignore[operator]
+
+
+def local_shards(state: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A (nested) state dict with every DTensor replaced by this rank's local shard.
+
+    Returns:
+        (the state with plain tensors only, loadable with ``weights_only=True``; the dotted paths of the
+        tensors that were sharded along dim 0 and must be concatenated over ranks to rebuild them).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.to_local().detach().cpu().clone(), [path]
+    if isinstance(state, dict):
+        out, sharded = {}, []
+        for key, value in state.items():
+            out[key], inner = local_shards(value, f"{path}.{key}" if path else str(key))
+            sharded += inner
+        return out, sharded
+    if isinstance(state, list):
+        pairs = [local_shards(value, f"{path}.{index}") for index, value in enumerate(state)]
+        return [value for value, _ in pairs], [name for _, names in pairs for name in names]
+    return state, []
+
+
+def merge_shards(parts: list[Any], sharded: set[str], path: str = "") -> Any:
+    """Rebuild full tensors from every rank's :func:`local_shards` output (in rank order): sharded paths
+    are concatenated along dim 0 (FSDP's even ``torch.chunk`` split), everything else is taken from rank 0."""
+    first = parts[0]
+    if path in sharded:
+        return torch.cat(parts, dim=0)
+    if isinstance(first, dict):
+        return {
+            key: merge_shards([part[key] for part in parts], sharded, f"{path}.{key}" if path else str(key))
+            for key in first
+        }
+    if isinstance(first, list):
+        return [merge_shards([part[i] for part in parts], sharded, f"{path}.{i}") for i in range(len(first))]
+    return first
+
+
+def to_sharded_like(local: Any, like: Any) -> Any:
+    """Saved tensors as DTensors placed like ``like`` (a sharded state dict of the same structure), for
+    loading into a sharded model or its optimizer: this rank's local shards as they are, whole tensors cut
+    to this rank's share."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        local = local.to(like.device)
+        if local.shape == like.shape:  # a whole tensor (from a plain checkpoint): keep this rank's share
+            return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
+        return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    if isinstance(like, dict) and isinstance(local, dict):
+        return {key: to_sharded_like(value, like[key]) if key in like else value for key, value in local.items()}
+    if isinstance(like, list) and isinstance(local, list):
+        return [to_sharded_like(value, other) for value, other in zip(local, like, strict=False)]
+    return local

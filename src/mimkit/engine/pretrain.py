@@ -21,14 +21,18 @@ from tqdm.auto import tqdm
 from mimkit.config import Config, config_from_dict, model_overrides
 from mimkit.engine import distributed
 from mimkit.engine.checkpoint import (
+    SHARDS_DIR,
     CheckpointError,
     atomic_write,
     check_free_space,
     load_checkpoint_file,
+    merged_sharded_state,
     remove_stale_temporaries,
+    remove_unreferenced_shards,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    shard_path,
     state_bytes,
 )
 from mimkit.engine.logging import MetricsLogger, NullLogger
@@ -134,6 +138,12 @@ class Pretrainer:
     checkpoints, logs and pictures; metrics are reduced over ranks. A worker that torchrun restarts after a
     failure resumes from ``output_dir/last.pt`` by itself.
 
+    ``train.parallel``: ``ddp`` replicates the model on every rank (DistributedDataParallel); ``fsdp``
+    shards weights, gradients and AdamW state over the ranks (``fully_shard``, one unit per transformer
+    block), for models too big to replicate. An FSDP checkpoint is a folder of per-rank shard files named
+    by a small ``last.pt``; :func:`~mimkit.engine.checkpoint.load_checkpoint_file` joins them, so every
+    command (and a resume with another number of ranks, or none) reads it like any other checkpoint.
+
     Args:
         config: the validated run config.
         resume: continue from ``output_dir/last.pt`` (or from this checkpoint path when a string).
@@ -156,6 +166,7 @@ class Pretrainer:
         self._check_output_dir(resume_path)
         if self.place.is_main:
             remove_stale_temporaries(self.out_dir)
+            remove_unreferenced_shards(self.out_dir)  # shards of a save a kill interrupted
 
         torch.manual_seed(cfg.train.seed)
         self.dataset = build_dataset(
@@ -202,6 +213,11 @@ class Pretrainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         self.model = build_model(cfg).to(self.device)
+        self.sharded = cfg.train.parallel == "fsdp" and self.place.distributed
+        if cfg.train.parallel == "fsdp" and not self.sharded:
+            log.info("train.parallel=fsdp in a single process: nothing to shard, training the whole model here")
+        if self.sharded:
+            distributed.shard_model(self.model)
         self.base_lr = effective_lr(cfg.optim.blr, cfg.train.batch_size * world, cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -223,7 +239,8 @@ class Pretrainer:
         self.forward_model: torch.nn.Module = self.model
         self.probe_forward: torch.nn.Module | None = self.online_probe
         if self.place.distributed:
-            self.forward_model = self._data_parallel(self.model)
+            if not self.sharded:  # a sharded model reduces its own gradients
+                self.forward_model = self._data_parallel(self.model)
             if self.online_probe is not None:
                 self.probe_forward = self._data_parallel(self.online_probe)
         self.logger: MetricsLogger | NullLogger = NullLogger()
@@ -288,8 +305,8 @@ class Pretrainer:
             raise PermissionError(f"train.output_dir {self.out_dir} is not writable")
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint_file(path)
-        for key in ("model", "optimizer", "step"):
+        state = load_checkpoint_file(path, merge_shards=not self.sharded)
+        for key in ("step",) if "sharded" in state else ("model", "optimizer", "step"):
             if key not in state:
                 raise CheckpointError(f"{path} is not a mimkit training checkpoint (no {key!r})")
         saved = config_from_dict(state["config"]) if "config" in state else None
@@ -303,6 +320,8 @@ class Pretrainer:
                 f"{path} was trained with another model ({differ}); resume with the run's own config "
                 f"({path.parent / CONFIG_NAME}) or choose a new train.output_dir"
             )
+        if self.sharded:
+            state = {**state, **self._local_shards_of(path, state)}
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -322,6 +341,29 @@ class Pretrainer:
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _local_shards_of(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's share of a checkpoint's model and optimizer, as DTensors placed like the sharded
+        model's: straight from its shard file when the checkpoint was saved by as many ranks, else cut from
+        the whole tensors."""
+        info = state.get("sharded")
+        if info is not None and info["world_size"] == self.place.world_size:
+            pieces = load_checkpoint_file(shard_path(path.parent / info["dir"], self.place.rank))
+        else:
+            pieces = merged_sharded_state(path, state, "cpu") if info is not None else state
+        model_like = self.model.state_dict()
+        params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        optimizer = dict(pieces["optimizer"])
+        optimizer["state"] = {
+            index: {
+                key: distributed.to_sharded_like(value, params[int(index)])
+                if isinstance(value, torch.Tensor) and value.dim() > 0
+                else value
+                for key, value in per_param.items()
+            }
+            for index, per_param in pieces["optimizer"]["state"].items()
+        }
+        return {"model": distributed.to_sharded_like(pieces["model"], model_like), "optimizer": optimizer}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, as plain tensors and Python values."""
@@ -357,9 +399,35 @@ class Pretrainer:
         return state
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
+        """Write ``output_dir/name``; every rank calls it, rank 0 writes (with FSDP every rank writes its
+        shards first, and ``last.pt`` naming them is replaced only once all are complete)."""
         path = self.out_dir / name
-        save_checkpoint(path, self.state_dict())
+        if self.sharded:
+            self._save_sharded(path)
+        elif self.place.is_main:
+            save_checkpoint(path, self.state_dict())
         return path
+
+    def _save_sharded(self, path: Path) -> None:
+        folder = f"{SHARDS_DIR}/step_{self.step:08d}"
+        state = self.state_dict()
+        local, keys = distributed.local_shards({"model": state.pop("model"), "optimizer": state.pop("optimizer")})
+        save_checkpoint(shard_path(self.out_dir / folder, self.place.rank), local)
+        distributed.barrier()  # all shards complete before anything names them
+        if self.place.is_main:
+            state["sharded"] = {"dir": folder, "world_size": self.place.world_size, "keys": keys}
+            save_checkpoint(path, state)
+            remove_unreferenced_shards(self.out_dir)
+        distributed.barrier()
+
+    def evaluation_model(self) -> MaskedImageModel:
+        """The trained model whole in this process, for pictures and probes on rank 0: the model itself,
+        or for a sharded run a plain copy loaded from the last checkpoint."""
+        if not self.sharded:
+            return self.model
+        model = build_model(self.config).to(self.device)
+        model.load_state_dict(load_checkpoint_file(self.out_dir / CHECKPOINT_NAME)["model"])
+        return model
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine(
@@ -389,9 +457,11 @@ class Pretrainer:
             images_uint8.to(self.device, non_blocking=True), generator=step_generator(seed, step, 0), **share
         )
         self._update_masker()
-        mask = self._make_mask(images, part).to(self.device)
+        with distributed.unsharded(self.model):
+            mask = self._make_mask(images, part).to(self.device)
         if self._measures_utilization() and step % cfg.mask.utilization_every_steps == 0:
-            utilization = self.model.utilization(images, mask)
+            with distributed.unsharded(self.model):
+                utilization = self.model.utilization(images, mask)
             measured = distributed.all_reduce(torch.tensor([utilization.mask, utilization.visible, 1.0]))
             self.utilization_trigger += measured
             self.utilization_log += measured
@@ -467,7 +537,7 @@ class Pretrainer:
         encoder = self.model.encoder
         was_training = encoder.training
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), distributed.unsharded(self.model):
             encoder.eval()
             try:
                 features = encoder.forward_features(images, pool="cls")  # type: ignore[operator]  # (B, D)
@@ -566,10 +636,9 @@ class Pretrainer:
                         or (at_epoch_end and epochs_done % cfg.train.save_every_epochs == 0)
                     ):
                         self._check_finite(nonfinite, last_checked)
-                        if self.place.is_main:
-                            self.save()
+                        self.save()
                     keep = cfg.train.keep_every_epochs
-                    if keep and at_epoch_end and epochs_done % keep == 0 and self.place.is_main:
+                    if keep and at_epoch_end and epochs_done % keep == 0:
                         self.save(f"epoch_{epochs_done:04d}.pt")
                     if interrupt["requested"]:
                         raise TrainingInterrupted(

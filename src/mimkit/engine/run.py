@@ -11,6 +11,7 @@ import torch
 from mimkit.config import Config
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.engine.pretrain import Pretrainer, build_model
+from mimkit.models import MaskedImageModel
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def check_knn_data(trainer: Pretrainer) -> None:
             )
 
 
-def knn_report(trainer: Pretrainer) -> dict[str, Any]:
+def knn_report(trainer: Pretrainer, model: MaskedImageModel) -> dict[str, Any]:
     """kNN accuracy on the test split for the trained encoder and, as a baseline, the same
     architecture at random initialisation (same seed as the run)."""
     from mimkit.data.transforms import EvalTransform
@@ -75,7 +76,7 @@ def knn_report(trainer: Pretrainer) -> dict[str, Any]:
         raise ValueError("kNN evaluation needs labelled data (one subfolder per class); set eval.knn=false")
     transform = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)
     torch.manual_seed(cfg.train.seed)
-    encoders = {"pretrained": trainer.model.encoder}
+    encoders = {"pretrained": model.encoder}
     if ev.knn_baseline:
         encoders["random_init"] = build_model(cfg).encoder.to(trainer.device)
     report: dict[str, Any] = {
@@ -110,7 +111,7 @@ def knn_report(trainer: Pretrainer) -> dict[str, Any]:
     return report
 
 
-def reconstruction_picture(trainer: Pretrainer) -> str:
+def reconstruction_picture(trainer: Pretrainer, model: MaskedImageModel) -> str:
     """A grid of test images, their masks and reconstructions, saved as ``reconstruction.png``."""
     from mimkit.analysis.reconstruct import reconstruct, save_reconstruction_grid
     from mimkit.data.transforms import EvalTransform
@@ -122,7 +123,7 @@ def reconstruction_picture(trainer: Pretrainer) -> str:
         images = eval_split(cfg, "train", cfg.eval.num_images).images
     images = images[: cfg.eval.num_images]
     batch = EvalTransform(cfg.model.img_size, mean=trainer.mean, std=trainer.std)(images.to(trainer.device))
-    result = reconstruct(trainer.model, batch, generator=torch.Generator().manual_seed(cfg.train.seed))
+    result = reconstruct(model, batch, generator=torch.Generator().manual_seed(cfg.train.seed))
     path = trainer.out_dir / "reconstruction.png"
     save_reconstruction_grid(
         result,
@@ -160,12 +161,13 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
         summary["world_size"] = trainer.place.world_size
     if not trainer.place.is_main:
         return summary
+    model = trainer.evaluation_model()
     if config.eval.reconstruct and config.target.type == "pixel":
-        summary["reconstruction"] = reconstruction_picture(trainer)
+        summary["reconstruction"] = reconstruction_picture(trainer, model)
     elif config.eval.reconstruct:
         log.info("no reconstruction picture: the model predicts %s targets, not pixels", config.target.type)
     if config.eval.knn:
-        summary["knn"] = knn_report(trainer)
+        summary["knn"] = knn_report(trainer, model)
     text = json.dumps(summary, indent=2)
     atomic_write(trainer.out_dir / "summary.json", lambda handle: handle.write(text.encode()))
     return summary
