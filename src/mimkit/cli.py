@@ -78,20 +78,25 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from mimkit.engine import distributed
     from mimkit.eval.finetune import finetune_config, format_finetune, run_finetune
 
     config = finetune_config(args.overrides, args.config)
-    results = run_finetune(
-        args.checkpoint,
-        data=args.data,
-        partial_blocks=args.partial_blocks,
-        random_init=args.random_init,
-        config=config,
-        out_dir=args.out,
-        progress=not args.no_progress,
-        save_model=not args.no_save,
-    )
-    print(format_finetune(results))
+    try:
+        results = run_finetune(
+            args.checkpoint,
+            data=args.data,
+            partial_blocks=args.partial_blocks,
+            random_init=args.random_init,
+            config=config,
+            out_dir=args.out,
+            progress=not args.no_progress,
+            save_model=not args.no_save,
+        )
+    finally:
+        distributed.shutdown()
+    if distributed.place().is_main:
+        print(format_finetune(results))
     return 0
 
 

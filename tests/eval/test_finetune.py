@@ -226,3 +226,33 @@ def test_partial_convmae_finetuning_freezes_the_conv_stages_and_decays_them_as_e
             expected = 0.5**3
         if param.requires_grad:
             assert scale_of[id(param)] == pytest.approx(expected), name
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_on_two_ranks_equals_one_process(checkpoint, tmp_path, write_split_folder) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = write_split_folder(tmp_path / "data")
+    recipe = ["epochs=2", "drop_path=0.0", "blr=0.01"]  # no drop path: its draws are per rank
+    argv = ["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "one"), *recipe, "batch_size=16"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit"]
+    command += [*argv, "--out", str(tmp_path / "two"), *recipe, "batch_size=8"]
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fine-tuning of") == 1  # rank 0 alone reports
+    one, two = (
+        torch.load(tmp_path / run / "full" / "pretrained" / "classifier.pt", weights_only=True)["model"]
+        for run in ("one", "two")
+    )
+    for key, value in one.items():  # DDP's mean of two half-batch gradients vs one batch mean: float rounding
+        torch.testing.assert_close(two[key], value, atol=2e-5, rtol=1e-4, msg=key)
+    results = [
+        json.loads((tmp_path / run / "full" / "pretrained" / "results.json").read_text()) for run in ("one", "two")
+    ]
+    assert results[0]["steps"] == results[1]["steps"] and results[0]["lr"] == results[1]["lr"]
+    assert abs(results[0]["top1"] - results[1]["top1"]) <= 1 / results[0]["test_images"]

@@ -291,6 +291,10 @@ def finetune(
     label smoothing folded into its soft targets), and the loss is cross-entropy with label smoothing.
     The learning rate of each layer-decay group is ``lr_scale * warmup_cosine(step)``.
 
+    Under ``torchrun`` every rank trains a DistributedDataParallel copy on its ``batch_size`` rows of each
+    global batch of ``batch_size * world_size`` (augmented as one process would augment the whole batch; lr
+    scaled by the global batch); rank 0 alone evaluates, logs and returns the test logits.
+
     Args:
         model: a :class:`Classifier` (its encoder's drop path is set from ``config.drop_path``).
         train_images: (N, C, S, S) uint8.
@@ -310,20 +314,31 @@ def finetune(
     from timm.loss import SoftTargetCrossEntropy
 
     from mimkit.data.transforms import EvalTransform, MAEAugment
+    from mimkit.engine import distributed
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
 
     device = torch.device(device)
+    where = distributed.place()
+    batch, global_batch = config.batch_size, config.batch_size * where.world_size
+    progress = progress and where.is_main
     num_train = train_images.shape[0]
-    if num_train < config.batch_size:
+    if num_train < global_batch:
         raise ValueError(
-            f"{num_train} training images are fewer than one batch of {config.batch_size}; lower batch_size"
+            f"{num_train} training images are fewer than one batch of {global_batch}"
+            + (f" ({batch} x {where.world_size} ranks)" if where.distributed else "")
+            + "; lower batch_size"
         )
     num_classes = model.num_classes
     model.encoder.set_drop_path_rate(config.drop_path)
     model.to(device).train()
+    trained: nn.Module = model  # what runs forward and backward: the model, or its DDP wrapper
+    if where.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     groups = layer_decay_groups(model, config.weight_decay, config.layer_decay)
-    peak_lr = effective_lr(config.blr, config.batch_size, config.lr)
+    peak_lr = effective_lr(config.blr, global_batch, config.lr)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
     ema = None
     if config.ema:
@@ -345,7 +360,7 @@ def finetune(
         )
     soft_loss = SoftTargetCrossEntropy()
 
-    steps_per_epoch = num_train // config.batch_size
+    steps_per_epoch = num_train // global_batch
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -354,6 +369,8 @@ def finetune(
     numpy_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
     np.random.seed(config.seed)
     step = 0
+    logits = torch.empty(0, num_classes)  # the test logits, on rank 0
+    share = {"part": (where.rank * batch, global_batch)} if where.distributed else {}
     try:
         for epoch in range(config.epochs):
             order = torch.randperm(num_train, generator=order_generator)  # (N,)
@@ -370,15 +387,16 @@ def finetune(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                rows = order[index * config.batch_size : (index + 1) * config.batch_size]  # (B,)
-                images = augment(train_images[rows].to(device, non_blocking=True), generator)  # (B, C, S, S)
+                start = index * global_batch + where.rank * batch
+                rows = order[start : start + batch]  # (B,) this rank's rows of the global batch
+                images = augment(train_images[rows].to(device, non_blocking=True), generator, **share)  # (B, C, S, S)
                 labels = train_labels[rows].to(device, non_blocking=True)  # (B,)
                 if mixup is not None:
                     images, soft_targets = mixup(images, labels)  # (B, C, S, S), (B, num_classes)
-                    loss = soft_loss(model(images), soft_targets)
+                    loss = soft_loss(trained(images), soft_targets)
                 else:
-                    loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
+                    loss = F.cross_entropy(trained(images), labels, label_smoothing=config.label_smoothing)
+                if distributed.any_rank(~torch.isfinite(loss.detach()), device):
                     raise ValueError(
                         f"fine-tuning diverged at step {step} (loss {loss.item()}) with peak lr {peak_lr:g}; "
                         "lower blr or lr"
@@ -393,10 +411,13 @@ def finetune(
                 running += loss.detach()
                 step += 1
                 if step % config.log_every_steps == 0:
-                    loss_value = loss.item()
+                    loss_value = float(distributed.all_reduce(loss.detach().clone())) / where.world_size
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                     if metrics is not None:
                         metrics.log(step, {"finetune/loss": loss_value, "finetune/lr": lr})
+            running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
+            if not where.is_main:
+                continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
             logits = predict(
                 model, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
             )
@@ -410,7 +431,7 @@ def finetune(
         np.random.set_state(numpy_state)
     model.eval()
     ema_logits = None
-    if ema is not None:
+    if ema is not None and where.is_main:
         ema_logits = predict(
             ema.module, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
         )
@@ -445,6 +466,9 @@ def run_finetune(
         progress: progress bars.
         save_model: write the fine-tuned classifier (atomically).
 
+    Under ``torchrun`` every rank trains (see :func:`finetune`); rank 0 alone writes and reports, the
+    other ranks return ``{"rank": r}``.
+
     Returns:
         The dict written to ``results.json``: top-1/top-5, per-class accuracy, confusion, per-epoch
         history, the recipe and where the files went.
@@ -455,13 +479,15 @@ def run_finetune(
         CheckpointError: unreadable checkpoint.
     """
     from mimkit.config import to_plain
+    from mimkit.engine import distributed
     from mimkit.engine.checkpoint import atomic_write
-    from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.logging import MetricsLogger, NullLogger
     from mimkit.eval.data import check_labelled_folder, data_source, load_eval_model, load_labelled_split
     from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
 
     config = (config or FinetuneConfig()).validate()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    where, device = distributed.setup(device)
     dataset, folder = data_source(data)
     if folder is not None:
         check_labelled_folder(folder)
@@ -490,8 +516,10 @@ def run_finetune(
     protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
     which = "random_init" if random_init else "pretrained"
     run_dir = Path(out_dir) / protocol / which
-    classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)
-    metrics = MetricsLogger(run_dir, tensorboard=True)
+    with torch.random.fork_rng(devices=[]):  # the head's initialisation is part of the seeded recipe
+        torch.manual_seed(config.seed)
+        classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)
+    metrics = MetricsLogger(run_dir, tensorboard=True) if where.is_main else NullLogger()
     try:
         result = finetune(
             classifier,
@@ -506,6 +534,8 @@ def run_finetune(
             metrics=metrics,
             progress=progress,
         )
+        if not where.is_main:
+            return {"rank": where.rank}
         reported = result.ema_logits if result.ema_logits is not None else result.logits
         scores = classification_metrics(reported, splits["test"].labels, len(classes))
         metrics.log(result.steps, {"finetune/final_top1": scores.top1})
