@@ -55,25 +55,30 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from mimkit.engine import distributed
     from mimkit.eval.probe import format_probe, run_probe
 
-    results = run_probe(
-        args.checkpoint,
-        protocol=args.protocol,
-        data=args.data,
-        random_init=args.random_init,
-        pool=args.pool,
-        out_dir=args.out,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        blr=args.blr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(format_probe(results))
+    try:
+        results = run_probe(
+            args.checkpoint,
+            protocol=args.protocol,
+            data=args.data,
+            random_init=args.random_init,
+            pool=args.pool,
+            out_dir=args.out,
+            train_limit=args.train_limit,
+            test_limit=args.test_limit,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            blr=args.blr,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    finally:
+        distributed.shutdown()
+    if distributed.place().is_main:
+        print(format_probe(results))
     return 0
 
 

@@ -169,3 +169,34 @@ def test_normalization_comes_from_the_checkpoints_run_config(tmp_path, tiny_args
     # Pretrained on a gray folder (mean 0.5, std 0.5), probed on Fashion-MNIST: the encoder's own statistics.
     assert result["normalization"] == {"mean": [0.5], "std": [0.5]}
     assert result["top1"] > 0.3
+
+
+@pytest.mark.slow
+def test_torchrun_probe_splits_feature_extraction_and_matches_one_process(checkpoint, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    argv = ["probe", "--checkpoint", str(checkpoint), "--protocol", "knn", "--no-progress"]
+    argv += ["--train-limit", "301", "--test-limit", "101"]  # odd sizes: the ranks' shares differ by one
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit"]
+    done = subprocess.run(
+        [*command, *argv, "--out", str(tmp_path / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("knn probe of") == 1  # rank 0 alone reports
+    caches = [sorted((tmp_path / run / "cache").glob("*.pt")) for run in ("one", "two")]
+    assert [path.name for path in caches[0]] == [path.name for path in caches[1]] and len(caches[0]) == 2
+    for mine, theirs in zip(*caches, strict=True):  # features gathered from both ranks, in order
+        a, b = (torch.load(path, weights_only=True) for path in (mine, theirs))
+        assert a["features"].shape == b["features"].shape and torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["features"], a["features"], atol=1e-5, rtol=1e-5)
+    one, two = (
+        json.loads((tmp_path / run / "knn" / "pretrained" / "results.json").read_text()) for run in ("one", "two")
+    )
+    assert one["top1"] == two["top1"] and one["test_images"] == two["test_images"] == 101

@@ -98,6 +98,25 @@ def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
     return bool(all_reduce(value, "max").item() > 0)
 
 
+def all_gather_rows(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` (R_r, ...) in rank order; ranks may hold different R_r.
+
+    The exchange happens on ``device`` (GPU tensors for NCCL); the result is on the CPU.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    world = dist.get_world_size()
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[dist.get_rank()] = rows.shape[0]
+    dist.all_reduce(sizes)
+    longest = int(sizes.max())
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:size].cpu() for part, size in zip(gathered, sizes.tolist(), strict=True)])
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -21,6 +21,7 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str | None = None,
+    gather: bool = True,
 ) -> Tensor:
     """Pooled features of a whole image tensor, batch by batch, in eval mode and without gradients.
 
@@ -35,14 +36,37 @@ def extract_features(
         device: where to run; defaults to the encoder's device.
         progress: show a tqdm bar.
         desc: the bar's label; defaults to ``extract features (<pool>)``.
+        gather: under torchrun, split the images over the ranks (False: encode the given images here).
+
+    Under ``torchrun`` each rank encodes a contiguous ``1/world_size`` of the images and every rank gets
+    all features back (gathered in order).
 
     Returns:
         (N, D) float32 features on the CPU, in the order of ``images``.
     """
+    from mimkit.engine import distributed
+
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if device is None:
         device = next(encoder.parameters()).device
+    where = distributed.place()
+    if gather and where.distributed:
+        count, world = images.shape[0], where.world_size
+        if count < world:
+            raise ValueError(f"{count} images cannot be shared by {world} ranks; run with fewer processes")
+        mine = extract_features(
+            encoder,
+            images[where.rank * count // world : (where.rank + 1) * count // world],
+            transform=transform,
+            batch_size=batch_size,
+            pool=pool,
+            device=device,
+            progress=progress and where.is_main,
+            desc=desc,
+            gather=False,
+        )
+        return distributed.all_gather_rows(mine, device)
     was_training = encoder.training
     encoder.eval()
     features: list[Tensor] = []

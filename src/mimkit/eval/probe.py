@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mimkit.engine import distributed
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.eval.data import (
     LabelledSplit,
@@ -143,7 +144,8 @@ class _Features:
         labels, classes = data.labels, data.classes  # (N,)
         self.extracted += 1
         state = {"key": key, "features": features, "labels": labels, "classes": classes}
-        atomic_write(path, lambda handle: torch.save(state, handle))
+        if distributed.place().is_main:
+            atomic_write(path, lambda handle: torch.save(state, handle))
         return features, labels, classes
 
 
@@ -218,6 +220,7 @@ def run_probe(
         raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
     pools = ["cls", "avg"] if pool == "both" else [pool]
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    where, device = distributed.setup(device)  # under torchrun: features extracted by all ranks, rank 0 probes
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     run_dir = out_dir / protocol / ("random_init" if random_init else "pretrained")
     features = _Features(
@@ -259,6 +262,8 @@ def run_probe(
         test, test_labels, test_classes = features.get("test", name)
         if classes != test_classes:  # Fashion-MNIST or a folder checked above; guards a stale cache
             raise ValueError(f"test classes {test_classes} differ from train classes {classes}")
+        if not where.is_main:
+            continue
         num_classes = len(classes)
         entry: dict[str, Any] = {"feature_dim": train.shape[1]}
         if protocol == "knn":
@@ -302,6 +307,8 @@ def run_probe(
         )
         per_pool[name] = entry
         results.update(classes=classes, train_images=len(train), test_images=len(test))
+    if not where.is_main:
+        return {"rank": where.rank}
     best = max(pools, key=lambda name: per_pool[name]["top1"])
     results.update(
         best_pool=best,
