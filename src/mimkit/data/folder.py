@@ -287,6 +287,44 @@ def map_items(
                     bar.update(1)
 
 
+def check_image_args(in_chans: int, img_size: int, limit: int | None) -> None:
+    """The argument checks every image data set makes."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+
+
+def decode_in_memory(
+    decode: Callable[[_S], np.ndarray],
+    items: Sequence[_S],
+    shape: tuple[int, int, int],
+    *,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> tuple[Tensor, np.ndarray, list[tuple[Path, str]]]:
+    """Decode every item into one uint8 tensor, leaving out the bad ones.
+
+    Returns:
+        images (K, C, S, S) uint8 of the K decodable items in order; keep (N,) bool; skipped (path, reason).
+    """
+    storage = np.empty((len(items), *shape), dtype=np.uint8)  # (N, C, S, S)
+    keep = np.zeros(len(items), dtype=bool)
+    skipped: list[tuple[Path, str]] = []
+    num_kept = 0
+    for index, result in enumerate(map_items(decode, items, num_workers=num_workers, progress=progress, desc=desc)):
+        if isinstance(result, BadImageError):
+            skipped.append((result.path, result.reason))
+        else:
+            storage[num_kept] = result  # results arrive in order: compact as we go
+            keep[index] = True
+            num_kept += 1
+    return torch.from_numpy(storage[:num_kept]), keep, skipped
+
+
 def report_skipped(skipped: Sequence[tuple[Path, str]], root: Path, total: int) -> None:
     """Warn about each skipped file: the first :data:`MAX_NAMED_WARNINGS` as warnings, the rest in the log."""
     for index, (path, reason) in enumerate(skipped):
@@ -357,12 +395,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         validate: str = "header",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
+        check_image_args(in_chans, img_size, limit)
         if validate not in ("header", "full"):
             raise ValueError(f"validate must be 'header' or 'full', got {validate!r}")
         self.root = Path(root)
@@ -380,18 +413,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         keep = np.zeros(len(paths), dtype=bool)
         self.images: Tensor | None = None
         if self.in_memory:
-            storage = np.empty((len(paths), in_chans, img_size, img_size), dtype=np.uint8)  # (N, C, S, S)
             decode = partial(load_image, in_chans=in_chans, size=img_size)
-            results = map_items(decode, paths, num_workers=num_workers, progress=show, desc=f"decode {self.root}")
-            num_kept = 0
-            for index, result in enumerate(results):
-                if isinstance(result, BadImageError):
-                    self.skipped.append((result.path, result.reason))
-                else:
-                    storage[num_kept] = result  # results arrive in order: compact as we go
-                    keep[index] = True
-                    num_kept += 1
-            self.images = torch.from_numpy(storage[:num_kept])
+            self.images, keep, self.skipped = decode_in_memory(
+                decode,
+                paths,
+                (in_chans, img_size, img_size),
+                num_workers=num_workers,
+                progress=show,
+                desc=f"decode {self.root}",
+            )
         else:
             check: Callable[[Path], object] = check_image_header
             if validate == "full":

@@ -36,8 +36,9 @@ from mimkit.data.folder import (
     DEFAULT_MEMORY_BUDGET,
     IMAGE_EXTENSIONS,
     BadImageError,
+    check_image_args,
+    decode_in_memory,
     load_image,
-    map_items,
     report_skipped,
 )
 
@@ -228,12 +229,7 @@ class TarShardDataset(torch.utils.data.Dataset):
         num_workers: int = 2,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
+        check_image_args(in_chans, img_size, limit)
         self.root = str(root)
         self.img_size, self.in_chans = img_size, in_chans
         self.shards = resolve_shards(root, split)
@@ -263,20 +259,15 @@ class TarShardDataset(torch.utils.data.Dataset):
         keep = np.ones(len(members), dtype=bool)
         if self.in_memory:
             show = sys.stderr.isatty() if progress is None else progress
-            storage = np.empty((len(members), in_chans, img_size, img_size), dtype=np.uint8)  # (N, C, S, S)
             decode: Callable[[ShardMember], np.ndarray] = partial(self._decode_member, handles=None)
-            results = map_items(
-                decode, [m for _, m in members], num_workers=num_workers, progress=show, desc="decode shards"
+            self.images, keep, self.skipped = decode_in_memory(
+                decode,
+                [m for _, m in members],
+                (in_chans, img_size, img_size),
+                num_workers=num_workers,
+                progress=show,
+                desc="decode shards",
             )
-            num_kept = 0
-            for index, result in enumerate(results):
-                if isinstance(result, BadImageError):
-                    self.skipped.append((result.path, result.reason))
-                    keep[index] = False
-                else:
-                    storage[num_kept] = result
-                    num_kept += 1
-            self.images = torch.from_numpy(storage[:num_kept])
             if self.skipped:
                 report_skipped(self.skipped, Path(self.root), len(members))
         kept = [pair for pair, ok in zip(members, keep, strict=True) if ok]
