@@ -164,6 +164,8 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (sharded weights and optimizer state)
+    compile: bool = False  # torch.compile the training forward (see README, Performance)
+    precision: str = "fp32"  # fp32, or bf16 autocast of the forward pass (fast on GPUs; fp32 weights and optimizer)
 
 
 @dataclass
@@ -353,6 +355,7 @@ class Config:
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.train.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")
+        check(self.train.precision in ("fp32", "bf16"), "train.precision", "must be 'fp32' or 'bf16'")
         check(self.train.save_every_epochs >= 1, "train.save_every_epochs", "must be >= 1")
         for key in ("save_every_steps", "keep_every_epochs", "max_steps"):
             value = getattr(self.train, key)

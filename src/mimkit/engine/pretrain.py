@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -238,11 +239,21 @@ class Pretrainer:
         # wrapper (which all-reduces gradients); self.model stays the plain module for everything else.
         self.forward_model: torch.nn.Module = self.model
         self.probe_forward: torch.nn.Module | None = self.online_probe
+        self.data_parallel: Any = None  # the DDP wrapper, for no_sync under gradient accumulation
         if self.place.distributed:
             if not self.sharded:  # a sharded model reduces its own gradients
-                self.forward_model = self._data_parallel(self.model)
+                self.forward_model = self.data_parallel = self._data_parallel(self.model)
             if self.online_probe is not None:
                 self.probe_forward = self._data_parallel(self.online_probe)
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.forward_model)  # type: ignore[assignment]
+        self.autocast = (
+            partial(torch.autocast, device_type=self.device.type, dtype=torch.bfloat16)
+            if cfg.train.precision == "bf16"
+            else contextlib.nullcontext
+        )
+        if cfg.train.precision == "bf16" and self.device.type == "cpu":
+            log.warning("train.precision=bf16 on a CPU: correct, but slower than fp32 unless the CPU has bf16 units")
         self.logger: MetricsLogger | NullLogger = NullLogger()
         if self.place.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -472,11 +483,12 @@ class Pretrainer:
         for index in range(accum):
             rows = slice(index * micro, (index + 1) * micro)
             last = index == accum - 1
-            no_sync = getattr(self.forward_model, "no_sync", None)  # DDP: all-reduce once, after the last
-            with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                out = self.forward_model(images[rows], mask=mask.rows(rows))
-                (out.loss / accum).backward()
-            total += out.loss.detach() / accum
+            reduce_now = last or self.data_parallel is None  # DDP: all-reduce once, after the last
+            with contextlib.nullcontext() if reduce_now else self.data_parallel.no_sync():
+                with self.autocast():  # bf16 forward when configured; backward runs outside autocast
+                    out = self.forward_model(images[rows], mask=mask.rows(rows))
+                (out.loss.float() / accum).backward()
+            total += out.loss.detach().float() / accum
         if cfg.optim.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
         self.optimizer.step()
