@@ -133,6 +133,37 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from mimkit.bench import CONFIGS, BenchOptions, run_benchmark, smoke_options
+
+    if args.smoke:
+        options = smoke_options(args.out)
+    else:
+        # ConvMAE has no HF peer: it is timed among the variants, against MAE.
+        configs: tuple[str, ...] = {"all": ("tiny", "base"), "convmae": ()}.get(args.config, (args.config,))
+        options = BenchOptions(
+            configs=configs,
+            steps=args.steps,
+            repeats=args.repeats,
+            threads=args.threads,
+            loss_check=args.loss_check,
+            compile=args.compile,
+            levers=(args.config in ("tiny", "all") or args.compile) and not args.compare_only,
+            masking=args.config in ("tiny", "all") and not args.compare_only,
+            variants=args.config in ("convmae", "all") and not args.compare_only,
+            memory=args.memory,
+            pipeline=args.pipeline
+            if args.config in ("tiny", "all") and not (args.no_pipeline or args.compare_only)
+            else None,
+            sweep=args.sweep,
+            out=args.out,
+        )
+    if args.config not in (*CONFIGS, "all"):
+        raise ValueError(f"unknown bench config {args.config!r}")
+    run_benchmark(options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -251,6 +282,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_info)
+
+    p = commands.add_parser("bench", help="pretraining throughput against HuggingFace ViTMAE, FLOP/s, memory")
+    p.add_argument(
+        "--config",
+        choices=["tiny", "base", "convmae", "all"],
+        default="tiny",
+        help="tiny: ViT-Tiny/4 at 32 px, batch 128, with levers and masking speed-up; base: ViT-B/16 at 224, "
+        "batch 32; convmae: ConvMAE-Small, self-guided and teacher steps against MAE; all: everything",
+    )
+    p.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per model (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--loss-check", type=int, default=0, metavar="STEPS", help="also compare the loss with HF for STEPS steps"
+    )
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
+    p.add_argument("--memory", action="store_true", help="peak memory of ViT-Tiny/B/L steps (fresh processes)")
+    p.add_argument("--sweep", action="store_true", help="img/s against batch size and mask ratio, plotted to --out")
+    p.add_argument(
+        "--pipeline",
+        default="configs/mae_vit_tiny_fmnist.yaml",
+        help="recipe of the short end-to-end run that measures the data pipeline's share",
+    )
+    p.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end run")
+    p.add_argument("--compare-only", action="store_true", help="only mimkit against HF (no levers, masking, variants)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of everything on a 2-block model")
+    p.add_argument("--out", type=Path, default=None, help="folder for results.json and throughput.png")
+    p.set_defaults(func=_bench)
     return parser
 
 

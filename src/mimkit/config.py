@@ -40,6 +40,9 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # recompute each block in the backward pass instead of keeping its activations (less memory, ~25% slower
+    # steps); a training choice, not part of the architecture: a run may resume with it switched
+    grad_checkpointing: bool = False
     # ConvMAE (convmae_*): per-stage widths, depths and downsampling (patch_size is then their product's
     # business, not a key), depthwise kernel of the conv blocks, multi-scale fusion into the decoder
     embed_dims: tuple[int, ...] | None = None
@@ -537,6 +540,7 @@ def model_overrides(config: Config) -> dict[str, Any]:
         drop_path_rate=m.drop_path_rate,
         norm_eps=m.norm_eps,
         qkv_bias=m.qkv_bias,
+        grad_checkpointing=m.grad_checkpointing,
         mask_type=config.mask.type,
         mask_ratio=config.mask.ratio,
         mask_options=mask_options(config.mask),

@@ -175,3 +175,18 @@ def test_compiled_training_equals_eager(tmp_path: Path, small_config, weights) -
         torch.testing.assert_close(weights(compiled)[key], value, atol=1e-5, rtol=1e-4, msg=key)
     state = load_checkpoint_file(tmp_path / "compiled" / "last.pt")
     assert not any(key.startswith("_orig_mod") for key in state["model"])  # checkpoints keep the plain names
+
+
+def test_a_run_resumes_with_activation_checkpointing_switched_on(tmp_path: Path, small_config, weights) -> None:
+    full = Pretrainer(small_config(tmp_path / "full", "train.epochs=2"))
+    full.fit()
+    Pretrainer(small_config(tmp_path / "split", "train.epochs=2", "train.max_steps=5")).fit()
+    resumed = Pretrainer(
+        small_config(tmp_path / "split", "train.epochs=2", "model.grad_checkpointing=true"), resume=True
+    )
+    assert resumed.model.encoder.grad_checkpointing and resumed.model.decoder.grad_checkpointing
+    resumed.fit()
+    for key, value in weights(full).items():  # recomputed blocks give the same gradients
+        torch.testing.assert_close(weights(resumed)[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    with pytest.raises(CheckpointError, match=r"model.depth: 2 in the checkpoint, 3 here"):
+        Pretrainer(small_config(tmp_path / "split", "train.epochs=3", "model.depth=3"), resume=True)

@@ -108,6 +108,8 @@ def build_model(config: Config) -> MaskedImageModel:
     return create_model(config.model.name, **model_overrides(config))
 
 
+# model.* keys that change how a model trains, not what it is: a run may resume with them changed
+TRAINING_CHOICES = ("grad_checkpointing",)
 RANK_STRIDE = 2**40  # seeds of rank r are those of rank 0 shifted by r * RANK_STRIDE
 
 
@@ -321,12 +323,12 @@ class Pretrainer:
             if key not in state:
                 raise CheckpointError(f"{path} is not a mimkit training checkpoint (no {key!r})")
         saved = config_from_dict(state["config"]) if "config" in state else None
-        if saved is not None and saved.model != self.config.model:
-            differ = ", ".join(
-                f"model.{key}: {value!r} in the checkpoint, {getattr(self.config.model, key)!r} here"
-                for key, value in vars(saved.model).items()
-                if value != getattr(self.config.model, key)
-            )
+        differ = ", ".join(
+            f"model.{key}: {value!r} in the checkpoint, {getattr(self.config.model, key)!r} here"
+            for key, value in (vars(saved.model).items() if saved is not None else ())
+            if value != getattr(self.config.model, key) and key not in TRAINING_CHOICES
+        )
+        if differ:
             raise CheckpointError(
                 f"{path} was trained with another model ({differ}); resume with the run's own config "
                 f"({path.parent / CONFIG_NAME}) or choose a new train.output_dir"

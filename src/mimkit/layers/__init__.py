@@ -1,11 +1,22 @@
 """Pure ``nn.Module`` building blocks (no config)."""
 
-from mimkit.layers.block import Attention, Block, DropPath, Mlp, init_vit_weights, run_blocks
+from mimkit.layers.block import (
+    ATTENTION_IMPLS,
+    Attention,
+    Block,
+    DropPath,
+    Mlp,
+    init_vit_weights,
+    run_block,
+    run_blocks,
+    set_attention_impl,
+)
 from mimkit.layers.conv_block import ConvBlock, ConvMlp, ConvPatchEmbed, LayerNorm2d, masked, upsample_mask
 from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
 from mimkit.layers.pos_embed import sincos_1d, sincos_2d
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "Attention",
     "Block",
     "ConvBlock",
@@ -19,7 +30,9 @@ __all__ = [
     "init_vit_weights",
     "masked",
     "patchify",
+    "run_block",
     "run_blocks",
+    "set_attention_impl",
     "sincos_1d",
     "sincos_2d",
     "unpatchify",

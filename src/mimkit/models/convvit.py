@@ -59,6 +59,8 @@ class ConvViT(nn.Module):
         fuse: add the stage-1 and stage-2 features to the output tokens (multi-scale fusion).
         drop_path_rate: stochastic depth, rising linearly over all blocks of all stages.
         norm_eps: LayerNorm epsilon.
+        grad_checkpointing: recompute each transformer (stage-3) block's activations in the backward pass
+            instead of keeping them (activation checkpointing, training only).
     """
 
     num_prefix_tokens = 0
@@ -77,6 +79,7 @@ class ConvViT(nn.Module):
         fuse: bool = True,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.patch_sizes = _three(patch_sizes, "patch_sizes")
@@ -89,6 +92,7 @@ class ConvViT(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = self.embed_dims[2]
         self.fuse = fuse
+        self.grad_checkpointing = grad_checkpointing
         # Upsampling factor from the stage-3 grid to the map of each stage.
         self.stage_factors = (self.patch_sizes[1] * self.patch_sizes[2], self.patch_sizes[2], 1)
         dim1, dim2, dim3 = self.embed_dims
@@ -205,6 +209,7 @@ class ConvViT(nn.Module):
             x,
             attentions=out.attentions if return_attn else None,
             hidden_states=out.hidden_states if return_hidden else None,
+            checkpoint=self.grad_checkpointing and self.training,
         )
         if fused is not None:
             x = x + fused

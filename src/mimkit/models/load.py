@@ -89,12 +89,13 @@ class OptionalDependencyError(ImportError):
     """An optional dependency (transformers, safetensors) is needed for this file and is not installed."""
 
 
-def _import_transformers() -> Any:
+def import_transformers(purpose: str = "HuggingFace checkpoints") -> Any:
+    """The ``transformers`` module, or an :class:`OptionalDependencyError` saying what needs it."""
     try:
         import transformers
     except ImportError:
         raise OptionalDependencyError(
-            "HuggingFace checkpoints need the optional dependency transformers: pip install 'mimkit[hf]'"
+            f"{purpose} need the optional dependency transformers: pip install 'mimkit[hf]'"
         ) from None
     return transformers
 
@@ -316,7 +317,7 @@ def _from_hf_directory(directory: Path, overrides: Mapping[str, Any]) -> MaskedI
     if not isinstance(raw, dict) or raw.get("model_type", "vit_mae") != "vit_mae":
         kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{config_path} describes a {kind!r} model, not a ViTMAE ('vit_mae') one")
-    transformers = _import_transformers()
+    transformers = import_transformers()
     try:
         hf_config = transformers.ViTMAEConfig.from_pretrained(str(directory))
         args = args_from_hf_config(hf_config)

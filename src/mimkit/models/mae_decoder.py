@@ -49,6 +49,8 @@ class MAEDecoder(nn.Module):
         norm_eps: LayerNorm epsilon.
         num_prefix_tokens: 1 (the encoder's class token is kept, extra prefix tokens dropped) or 0 (the
             encoder has no prefix token).
+        grad_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (activation checkpointing, training only): less memory for about one more forward pass.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-6,
         num_prefix_tokens: int = 1,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_prefix_tokens not in (0, 1):
@@ -69,6 +72,7 @@ class MAEDecoder(nn.Module):
         self.grid = grid
         self.num_prefix_tokens = num_prefix_tokens
         self.embed_dim = embed_dim
+        self.grad_checkpointing = grad_checkpointing
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, num_prefix_tokens)[None], requires_grad=False)
@@ -98,6 +102,7 @@ class MAEDecoder(nn.Module):
             x,
             attentions=out.attentions if return_attn else None,
             hidden_states=out.hidden_states if return_hidden else None,
+            checkpoint=self.grad_checkpointing and self.training,
         )
         out.pred = self.pred(self.norm(x))[:, self.num_prefix_tokens :]  # (B, L, out_dim)
         return out

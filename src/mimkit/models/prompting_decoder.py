@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mimkit.layers import run_block
 from mimkit.masking import MaskSpec
 from mimkit.models.mae_decoder import DecoderOutput, MAEDecoder
 from mimkit.models.vit import EncoderOutput
@@ -49,7 +50,7 @@ class PromptingDecoder(MAEDecoder):
         out = DecoderOutput(pred=x)
         query_start = num_prefix + num_visible
         for block in self.blocks:
-            x, _ = block(x, query_start=query_start)
+            x, _ = run_block(block, x, checkpoint=self.grad_checkpointing and self.training, query_start=query_start)
             if return_hidden:
                 out.hidden_states.append(self._raster(x, mask))
         out.pred = self.pred(self.norm(self._raster(x, mask)))[:, num_prefix:]  # (B, L, out_dim)

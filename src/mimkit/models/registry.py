@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = dict(
     mask_ratio=0.75,
     mask_type="random",
     mask_options=None,
+    grad_checkpointing=False,
 )
 
 # Arguments of ConvMAE only: the depthwise kernel of the convolution blocks and multi-scale fusion.
@@ -85,7 +86,9 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``decoder_embed_dim``, ``decoder_depth``,
     ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
     arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
-    ``qkv_bias``, ``drop_path_rate`` and ``decoder`` (a preset of :data:`DECODERS`), and the target:
+    ``qkv_bias``, ``drop_path_rate``, ``grad_checkpointing`` (activation checkpointing of every encoder and
+    decoder block while training: less memory, about one more forward pass of compute) and ``decoder`` (a
+    preset of :data:`DECODERS`), and the target:
     ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher``, ``teacher_options`` and
     ``tokenizer`` (see :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the
     normalization of the images, which a teacher undoes), and BEiT v2's class-token pretraining:
@@ -140,6 +143,7 @@ def create_encoder(name: str, **overrides: Any) -> VisionTransformer | ConvViT:
             fuse=args["fuse"],
             drop_path_rate=args["drop_path_rate"],
             norm_eps=args["norm_eps"],
+            grad_checkpointing=args["grad_checkpointing"],
         )
     return VisionTransformer(
         img_size=args["img_size"],
@@ -152,6 +156,7 @@ def create_encoder(name: str, **overrides: Any) -> VisionTransformer | ConvViT:
         qkv_bias=args["qkv_bias"],
         drop_path_rate=args["drop_path_rate"],
         norm_eps=args["norm_eps"],
+        grad_checkpointing=args["grad_checkpointing"],
     )
 
 
@@ -190,6 +195,7 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         mlp_ratio=args["mlp_ratio"],
         norm_eps=args["norm_eps"],
         num_prefix_tokens=encoder.num_prefix_tokens,
+        grad_checkpointing=args["grad_checkpointing"],
     )
     decoder: MAEDecoder | ClassTokenPretraining = main_decoder
     if args["cls_pretraining"]:  # BEiT v2's class-token head on an early block's patch tokens

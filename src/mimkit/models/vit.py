@@ -55,6 +55,8 @@ class VisionTransformer(nn.Module):
         qkv_bias: bias on qkv projections.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         norm_eps: LayerNorm epsilon.
+        grad_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (activation checkpointing, training only): less memory for about one more forward pass.
     """
 
     num_prefix_tokens = 1
@@ -71,6 +73,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -78,6 +81,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
+        self.grad_checkpointing = grad_checkpointing
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, 1)[None], requires_grad=False)
@@ -141,6 +145,7 @@ class VisionTransformer(nn.Module):
             x,
             attentions=out.attentions if return_attn else None,
             hidden_states=out.hidden_states if return_hidden else None,
+            checkpoint=self.grad_checkpointing and self.training,
         )
         out.tokens = self.norm(x)
         return out
