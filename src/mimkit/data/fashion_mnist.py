@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mimkit.data.folder import check_image_args
+
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = [
@@ -172,12 +174,7 @@ class FashionMNIST(torch.utils.data.Dataset):
         in_chans: int = 1,
         limit: int | None = None,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3 for Fashion-MNIST, got {in_chans}")
-        if img_size <= 0:
-            raise ValueError(f"img_size must be positive, got {img_size}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
+        check_image_args(in_chans, img_size, limit)
         images, labels = load_fashion_mnist(root, split)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
