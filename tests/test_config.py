@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mimkit.config import Config, ConfigError, config_from_dict, load_config
+from mimkit.config import Config, ConfigError, config_from_dict, from_dict, load_config, to_plain
 from mimkit.targets import tokenizer_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -20,6 +20,14 @@ def test_shipped_recipes_load_and_round_trip(path: Path, tmp_path: Path) -> None
     recipe = yaml.safe_load(path.read_text())
     if "spec" in recipe.get("teacher", {}):  # a tokenizer recipe (mimkit tokenizer-train)
         assert tokenizer_config(path=path).teacher.spec == recipe["teacher"]["spec"]
+        return
+    if path.name.startswith(("detect_", "seg_")):  # mimkit detect-train / seg-train recipes
+        from mimkit.detection.seg_train import SegConfig, seg_config
+        from mimkit.detection.train import DetectConfig, detect_config
+
+        kind, read = (DetectConfig, detect_config) if path.name.startswith("detect_") else (SegConfig, seg_config)
+        loaded = read(path, [])
+        assert from_dict(kind, yaml.safe_load(yaml.safe_dump(to_plain(loaded)))) == loaded
         return
     folder = recipe["data"]["dataset"] == "folder"
     cfg = load_config(path, [f"data.root={tmp_path}"] if folder else [])  # a photo recipe names no folder

@@ -133,6 +133,49 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detect_train(args: argparse.Namespace) -> int:
+    from mimkit.detection.train import detect_config, format_detection, run_detect_train
+
+    config = detect_config(args.config, args.overrides)
+    results = run_detect_train(config, progress=False if args.no_progress else None)
+    print(format_detection(results))
+    print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")
+    return 0
+
+
+def _detect_eval(args: argparse.Namespace) -> int:
+    from mimkit.detection.train import format_detection, run_detect_eval
+
+    results = run_detect_eval(
+        args.checkpoint,
+        args.data,
+        annotations=args.annotations,
+        out_dir=args.out,
+        limit=args.limit,
+        picture_score_threshold=args.picture_threshold,
+        progress=not args.no_progress,
+    )
+    print(format_detection(results))
+    return 0
+
+
+def _detect_shapes(args: argparse.Namespace) -> int:
+    from mimkit.detection.shapes import generate_shapes
+
+    root = generate_shapes(args.out, args.num_images, size=args.size, max_objects=args.max_objects, seed=args.seed)
+    print(f"wrote {args.num_images} images to {root}/images, {root}/annotations.json and {root}/masks")
+    return 0
+
+
+def _detect_import_voc(args: argparse.Namespace) -> int:
+    from mimkit.detection.voc import voc_to_coco
+
+    report = voc_to_coco(args.annotations, args.out, classes=args.classes, skip_difficult=args.skip_difficult)
+    print(report.summary())
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from mimkit.bench import CONFIGS, BenchOptions, run_benchmark, smoke_options
 
@@ -161,6 +204,24 @@ def _bench(args: argparse.Namespace) -> int:
     if args.config not in (*CONFIGS, "all"):
         raise ValueError(f"unknown bench config {args.config!r}")
     run_benchmark(options)
+    return 0
+
+
+def _seg_train(args: argparse.Namespace) -> int:
+    from mimkit.detection.seg_train import format_segmentation, run_seg_train, seg_config
+
+    config = seg_config(args.config, args.overrides)
+    results = run_seg_train(config, progress=False if args.no_progress else None)
+    print(format_segmentation(results))
+    print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")
+    return 0
+
+
+def _seg_eval(args: argparse.Namespace) -> int:
+    from mimkit.detection.seg_train import format_segmentation, run_seg_eval
+
+    results = run_seg_eval(args.checkpoint, args.data, out_dir=args.out, split=args.split, limit=args.limit)
+    print(format_segmentation(results))
     return 0
 
 
@@ -277,6 +338,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 model.num_codes=256")
     p.set_defaults(func=_tokenizer_train)
+
+    p = commands.add_parser(
+        "detect-train", help="fine-tune a pretrained encoder as a Mask R-CNN backbone (MIMDet, ConvMAE)"
+    )
+    p.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/detect_shapes.yaml")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides such as model.checkpoint=runs/x/last.pt train.epochs=2"
+    )
+    p.set_defaults(func=_detect_train)
+
+    p = commands.add_parser("detect-eval", help="COCO box and mask AP of a trained detector, prediction pictures")
+    p.add_argument("--checkpoint", required=True, help="last.pt of a detect-train run")
+    p.add_argument(
+        "--data", required=True, help="COCO folder: images/ + annotations.json (or annotations/instances_*.json)"
+    )
+    p.add_argument("--annotations", default=None, help="the instances JSON, when not in the folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (results.json, predictions.png)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument(
+        "--picture-threshold", type=float, default=None, help="draw detections scoring at least this (default 0.5)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_detect_eval)
+
+    p = commands.add_parser("detect-shapes", help="generate the shapes detection/segmentation set as a COCO folder")
+    p.add_argument("--out", required=True, type=Path, help="new folder")
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--max-objects", type=int, default=4, help="1 to this many objects per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_detect_shapes)
+
+    p = commands.add_parser("detect-import-voc", help="Pascal-VOC XML annotations to a COCO instances JSON (boxes)")
+    p.add_argument("annotations", type=Path, help="folder of VOC *.xml files (VOC's Annotations/)")
+    p.add_argument("out", type=Path, help="COCO JSON to write, e.g. VOC2012/annotations.json")
+    p.add_argument("--classes", nargs="+", default=None, help="class names in label order (default: all found, sorted)")
+    p.add_argument("--skip-difficult", action="store_true", help="drop objects marked difficult")
+    p.set_defaults(func=_detect_import_voc)
+
+    p = commands.add_parser(
+        "seg-train", help="fine-tune a pretrained encoder with a UperNet head for semantic segmentation"
+    )
+    p.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/seg_shapes.yaml")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as model.backbone=convmae train.epochs=2")
+    p.set_defaults(func=_seg_train)
+
+    p = commands.add_parser("seg-eval", help="mIoU and per-class IoU of a trained segmenter, overlays as PNG")
+    p.add_argument("--checkpoint", required=True, help="last.pt of a seg-train run")
+    p.add_argument("--data", required=True, help="folder: images/ + masks/, JPEGImages/ + SegmentationClass/ (VOC)")
+    p.add_argument("--split", default=None, help="ADE20K split folder (images/<split>, annotations/<split>)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (results.json, overlays.png)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.set_defaults(func=_seg_eval)
 
     p = commands.add_parser("info", help="parameters, tokens and FLOPs of a recipe's model")
     p.add_argument("--config", type=Path)

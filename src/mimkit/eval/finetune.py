@@ -217,24 +217,32 @@ def parameter_layers(encoder: nn.Module) -> dict[str, int]:
     return {name: layer_of.get(id(param), 0) for name, param in encoder.named_parameters()}
 
 
-def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+def layer_decay_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float, *, encoder: nn.Module | None = None
+) -> list[dict[str, Any]]:
     """Trainable parameters grouped by (layer, decay), each group with its ``lr_scale``.
 
     As MAE's ``param_groups_lrd``: the group of layer ``i`` of ``num_layers = depth + 1`` (see
     :func:`parameter_layers`) gets ``lr_scale = layer_decay ** (num_layers - i)``, so the head learns at
     the full rate, block ``j`` at ``layer_decay ** (depth - j)`` of it and the embeddings (a ConvViT's
     convolution stages too) at ``layer_decay ** (depth + 1)``; biases, norms and tokens get no weight decay.
+
+    Args:
+        model: the whole trained model, e.g. a :class:`Classifier` or a detector.
+        encoder: the pretrained encoder inside ``model`` (default ``model.encoder``); every other trainable
+            parameter (heads, necks, stems, a decoder) learns at the full rate.
     """
     from mimkit.engine.optim import NO_DECAY_NAMES
 
-    num_layers = len(model.encoder.blocks) + 1
-    layers = parameter_layers(model.encoder)
+    encoder = cast(nn.Module, model.encoder) if encoder is None else encoder
+    num_layers = len(cast(nn.ModuleList, encoder.blocks)) + 1
+    layers = parameter_layers(encoder)
+    layer_of = {id(param): layers[name] for name, param in encoder.named_parameters()}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for full_name, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = full_name.removeprefix("encoder.")
-        layer = layers[name] if full_name.startswith("encoder.") else num_layers
+        layer = layer_of.get(id(param), num_layers)
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
         group = groups.setdefault(
             (layer, no_decay),

@@ -1,0 +1,398 @@
+"""Semantic-segmentation fine-tuning and evaluation: ``mimkit seg-train`` and ``mimkit seg-eval``.
+
+The encoder comes from any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads; the backbone is
+ConvMAE's stages (``convmae``), a ViT with ViTDet's simple feature pyramid (``vit_pyramid``) or MIMDet's
+ConvStem + ViT (``mimdet``); the head is UperNet. Per-pixel cross-entropy (ignored pixels excluded),
+AdamW with layer-wise lr decay on the encoder, warmup then cosine. A run writes ``last.pt``,
+``config.yaml``, ``metrics.jsonl``, ``results.json`` (mIoU, per-class IoU, pixel accuracy) and
+``overlays.png`` (image, ground truth, prediction).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimkit.config import ConfigError, ModelConfig
+from mimkit.detection.backbones import FILLS, ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.detection.evaluate import PALETTE
+from mimkit.detection.segmentation import (
+    IGNORE_INDEX,
+    SegmentationFolder,
+    Segmenter,
+    confusion_matrix,
+    iou_from_confusion,
+)
+from mimkit.detection.train import DetectTrainConfig, Pretrained, load_pretrained
+from mimkit.eval.finetune import layer_decay_groups
+from mimkit.models.convvit import ConvViT
+from mimkit.models.mae_decoder import MAEDecoder
+from mimkit.models.vit import VisionTransformer
+
+SEG_BACKBONES = ("vit_pyramid", "mimdet", "convmae")
+
+
+@dataclass
+class SegModelConfig:
+    """The segmenter: backbone, where its encoder comes from, head width."""
+
+    backbone: str = "vit_pyramid"  # vit_pyramid or mimdet (a ViT checkpoint), convmae (a ConvMAE checkpoint)
+    checkpoint: str | None = None
+    random_init: bool = False
+    head_channels: int = 64
+    pyramid_channels: int = 64  # vit_pyramid: width of each level
+    sample_ratio: float = 1.0  # mimdet: fraction of tokens seen in training
+    fill: str = "decoder"
+    stem_channels: tuple[int, int] = (64, 128)
+    drop_path: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class SegDataConfig:
+    """Class-mask folders (see :class:`~mimkit.detection.segmentation.SegmentationFolder`)."""
+
+    train: str = "runs/detection/shapes_train"
+    val: str | None = None
+    split_train: str | None = None  # ADE20K: training
+    split_val: str | None = None  # ADE20K: validation
+    num_classes: int | None = None  # None: the largest label in the training masks + 1
+    classes: tuple[str, ...] | None = None
+    reduce_zero_label: bool = False
+    hflip: bool = True
+    train_limit: int | None = None
+    val_limit: int | None = None
+
+
+@dataclass
+class SegConfig:
+    """A segmentation run; ``mimkit seg-train`` takes dotted overrides of these keys."""
+
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    encoder: ModelConfig = field(default_factory=ModelConfig)  # used only without model.checkpoint
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    train: DetectTrainConfig = field(default_factory=lambda: DetectTrainConfig(output_dir="runs/seg"))
+    num_pictures: int = 8
+
+    def validate(self) -> SegConfig:
+        """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
+        m, t = self.model, self.train
+        checks = [
+            (m.backbone in SEG_BACKBONES, "model.backbone", f"must be one of {SEG_BACKBONES}"),
+            (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1]"),
+            (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
+            (self.data.num_classes is None or self.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
+            (t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train", "epochs, batch_size and lr must be positive"),
+            (0 < t.layer_decay <= 1, "train.layer_decay", "must lie in (0, 1]"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+        return self
+
+
+def seg_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SegConfig:
+    """A validated :class:`SegConfig` from an optional YAML file and dotted ``key=value`` overrides."""
+    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
+
+    data = read_yaml_mapping(path, "segmentation config") if path is not None else {}
+    apply_overrides(data, overrides or [])
+    config: SegConfig = from_dict(SegConfig, data)
+    return config.validate()
+
+
+def build_segmenter(pretrained: Pretrained, config: SegConfig, num_classes: int) -> Segmenter:
+    """UperNet on the backbone ``model.backbone`` around the pretrained encoder."""
+    m = config.model
+    encoder = cast(VisionTransformer | ConvViT, pretrained.model.encoder)
+    body: nn.Module
+    if m.backbone == "convmae":
+        if not isinstance(encoder, ConvViT):
+            raise ValueError(f"model.backbone=convmae needs a ConvMAE checkpoint, got a {type(encoder).__name__}")
+        body = ConvMAEBackbone(encoder)
+    elif isinstance(encoder, ConvViT):
+        raise ValueError("this checkpoint is a ConvMAE encoder; set model.backbone=convmae")
+    elif m.backbone == "vit_pyramid":
+        body = ViTPyramid(encoder, m.pyramid_channels)
+    else:
+        decoder = pretrained.model.decoder if isinstance(pretrained.model.decoder, MAEDecoder) else None
+        body = MIMDetBackbone(encoder, decoder, sample_ratio=m.sample_ratio, fill=m.fill, stem_channels=m.stem_channels)
+    if m.drop_path > 0:
+        encoder.set_drop_path_rate(m.drop_path)
+    return Segmenter(body, num_classes, channels=m.head_channels, mean=pretrained.mean, std=pretrained.std)
+
+
+def open_seg_dataset(
+    root: str, *, img_size: int, in_chans: int, split: str | None, reduce_zero_label: bool, limit: int | None
+) -> SegmentationFolder:
+    dataset = SegmentationFolder(
+        root, img_size=img_size, in_chans=in_chans, split=split, reduce_zero_label=reduce_zero_label
+    )
+    if limit is not None:
+        dataset.pairs = dataset.pairs[:limit]
+    return dataset
+
+
+def train_segmenter(
+    model: Segmenter, dataset: SegmentationFolder, config: SegConfig, *, out_dir: Path, progress: bool = True
+) -> dict[str, Any]:
+    """Train with per-pixel cross-entropy; same schedule and layer decay as detection. Returns ``steps``,
+    ``seconds``, ``img_per_s``, ``final_loss`` (mean of the last logging window)."""
+    from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.schedule import warmup_cosine
+
+    t = config.train
+    generator = torch.Generator().manual_seed(t.seed)
+    total_steps = t.max_steps or t.epochs * math.ceil(len(dataset) / t.batch_size)
+    encoder = cast(nn.Module, model.body.encoder)
+    groups = layer_decay_groups(model, t.weight_decay, t.layer_decay, encoder=encoder)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
+    metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard)
+    model.train()
+    step, seen, window, final_loss = 0, 0, [], math.nan
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="seg-train", disable=not progress, dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+            for first in range(0, len(order), t.batch_size):
+                if step >= total_steps:
+                    break
+                items = [dataset[index] for index in order[first : first + t.batch_size]]
+                images = torch.stack([image for image, _ in items]).float() / 255  # (B, C, S, S)
+                labels = torch.stack([mask for _, mask in items])  # (B, S, S)
+                if config.data.hflip:
+                    flip = torch.rand(len(items), generator=generator) < 0.5
+                    images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
+                lr = warmup_cosine(
+                    step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                loss = F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the segmentation loss is {loss.item()} at step {step}; lower train.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                step += 1
+                seen += len(items)
+                window.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % t.log_every_steps == 0 or step == total_steps:
+                    final_loss = sum(window) / len(window)
+                    elapsed = time.perf_counter() - start
+                    metrics.log(step, {"train/loss": final_loss, "train/lr": lr, "train/img_per_s": seen / elapsed})
+                    window = []
+    finally:
+        bar.close()
+        metrics.close()
+    seconds = time.perf_counter() - start
+    return {"steps": step, "seconds": seconds, "img_per_s": seen / seconds, "final_loss": final_loss}
+
+
+@torch.no_grad()
+def predict_masks(model: Segmenter, dataset: SegmentationFolder, batch_size: int = 8) -> Tensor:
+    """(N, S, S) predicted class of every pixel (eval mode)."""
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for first in range(0, len(dataset), batch_size):
+        images = torch.stack([dataset[i][0] for i in range(first, min(first + batch_size, len(dataset)))])
+        predictions.append(model(images.float() / 255).argmax(dim=1))
+    model.train(was_training)
+    return torch.cat(predictions)
+
+
+def _colorize(labels: Tensor) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) colours: background black, tab10 then fixed random colours, ignored white."""
+    extra = np.random.default_rng(0).integers(40, 256, size=(IGNORE_INDEX + 1, 3))
+    colors = np.concatenate([[(0, 0, 0)], PALETTE, extra]).astype(np.float32)[: IGNORE_INDEX + 1]
+    colors[IGNORE_INDEX] = (255, 255, 255)
+    return colors[labels.clamp(0, IGNORE_INDEX).numpy()]
+
+
+def save_overlays(
+    dataset: SegmentationFolder, predictions: Tensor, path: Path, *, num_images: int = 8, scale: int = 3
+) -> Path:
+    """Rows of (image, ground truth over it, prediction over it): each class in its colour (background black,
+    ignored pixels white) over a faint copy of the image."""
+    rows = []
+    for index in range(min(num_images, len(dataset))):
+        image, labels = dataset[index]
+        pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
+        if pixels.shape[2] == 1:
+            pixels = pixels.repeat(3, axis=2)
+        tiles: list[np.ndarray] = [pixels]
+        for classes in (labels, predictions[index]):  # background darkened, classes in their colours
+            tiles.append(0.3 * pixels + 0.7 * _colorize(classes))
+        rows.append(np.concatenate(tiles, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0).clip(0, 255).astype(np.uint8), "RGB")
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def evaluate_segmenter(
+    model: Segmenter,
+    dataset: SegmentationFolder,
+    num_classes: int,
+    classes: Sequence[str],
+    out_dir: Path,
+    pictures: int,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy (percent) on ``dataset``; ``overlays.png`` in ``out_dir``."""
+    start = time.perf_counter()
+    predictions = predict_masks(model, dataset)
+    seconds = time.perf_counter() - start
+    confusion = sum(
+        (confusion_matrix(predictions[i], dataset.mask(i), num_classes) for i in range(len(dataset))),
+        torch.zeros(num_classes, num_classes, dtype=torch.long),
+    )
+    iou, miou, accuracy = iou_from_confusion(confusion)
+    picture = save_overlays(dataset, predictions, out_dir / "overlays.png", num_images=pictures)
+    return {
+        "mIoU": miou,
+        "pixel_accuracy": accuracy,
+        "per_class_IoU": {name: (None if math.isnan(v) else v) for name, v in zip(classes, iou.tolist(), strict=True)},
+        "num_images": len(dataset),
+        "eval_img_per_s": len(dataset) / seconds,
+        "overlays_png": str(picture),
+    }
+
+
+def _class_names(config: SegConfig, num_classes: int) -> list[str]:
+    if config.data.classes is not None:
+        if len(config.data.classes) != num_classes:
+            raise ValueError(f"data.classes names {len(config.data.classes)} classes, but there are {num_classes}")
+        return list(config.data.classes)
+    return [f"class_{k}" for k in range(num_classes)]
+
+
+def run_seg_train(config: SegConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``."""
+    from mimkit.config import to_plain
+    from mimkit.engine.checkpoint import save_checkpoint
+    from mimkit.eval.report import write_results
+
+    t, m, d = config.train, config.model, config.data
+    out_dir = Path(t.output_dir)
+    if (out_dir / "last.pt").exists():
+        raise FileExistsError(f"{out_dir}/last.pt exists; choose a new train.output_dir")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    progress = t.progress if progress is None else progress
+    torch.manual_seed(t.seed)
+    pretrained = load_pretrained(
+        m.checkpoint, random_init=m.random_init, encoder=config.encoder, seed=t.seed, mean=m.mean, std=m.std
+    )
+    model_config = dict(pretrained.model.config)
+    img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
+    common = dict(img_size=img_size, in_chans=in_chans, reduce_zero_label=d.reduce_zero_label)
+    train_set = open_seg_dataset(d.train, split=d.split_train, limit=d.train_limit, **common)  # type: ignore[arg-type]
+    num_classes = d.num_classes or train_set.max_label() + 1
+    classes = _class_names(config, num_classes)
+    model = build_segmenter(pretrained, config, num_classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(config)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    summary = train_segmenter(model, train_set, config, out_dir=out_dir, progress=progress)
+    state = {
+        "model": model.state_dict(),
+        "config": plain,
+        "encoder_config": model_config,
+        "classes": classes,
+        "mean": list(pretrained.mean),
+        "std": list(pretrained.std),
+    }
+    save_checkpoint(out_dir / "last.pt", state)
+    results: dict[str, Any] = {"pretrained": pretrained.source, "backbone": m.backbone, "train": summary}
+    if d.val is not None:
+        val_set = open_seg_dataset(d.val, split=d.split_val, limit=d.val_limit, **common)  # type: ignore[arg-type]
+        results["val"] = evaluate_segmenter(model, val_set, num_classes, classes, out_dir, config.num_pictures)
+    write_results(out_dir / "results.json", results)
+    return results
+
+
+def load_segmenter(path: str | Path) -> tuple[Segmenter, SegConfig, dict[str, Any]]:
+    """A segmenter saved by ``seg-train``, its config and the checkpoint dict."""
+    from mimkit.config import from_dict
+    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+    from mimkit.eval.data import untrained_model
+
+    state = load_checkpoint_file(path)
+    missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a seg-train checkpoint (no {', '.join(missing)})")
+    config = from_dict(SegConfig, state["config"]).validate()
+    pretrained = Pretrained(
+        untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
+    )
+    model = build_segmenter(pretrained, config, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), config, state
+
+
+def run_seg_eval(
+    checkpoint: str | Path, data: str | Path, *, out_dir: str | Path, split: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """``mimkit seg-eval``: mIoU and per-class IoU of a trained segmenter; ``results.json``, ``overlays.png``."""
+    from mimkit.eval.report import write_results
+
+    model, config, state = load_segmenter(checkpoint)
+    encoder_config = state["encoder_config"]
+    dataset = open_seg_dataset(
+        str(data),
+        img_size=int(encoder_config["img_size"]),
+        in_chans=int(encoder_config["in_chans"]),
+        split=split,
+        reduce_zero_label=config.data.reduce_zero_label,
+        limit=limit,
+    )
+    out_dir = Path(out_dir)
+    classes = list(state["classes"])
+    results = {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        **evaluate_segmenter(model, dataset, len(classes), classes, out_dir, config.num_pictures),
+    }
+    write_results(out_dir / "results.json", results)
+    return results
+
+
+def format_segmentation(results: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = []
+    if "train" in results:
+        train = results["train"]
+        lines.append(f"pretrained      {results['pretrained']} ({results['backbone']})")
+        lines.append(
+            f"trained         {train['steps']} steps in {train['seconds']:.0f} s ({train['img_per_s']:.1f} img/s), "
+            f"final loss {train['final_loss']:.3f}"
+        )
+    val = results.get("val", results if "mIoU" in results else None)
+    if val is not None:
+        scores = f"{val['mIoU']:.1f}  (pixel accuracy {val['pixel_accuracy']:.1f})"
+        lines.append(f"mIoU            {scores} on {val['num_images']} images")
+        per_class = ", ".join(f"{name} {'-' if v is None else f'{v:.1f}'}" for name, v in val["per_class_IoU"].items())
+        lines.append(f"per-class IoU   {per_class}")
+        lines.append(f"overlays        {val['overlays_png']}")
+    return "\n".join(lines)

@@ -1,0 +1,549 @@
+"""Detection fine-tuning and evaluation: ``mimkit detect-train`` and ``mimkit detect-eval``.
+
+A run loads a pretrained encoder (mimkit, original MAE or HuggingFace checkpoint, through
+:func:`mimkit.models.load.load_checkpoint`), wraps it in a multi-scale backbone
+(:mod:`mimkit.detection.backbones`), assembles torchvision's Mask R-CNN on it
+(:func:`~mimkit.detection.maskrcnn.build_detector`) and trains with AdamW, layer-wise lr decay on the
+encoder, linear warmup then cosine. It writes ``last.pt``, ``config.yaml``, ``metrics.jsonl``,
+``results.json`` (COCO box and mask AP on the validation folder) and ``predictions.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimkit.config import ConfigError, ModelConfig
+from mimkit.detection.backbones import FILLS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
+from mimkit.detection.coco import CocoDetection
+from mimkit.detection.evaluate import coco_evaluate, predict, save_prediction_grid
+from mimkit.detection.maskrcnn import build_detector
+from mimkit.eval.finetune import layer_decay_groups
+from mimkit.models.convvit import ConvViT
+from mimkit.models.mae_decoder import MAEDecoder
+from mimkit.models.mim import MaskedImageModel
+from mimkit.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("mimdet", "convmae")
+
+
+@dataclass
+class DetectModelConfig:
+    """The detector: backbone, where its encoder comes from, and head sizes."""
+
+    backbone: str = "mimdet"  # mimdet (a ViT checkpoint) or convmae (a ConvMAE checkpoint)
+    checkpoint: str | None = None  # pretrained encoder; None: the `encoder` section, randomly initialized
+    random_init: bool = False  # the checkpoint's architecture untrained (the baseline)
+    sample_ratio: float = 0.5  # MIMDet: fraction of patch tokens the ViT sees in training (1.0: all)
+    fill: str = "decoder"  # MIMDet: unsampled positions of the 1/16 map from the MAE decoder or a mask_token
+    stem_channels: tuple[int, int] = (64, 128)
+    fpn_channels: int = 64
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    box_head_dim: int = 256
+    masks: bool = True  # Mask R-CNN; false: Faster R-CNN for box-only data (e.g. imported VOC)
+    drop_path: float = 0.0
+    score_threshold: float = 0.05
+    mean: tuple[float, ...] | None = None  # normalization; None: the pretraining run's (or the folder default)
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class DetectDataConfig:
+    """COCO-format folders (see :class:`~mimkit.detection.coco.CocoDetection`)."""
+
+    train: str = "runs/detection/shapes_train"
+    train_annotations: str | None = None
+    val: str | None = None
+    val_annotations: str | None = None
+    hflip: bool = True
+    train_limit: int | None = None
+    val_limit: int | None = None
+
+
+@dataclass
+class DetectTrainConfig:
+    """Optimization and outputs."""
+
+    epochs: int = 12
+    max_steps: int | None = None  # stop after this many steps (the schedule is laid out over them)
+    batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    clip_grad: float | None = 5.0
+    output_dir: str = "runs/detect"
+    seed: int = 0
+    num_threads: int | None = None
+    progress: bool = True
+    log_every_steps: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class DetectEvalConfig:
+    """The evaluation at the end of training."""
+
+    batch_size: int = 8
+    num_pictures: int = 8
+    picture_score_threshold: float = 0.5
+
+
+@dataclass
+class DetectConfig:
+    """A detection run; ``mimkit detect-train`` takes dotted overrides of these keys."""
+
+    model: DetectModelConfig = field(default_factory=DetectModelConfig)
+    encoder: ModelConfig = field(default_factory=ModelConfig)  # used only without model.checkpoint
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
+    eval: DetectEvalConfig = field(default_factory=DetectEvalConfig)
+
+    def validate(self) -> DetectConfig:
+        """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
+        m, t = self.model, self.train
+        checks = [
+            (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}"),
+            (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
+            (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (len(m.anchor_sizes) == 4, "model.anchor_sizes", "needs one size per pyramid level (4)"),
+            (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
+            (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
+            (t.epochs >= 1, "train.epochs", "must be >= 1"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1"),
+            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (t.lr > 0, "train.lr", "must be positive"),
+            (0 < t.layer_decay <= 1, "train.layer_decay", "must lie in (0, 1]"),
+            (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", "must be positive (or null)"),
+            (t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+        return self
+
+
+def detect_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DetectConfig:
+    """A validated :class:`DetectConfig` from an optional YAML file and dotted ``key=value`` overrides."""
+    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
+
+    data = read_yaml_mapping(path, "detection config") if path is not None else {}
+    apply_overrides(data, overrides or [])
+    config: DetectConfig = from_dict(DetectConfig, data)
+    return config.validate()
+
+
+@dataclass
+class Pretrained:
+    """The pretraining model the detector starts from, and how its images were normalized."""
+
+    model: MaskedImageModel
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str  # the checkpoint path, "random init of <path>" or "random init"
+
+
+def load_pretrained(
+    checkpoint: str | None,
+    *,
+    random_init: bool = False,
+    encoder: ModelConfig | None = None,
+    seed: int = 0,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Pretrained:
+    """The encoder (and MAE decoder) a dense model starts from.
+
+    Args:
+        checkpoint: a checkpoint of any layout :func:`~mimkit.models.load.load_checkpoint` reads, or None
+            for ``encoder`` untrained.
+        random_init: the checkpoint's architecture untrained (the baseline), seeded by ``seed``.
+        encoder: the architecture without a checkpoint (the pretraining config's ``model`` section).
+        seed: seed of random initializations.
+        mean, std: normalization; None: the pretraining run's, else the image-folder default.
+    """
+    from mimkit.config import Config, model_overrides
+    from mimkit.data.transforms import default_normalization
+    from mimkit.eval.data import untrained_model
+    from mimkit.models.load import load_checkpoint
+
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint)
+        run_config = model.run_config
+        if run_config is not None:
+            default_mean, default_std = run_config.normalization()
+        else:
+            default_mean, default_std = default_normalization(int(model.config["in_chans"]), "folder")
+        source = checkpoint
+        if random_init:
+            model = untrained_model(model.config, seed)
+            source = f"random init of {checkpoint}"
+    else:
+        encoder = encoder or ModelConfig()
+        args = {"name": encoder.name, **model_overrides(Config(model=encoder))}
+        model = untrained_model(args, seed)
+        default_mean, default_std = default_normalization(encoder.in_chans, "folder")
+        source = "random init"
+    return Pretrained(model, tuple(mean or default_mean), tuple(std or default_std), source)
+
+
+def pretrained_for(config: DetectConfig) -> Pretrained:
+    """:func:`load_pretrained` with a detection config's settings."""
+    m = config.model
+    return load_pretrained(
+        m.checkpoint, random_init=m.random_init, encoder=config.encoder, seed=config.train.seed, mean=m.mean, std=m.std
+    )
+
+
+def build_detection_model(pretrained: Pretrained, config: DetectConfig, num_classes: int) -> nn.Module:
+    """Mask R-CNN (or Faster R-CNN) on the backbone ``model.backbone`` around the pretrained encoder."""
+    m = config.model
+    encoder = cast(VisionTransformer | ConvViT, pretrained.model.encoder)
+    body: MIMDetBackbone | ConvMAEBackbone
+    if m.backbone == "convmae":
+        if not isinstance(encoder, ConvViT):
+            raise ValueError(f"model.backbone=convmae needs a ConvMAE checkpoint, got a {type(encoder).__name__}")
+        body = ConvMAEBackbone(encoder)
+    else:
+        if isinstance(encoder, ConvViT):
+            raise ValueError("this checkpoint is a ConvMAE encoder; set model.backbone=convmae")
+        decoder = pretrained.model.decoder if isinstance(pretrained.model.decoder, MAEDecoder) else None
+        if m.fill == "decoder" and decoder is None:
+            raise ValueError("model.fill=decoder needs an MAE decoder in the checkpoint; set model.fill=mask_token")
+        body = MIMDetBackbone(encoder, decoder, sample_ratio=m.sample_ratio, fill=m.fill, stem_channels=m.stem_channels)
+    if m.drop_path > 0:
+        encoder.set_drop_path_rate(m.drop_path)
+    height, width = body.img_size
+    if height != width:
+        raise ValueError(f"the encoder takes {height}x{width} images; detection needs a square img_size")
+    return build_detector(
+        FPNBackbone(body, m.fpn_channels),
+        num_classes,
+        img_size=height,
+        mean=pretrained.mean,
+        std=pretrained.std,
+        masks=m.masks,
+        anchor_sizes=m.anchor_sizes,
+        box_head_dim=m.box_head_dim,
+        score_threshold=m.score_threshold,
+    )
+
+
+def detector_encoder(detector: nn.Module) -> nn.Module:
+    """The pretrained encoder inside a detector built by :func:`build_detection_model`."""
+    return detector.backbone.body.encoder  # type: ignore[union-attr, return-value]
+
+
+def _hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def open_dataset(
+    root: str, annotations: str | None, *, img_size: int, in_chans: int, masks: bool, limit: int | None
+) -> CocoDetection:
+    """A :class:`CocoDetection` at the detector's resolution, the first ``limit`` images only when given."""
+    dataset = CocoDetection(root, annotations, img_size=img_size, in_chans=in_chans, masks=masks)
+    if limit is not None:
+        dataset.records = dataset.records[:limit]
+        dataset.report.num_images = len(dataset.records)
+        dataset.report.num_annotations = sum(len(record.annotations) for record in dataset.records)
+    return dataset
+
+
+def train_detector(
+    detector: nn.Module,
+    dataset: CocoDetection,
+    config: DetectConfig,
+    *,
+    out_dir: Path,
+    progress: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``detector`` on ``dataset`` and save ``out_dir/last.pt``.
+
+    Every step takes ``batch_size`` images in a seeded order (a shorter last batch is kept), flips each
+    with probability 0.5 (``data.hflip``), and sums torchvision's losses (RPN objectness and box, box
+    classification and regression, mask). The lr of each group is ``lr_scale * warmup_cosine(step)``.
+
+    Returns:
+        ``steps``, ``seconds``, ``img_per_s``, ``final_loss`` (mean of the last logging window) and
+        ``losses`` (the mean of each loss term over that window).
+    """
+    from mimkit.engine.checkpoint import save_checkpoint
+    from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.schedule import warmup_cosine
+
+    t = config.train
+    generator = torch.Generator().manual_seed(t.seed)
+    steps_per_epoch = math.ceil(len(dataset) / t.batch_size)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    groups = layer_decay_groups(detector, t.weight_decay, t.layer_decay, encoder=detector_encoder(detector))
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
+    metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard)
+    detector.train()
+    step, seen = 0, 0
+    window: list[dict[str, float]] = []
+    last_window: dict[str, float] = {}
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="detect-train", disable=not progress, dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+            for first in range(0, len(order), t.batch_size):
+                if step >= total_steps:
+                    break
+                images, targets = [], []
+                for index in order[first : first + t.batch_size]:
+                    image, target = dataset[index]
+                    if config.data.hflip and torch.rand((), generator=generator) < 0.5:
+                        image, target = _hflip(image, target)
+                    images.append(image.float() / 255)
+                    targets.append(target)
+                lr = warmup_cosine(
+                    step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                losses = detector(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the detection loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(detector.parameters(), t.clip_grad)
+                optimizer.step()
+                step += 1
+                seen += len(images)
+                window.append({"loss": loss.item(), **{key: value.item() for key, value in losses.items()}})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % t.log_every_steps == 0 or step == total_steps:
+                    mean = {key: sum(record[key] for record in window) / len(window) for key in window[0]}
+                    elapsed = time.perf_counter() - start
+                    metrics.log(
+                        step,
+                        {
+                            **{f"train/{k}": v for k, v in mean.items()},
+                            "train/lr": lr,
+                            "train/img_per_s": seen / elapsed,
+                        },
+                    )
+                    last_window, window = mean, []
+    finally:
+        bar.close()
+        metrics.close()
+    seconds = time.perf_counter() - start
+    state = {
+        "model": detector.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        **(checkpoint_extra or {}),
+    }
+    save_checkpoint(out_dir / "last.pt", state)
+    return {
+        "steps": step,
+        "seconds": seconds,
+        "img_per_s": seen / seconds,
+        "final_loss": last_window["loss"],
+        "losses": last_window,
+    }
+
+
+def evaluate_detector(
+    detector: nn.Module, dataset: CocoDetection, out_dir: Path, config: DetectEvalConfig, *, progress: bool = True
+) -> dict[str, Any]:
+    """COCO AP on ``dataset`` (see :func:`~mimkit.detection.evaluate.coco_evaluate`), ``predictions.png``
+    in ``out_dir``, and the eval throughput."""
+    start = time.perf_counter()
+    outputs = predict(detector, dataset, batch_size=config.batch_size, progress=progress)
+    seconds = time.perf_counter() - start
+    results = coco_evaluate(dataset, outputs)
+    picture = save_prediction_grid(
+        dataset,
+        outputs,
+        out_dir / "predictions.png",
+        num_images=config.num_pictures,
+        score_threshold=config.picture_score_threshold,
+    )
+    return {
+        **results,
+        "eval_img_per_s": len(dataset) / seconds,
+        "num_images": len(dataset),
+        "predictions_png": str(picture),
+    }
+
+
+def run_detect_train(config: DetectConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """``mimkit detect-train``: load, build, train, evaluate on ``data.val``; write everything to ``train.output_dir``.
+
+    Returns:
+        The results written to ``results.json``.
+    """
+    from mimkit.config import to_plain
+    from mimkit.eval.report import write_results
+
+    t = config.train
+    out_dir = Path(t.output_dir)
+    if (out_dir / "last.pt").exists():
+        raise FileExistsError(
+            f"{out_dir}/last.pt exists; choose a new train.output_dir (a finished run is never overwritten)"
+        )
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    progress = t.progress if progress is None else progress
+    torch.manual_seed(t.seed)
+    pretrained = pretrained_for(config)
+    model_config = dict(pretrained.model.config)
+    img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
+    masks = config.model.masks
+    train_set = open_dataset(
+        config.data.train,
+        config.data.train_annotations,
+        img_size=img_size,
+        in_chans=in_chans,
+        masks=masks,
+        limit=config.data.train_limit,
+    )
+    val_set = None
+    if config.data.val is not None:
+        val_set = open_dataset(
+            config.data.val,
+            config.data.val_annotations,
+            img_size=img_size,
+            in_chans=in_chans,
+            masks=masks,
+            limit=config.data.val_limit,
+        )
+        if val_set.classes != train_set.classes:
+            raise ValueError(
+                f"the validation classes {val_set.classes} differ from the training classes {train_set.classes}"
+            )
+    detector = build_detection_model(pretrained, config, len(train_set.classes))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(config)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    extra = {
+        "config": plain,
+        "encoder_config": model_config,
+        "classes": list(train_set.classes),
+        "mean": list(pretrained.mean),
+        "std": list(pretrained.std),
+    }
+    summary = train_detector(detector, train_set, config, out_dir=out_dir, progress=progress, checkpoint_extra=extra)
+    results: dict[str, Any] = {
+        "pretrained": pretrained.source,
+        "backbone": config.model.backbone,
+        "sample_ratio": config.model.sample_ratio if config.model.backbone == "mimdet" else None,
+        "train": summary,
+        "train_annotations": train_set.report.to_dict(),
+        "parameters": sum(p.numel() for p in detector.parameters()),
+    }
+    if val_set is not None:
+        results["val"] = evaluate_detector(detector, val_set, out_dir, config.eval, progress=progress)
+        results["val_annotations"] = val_set.report.to_dict()
+    write_results(out_dir / "results.json", results)
+    return results
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, Any]]:
+    """A detector saved by ``detect-train`` (``last.pt``, eval mode), its config, and the checkpoint dict
+    (``classes``, ``encoder_config``, ``mean``, ``std``, ...)."""
+    from mimkit.config import from_dict
+    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+    from mimkit.eval.data import untrained_model
+
+    state = load_checkpoint_file(path)
+    missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a detect-train checkpoint (no {', '.join(missing)})")
+    config = from_dict(DetectConfig, state["config"]).validate()
+    pretrained = Pretrained(
+        untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
+    )
+    detector = build_detection_model(pretrained, config, len(state["classes"]))
+    detector.load_state_dict(state["model"])
+    return detector.eval(), config, state
+
+
+def run_detect_eval(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    annotations: str | Path | None = None,
+    out_dir: str | Path,
+    limit: int | None = None,
+    picture_score_threshold: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``mimkit detect-eval``: COCO box/mask AP of a trained detector on a COCO folder, ``results.json`` and
+    ``predictions.png`` (detections scoring at least ``picture_score_threshold``, default the run's) in
+    ``out_dir``."""
+    from mimkit.eval.report import write_results
+
+    detector, config, state = load_detector(checkpoint)
+    if picture_score_threshold is not None:
+        config.eval.picture_score_threshold = picture_score_threshold
+    model_config = state["encoder_config"]
+    dataset = open_dataset(
+        str(data),
+        None if annotations is None else str(annotations),
+        img_size=int(model_config["img_size"]),
+        in_chans=int(model_config["in_chans"]),
+        masks=config.model.masks,
+        limit=limit,
+    )
+    if dataset.classes != list(state["classes"]):
+        raise ValueError(f"{data} has classes {dataset.classes}, the detector was trained on {state['classes']}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        **evaluate_detector(detector, dataset, out_dir, config.eval, progress=progress),
+        "annotations": dataset.report.to_dict(),
+    }
+    write_results(out_dir / "results.json", results)
+    return results
+
+
+def format_detection(results: dict[str, Any]) -> str:
+    """A few lines for the terminal: AP of boxes and masks, throughput."""
+    lines = []
+    if "train" in results:
+        train = results["train"]
+        lines.append(f"pretrained      {results['pretrained']} ({results['backbone']})")
+        lines.append(
+            f"trained         {train['steps']} steps in {train['seconds']:.0f} s ({train['img_per_s']:.1f} img/s), "
+            f"final loss {train['final_loss']:.3f}"
+        )
+    val = results.get("val", results if "box" in results else None)
+    if val is not None:
+        for kind in ("box", "mask"):
+            if kind in val:
+                ap = val[kind]
+                scores = f"{ap['AP']:.1f}  (AP50 {ap['AP50']:.1f}, AP75 {ap['AP75']:.1f})"
+                lines.append(f"{kind + ' AP':<16}{scores} on {val['num_images']} images")
+        lines.append(f"predictions     {val['predictions_png']}")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Semantic segmentation: class-mask folders, the UperNet head on every backbone, IoU, training end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.detection.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.detection.seg_train import (
+    build_segmenter,
+    load_segmenter,
+    predict_masks,
+    seg_config,
+    train_segmenter,
+)
+from mimkit.detection.segmentation import (
+    IGNORE_INDEX,
+    SegmentationFolder,
+    Segmenter,
+    UperNetHead,
+    confusion_matrix,
+    iou_from_confusion,
+)
+from mimkit.detection.train import load_pretrained
+from mimkit.models import create_model
+
+VIT = dict(img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=2, decoder="micro")
+
+
+def test_upernet_fuses_four_levels_at_the_finest_resolution() -> None:
+    head = UperNetHead([8, 16, 24, 32], channels=16, num_classes=5)
+    features = [torch.randn(2, c, s, s) for c, s in ((8, 16), (16, 8), (24, 4), (32, 2))]
+    logits = head(features)
+    assert logits.shape == (2, 5, 16, 16)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["vit_pyramid", "mimdet", "convmae"])
+def test_segmenter_gives_per_pixel_logits_on_every_backbone(backbone: str) -> None:
+    torch.manual_seed(0)
+    if backbone == "convmae":
+        model = create_model("convmae_tiny", img_size=32, in_chans=3, patch_sizes=(2, 2, 2), decoder="micro")
+        body = ConvMAEBackbone(model.encoder)
+    else:
+        model = create_model("vit_tiny", **VIT)
+        body = (
+            ViTPyramid(model.encoder, 16) if backbone == "vit_pyramid" else MIMDetBackbone(model.encoder, model.decoder)
+        )
+    segmenter = Segmenter(body, 4, channels=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    logits = segmenter(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 4, 32, 32)
+
+
+def test_shapes_class_masks_load_exactly(shapes_root: Path) -> None:
+    dataset = SegmentationFolder(shapes_root, img_size=32)
+    assert len(dataset) == 8 and dataset.num_unpaired == 0
+    image, mask = dataset[3]
+    expected = np.asarray(Image.open(shapes_root / "masks" / "000003.png"))
+    assert image.shape == (3, 32, 32) and np.array_equal(mask.numpy(), expected)
+    assert dataset.max_label() == 3
+
+
+def test_voc_palette_masks_keep_their_indices_and_ade_shifts_labels(tmp_path: Path) -> None:
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(voc / "JPEGImages" / "a.jpg")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(voc / "JPEGImages" / "unlabelled.jpg")
+    labels = np.zeros((16, 16), dtype=np.uint8)
+    labels[4:8, 4:8], labels[3, :] = 15, 255  # a person and a border line
+    palette = Image.fromarray(labels, "P")
+    palette.putpalette([v for k in range(256) for v in (k, 255 - k, k // 2)])
+    palette.save(voc / "SegmentationClass" / "a.png")
+    dataset = SegmentationFolder(voc, img_size=16)
+    assert len(dataset) == 1 and dataset.num_unpaired == 1
+    assert np.array_equal(dataset.mask(0).numpy(), labels.astype(np.int64))
+    ade = tmp_path / "ade"
+    (ade / "images" / "training").mkdir(parents=True)
+    (ade / "annotations" / "training").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(ade / "images" / "training" / "x.jpg")
+    ade_labels = np.array([[0, 1], [2, 150]], dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    Image.fromarray(ade_labels, "L").save(ade / "annotations" / "training" / "x.png")
+    mask = SegmentationFolder(ade, img_size=16, split="training", reduce_zero_label=True).mask(0)
+    assert mask[0, 0] == IGNORE_INDEX and mask[0, 8] == 0 and mask[8, 0] == 1 and mask[8, 8] == 149
+    with pytest.raises(FileNotFoundError, match="no segmentation layout"):
+        SegmentationFolder(tmp_path, img_size=16)
+
+
+def test_iou_counts_pixels_and_skips_ignored_and_absent_classes() -> None:
+    labels = torch.tensor([[0, 0, 1, 1], [1, 1, IGNORE_INDEX, 2]])
+    predictions = torch.tensor([[0, 1, 1, 1], [1, 0, 2, 2]])
+    confusion = confusion_matrix(predictions, labels, 4)
+    assert confusion.sum() == 7  # the ignored pixel is not counted
+    iou, miou, accuracy = iou_from_confusion(confusion)
+    # class 0: hits 1, union 3; class 1: hits 3, union 5; class 2: hits 1, union 1; class 3 absent
+    torch.testing.assert_close(iou[:3], torch.tensor([100 / 3, 60.0, 100.0], dtype=torch.float64))
+    assert torch.isnan(iou[3]) and miou == pytest.approx((100 / 3 + 60 + 100) / 3)
+    assert accuracy == pytest.approx(500 / 7)
+
+
+def test_a_tiny_segmenter_learns_the_shapes(shapes_root: Path, tmp_path: Path) -> None:
+    """80 steps on the 8 training images (about 8 s on one thread): measured mIoU 57 % (background 95 %, the
+    shapes 14 to 72 %) against 23 % for predicting background everywhere; the bar is 45 %."""
+    overrides = ["train.max_steps=80", "train.batch_size=8", "train.lr=5e-3", "train.warmup_steps=5",
+                 "train.tensorboard=false", "train.layer_decay=1.0", "data.hflip=false",
+                 "model.head_channels=32"]  # fmt: skip
+    config = seg_config(None, overrides)
+    for key, value in VIT.items():
+        setattr(config.encoder, key, value)
+    config.encoder.name = "vit_tiny"
+    torch.manual_seed(0)
+    dataset = SegmentationFolder(shapes_root, img_size=32)
+    model = build_segmenter(load_pretrained(None, encoder=config.encoder), config, 4)
+    train_segmenter(model, dataset, config, out_dir=tmp_path, progress=False)
+    predictions = predict_masks(model, dataset)
+    confusion = sum(confusion_matrix(predictions[i], dataset.mask(i), 4) for i in range(len(dataset)))
+    iou, miou, _ = iou_from_confusion(confusion)
+    assert miou > 45.0, iou
+
+
+def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "convmae.pt"
+    convmae = create_model("convmae_tiny", img_size=32, in_chans=3, patch_sizes=(2, 2, 2), decoder="micro")
+    torch.save({"model": convmae.state_dict(), "model_args": convmae.config}, checkpoint)
+    out = tmp_path / "run"
+    args = ["seg-train", "--config", "configs/seg_shapes.yaml", "--no-progress", f"model.checkpoint={checkpoint}",
+            "model.backbone=convmae", f"data.train={shapes_root}", f"data.val={shapes_root}", "train.max_steps=2",
+            "train.tensorboard=false", f"train.output_dir={out}", "model.head_channels=16"]  # fmt: skip
+    assert main(args) == 0
+    assert "mIoU" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["val"]["per_class_IoU"]) == {"background", "ellipse", "triangle", "rectangle"}
+    assert (out / "overlays.png").is_file()
+    assert (
+        main(
+            ["seg-eval", "--checkpoint", str(out / "last.pt"), "--data", str(shapes_root), "--out", str(tmp_path / "e")]
+        )
+        == 0
+    )
+    again = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert again["mIoU"] == pytest.approx(results["val"]["mIoU"])
+    _, config, _ = load_segmenter(out / "last.pt")
+    assert config.model.backbone == "convmae"
+    assert main([*args[:3], "model.backbone=vit_pyramid", *args[4:]]) == 2  # output_dir holds last.pt
+    capsys.readouterr()
+    data = [f"data.train={shapes_root}", f"data.val={shapes_root}"]
+    assert main(["seg-train", f"model.checkpoint={checkpoint}", *data, f"train.output_dir={tmp_path / 'x'}"]) == 2
+    assert "convmae" in capsys.readouterr().err  # the default MIMDet backbone refuses a ConvMAE checkpoint
