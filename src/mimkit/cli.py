@@ -137,7 +137,7 @@ def _detect_train(args: argparse.Namespace) -> int:
     from mimkit.detection.train import detect_config, format_detection, run_detect_train
 
     config = detect_config(args.config, args.overrides)
-    results = run_detect_train(config, progress=False if args.no_progress else None)
+    results = run_detect_train(config, progress=False if args.no_progress else None, resume=args.resume)
     print(format_detection(results))
     print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")
     return 0
@@ -344,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/detect_shapes.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last.pt")
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides such as model.checkpoint=runs/x/last.pt train.epochs=2"
     )

@@ -156,3 +156,43 @@ def test_box_only_data_trains_a_faster_rcnn_and_scores_boxes(shapes_root: Path, 
     assert "mask" not in results["val"] and 0.0 <= results["val"]["box"]["AP"] <= 100.0
     assert results["train"]["losses"].keys() >= {"loss_classifier", "loss_box_reg"}
     assert "loss_mask" not in results["train"]["losses"]
+
+
+def test_a_detection_run_killed_mid_way_resumes_to_the_same_weights(
+    shapes_root: Path, tmp_path: Path, tiny_config, monkeypatch
+) -> None:
+    from torchvision.models.detection import MaskRCNN
+
+    config = tiny_config
+    config.data.hflip = True  # the flips' random stream must resume too
+    config.data.train, config.train.max_steps, config.train.save_every_steps = str(shapes_root), 7, 2
+    config.train.output_dir = str(tmp_path / "full")
+    run_detect_train(config)  # 7 steps of 4 images: an epoch of 8 images is 2 steps, so 3.5 epochs
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+
+    config.train.output_dir = str(tmp_path / "killed")
+    real_forward = MaskRCNN.forward
+    calls = {"n": 0}
+
+    def dies_at_step_six(self, *args, **kwargs):  # the process dies during step 6 (its 6th forward pass)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskRCNN, "forward", dies_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        run_detect_train(config)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 4  # the last save
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_detect_train(config)
+    torch.manual_seed(1234)  # whatever the global RNG holds, the resume restores it
+    resumed = run_detect_train(config, resume=True)
+    assert resumed["train"]["resumed_at"] == 4 and resumed["train"]["steps"] == 7
+    state = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["model"]
+    for key, value in full.items():
+        assert torch.equal(state[key], value), key
+    config.train.lr = 1.0
+    with pytest.raises(ValueError, match=r"train.lr: 0.0003 in the checkpoint, 1.0 here"):
+        run_detect_train(config, resume=True)

@@ -90,6 +90,7 @@ class DetectTrainConfig:
     progress: bool = True
     log_every_steps: int = 10
     tensorboard: bool = True
+    save_every_steps: int | None = 100  # rewrite last.pt this often, so a killed run resumes (--resume)
 
 
 @dataclass
@@ -277,6 +278,7 @@ def train_detector(
     out_dir: Path,
     progress: bool = True,
     checkpoint_extra: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``detector`` on ``dataset`` and save ``out_dir/last.pt``.
 
@@ -284,11 +286,16 @@ def train_detector(
     with probability 0.5 (``data.hflip``), and sums torchvision's losses (RPN objectness and box, box
     classification and regression, mask). The lr of each group is ``lr_scale * warmup_cosine(step)``.
 
+    ``last.pt`` is rewritten atomically every ``train.save_every_steps`` steps with everything a resume
+    needs (weights, optimizer, step, the epoch's order and position, the data and global RNG states);
+    ``resume`` (such a checkpoint) continues exactly where it was written, ending with the weights of a
+    run never interrupted.
+
     Returns:
         ``steps``, ``seconds``, ``img_per_s``, ``final_loss`` (mean of the last logging window) and
         ``losses`` (the mean of each loss term over that window).
     """
-    from mimkit.engine.checkpoint import save_checkpoint
+    from mimkit.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.schedule import warmup_cosine
 
@@ -298,75 +305,96 @@ def train_detector(
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     groups = layer_decay_groups(detector, t.weight_decay, t.layer_decay, encoder=detector_encoder(detector))
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
-    metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard)
-    detector.train()
     step, seen = 0, 0
-    window: list[dict[str, float]] = []
+    order: list[int] = []  # the current epoch's sample order and how far into it training is
+    position = 0
     last_window: dict[str, float] = {}
+    if resume is not None:
+        detector.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        step, order, position = int(resume["step"]), resume["order"].tolist(), int(resume["position"])
+        generator.set_state(resume["generator"])
+        set_rng_state(resume["rng"])
+        last_window = dict(resume.get("losses", {}))
+    metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard, resume_step=step if resume is not None else None)
+    detector.train()
+    first_step = step
+    window: list[dict[str, float]] = []
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="detect-train", disable=not progress, dynamic_ncols=True)
+
+    def save() -> None:
+        state = {
+            "model": detector.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "order": torch.tensor(order, dtype=torch.int64),
+            "position": position,
+            "generator": generator.get_state(),
+            "rng": rng_state(),
+            "losses": last_window,
+            **(checkpoint_extra or {}),
+        }
+        save_checkpoint(out_dir / "last.pt", state)
+
+    bar = tqdm(total=total_steps, initial=step, desc="detect-train", disable=not progress, dynamic_ncols=True)
     try:
         while step < total_steps:
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-            for first in range(0, len(order), t.batch_size):
-                if step >= total_steps:
-                    break
-                images, targets = [], []
-                for index in order[first : first + t.batch_size]:
-                    image, target = dataset[index]
-                    if config.data.hflip and torch.rand((), generator=generator) < 0.5:
-                        image, target = _hflip(image, target)
-                    images.append(image.float() / 255)
-                    targets.append(target)
-                lr = warmup_cosine(
-                    step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
+            if position >= len(order):  # a new epoch
+                order, position = torch.randperm(len(dataset), generator=generator).tolist(), 0
+            images, targets = [], []
+            for index in order[position : position + t.batch_size]:
+                image, target = dataset[index]
+                if config.data.hflip and torch.rand((), generator=generator) < 0.5:
+                    image, target = _hflip(image, target)
+                images.append(image.float() / 255)
+                targets.append(target)
+            position += t.batch_size
+            lr = warmup_cosine(
+                step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            losses = detector(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the detection loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                losses = detector(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the detection loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(detector.parameters(), t.clip_grad)
-                optimizer.step()
-                step += 1
-                seen += len(images)
-                window.append({"loss": loss.item(), **{key: value.item() for key, value in losses.items()}})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % t.log_every_steps == 0 or step == total_steps:
-                    mean = {key: sum(record[key] for record in window) / len(window) for key in window[0]}
-                    elapsed = time.perf_counter() - start
-                    metrics.log(
-                        step,
-                        {
-                            **{f"train/{k}": v for k, v in mean.items()},
-                            "train/lr": lr,
-                            "train/img_per_s": seen / elapsed,
-                        },
-                    )
-                    last_window, window = mean, []
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip_grad is not None:
+                nn.utils.clip_grad_norm_(detector.parameters(), t.clip_grad)
+            optimizer.step()
+            step += 1
+            seen += len(images)
+            window.append({"loss": loss.item(), **{key: value.item() for key, value in losses.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % t.log_every_steps == 0 or step == total_steps:
+                mean = {key: sum(record[key] for record in window) / len(window) for key in window[0]}
+                elapsed = time.perf_counter() - start
+                metrics.log(
+                    step,
+                    {
+                        **{f"train/{k}": v for k, v in mean.items()},
+                        "train/lr": lr,
+                        "train/img_per_s": seen / elapsed,
+                    },
+                )
+                last_window, window = mean, []
+            if t.save_every_steps and step % t.save_every_steps == 0 and step < total_steps:
+                save()
     finally:
         bar.close()
         metrics.close()
     seconds = time.perf_counter() - start
-    state = {
-        "model": detector.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        **(checkpoint_extra or {}),
-    }
-    save_checkpoint(out_dir / "last.pt", state)
+    save()
     return {
         "steps": step,
         "seconds": seconds,
-        "img_per_s": seen / seconds,
-        "final_loss": last_window["loss"],
+        "img_per_s": seen / max(seconds, 1e-9),
+        "resumed_at": first_step if resume is not None else None,
+        "final_loss": last_window.get("loss", math.nan),
         "losses": last_window,
     }
 
@@ -395,20 +423,38 @@ def evaluate_detector(
     }
 
 
-def run_detect_train(config: DetectConfig, *, progress: bool | None = None) -> dict[str, Any]:
+def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
     """``mimkit detect-train``: load, build, train, evaluate on ``data.val``; write everything to ``train.output_dir``.
+
+    ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (same recipe; the keys that
+    only change how it runs, such as ``train.progress``, may differ).
 
     Returns:
         The results written to ``results.json``.
     """
     from mimkit.config import to_plain
+    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
     from mimkit.eval.report import write_results
 
     t = config.train
     out_dir = Path(t.output_dir)
-    if (out_dir / "last.pt").exists():
+    state = None
+    if resume:
+        if not (out_dir / "last.pt").is_file():
+            raise CheckpointError(f"cannot resume: {out_dir}/last.pt does not exist")
+        state = load_checkpoint_file(out_dir / "last.pt")
+        if "order" not in state or "config" not in state:
+            raise CheckpointError(f"{out_dir}/last.pt is not a resumable detect-train checkpoint")
+        differ = _recipe_changes(state["config"], to_plain(config))
+        if differ:
+            raise ValueError(
+                f"{out_dir}/last.pt was trained with another recipe ({differ}); resume with the run's own "
+                f"{out_dir}/config.yaml or choose a new train.output_dir"
+            )
+    elif (out_dir / "last.pt").exists():
         raise FileExistsError(
-            f"{out_dir}/last.pt exists; choose a new train.output_dir (a finished run is never overwritten)"
+            f"{out_dir}/last.pt exists; pass --resume to continue that run or choose a new train.output_dir "
+            "(a run is never overwritten)"
         )
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -451,7 +497,9 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None) -> d
         "mean": list(pretrained.mean),
         "std": list(pretrained.std),
     }
-    summary = train_detector(detector, train_set, config, out_dir=out_dir, progress=progress, checkpoint_extra=extra)
+    summary = train_detector(
+        detector, train_set, config, out_dir=out_dir, progress=progress, checkpoint_extra=extra, resume=state
+    )
     results: dict[str, Any] = {
         "pretrained": pretrained.source,
         "backbone": config.model.backbone,
@@ -465,6 +513,22 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None) -> d
         results["val_annotations"] = val_set.report.to_dict()
     write_results(out_dir / "results.json", results)
     return results
+
+
+RUNTIME_KEYS = ("progress", "num_threads", "tensorboard", "log_every_steps", "save_every_steps")
+
+
+def _recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> str:
+    """``key: saved -> current`` for every recipe key that differs, except :data:`RUNTIME_KEYS`."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _recipe_changes(a, b, f"{prefix}{key}.")
+            changes += [inner] if inner else []
+        elif a != b and key not in RUNTIME_KEYS:
+            changes.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} here")
+    return ", ".join(changes)
 
 
 def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, Any]]:
