@@ -211,7 +211,7 @@ def _seg_train(args: argparse.Namespace) -> int:
     from mimkit.detection.seg_train import format_segmentation, run_seg_train, seg_config
 
     config = seg_config(args.config, args.overrides)
-    results = run_seg_train(config, progress=False if args.no_progress else None)
+    results = run_seg_train(config, progress=False if args.no_progress else None, resume=args.resume)
     print(format_segmentation(results))
     print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")
     return 0
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/seg_shapes.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last.pt")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as model.backbone=convmae train.epochs=2")
     p.set_defaults(func=_seg_train)
 

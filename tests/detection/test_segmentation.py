@@ -152,3 +152,39 @@ def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path
     data = [f"data.train={shapes_root}", f"data.val={shapes_root}"]
     assert main(["seg-train", f"model.checkpoint={checkpoint}", *data, f"train.output_dir={tmp_path / 'x'}"]) == 2
     assert "convmae" in capsys.readouterr().err  # the default MIMDet backbone refuses a ConvMAE checkpoint
+
+
+def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
+    shapes_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from mimkit.detection.seg_train import run_seg_train
+
+    def recipe(out: Path):
+        config = seg_config(None, ["train.max_steps=5", "train.batch_size=4", "train.save_every_steps=2",
+                                   "train.tensorboard=false", "train.progress=false", "model.head_channels=16",
+                                   f"data.train={shapes_root}", f"train.output_dir={out}"])  # fmt: skip
+        for key, value in VIT.items():
+            setattr(config.encoder, key, value)
+        return config
+
+    run_seg_train(recipe(tmp_path / "full"))
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    real_forward = Segmenter.forward
+    calls = {"n": 0}
+
+    def dies_at_step_four(self, *args, **kwargs):  # the process dies during step 4
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "forward", dies_at_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_seg_train(recipe(tmp_path / "killed"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 2
+    resumed = run_seg_train(recipe(tmp_path / "killed"), resume=True)
+    assert resumed["train"]["resumed_at"] == 2 and resumed["train"]["steps"] == 5
+    state, _, _ = load_segmenter(tmp_path / "killed" / "last.pt")
+    for key, value in full.items():
+        assert torch.equal(state.state_dict()[key], value), key

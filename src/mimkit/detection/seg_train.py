@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, ModelConfig
 from mimkit.detection.backbones import FILLS, ConvMAEBackbone, MIMDetBackbone, ViTPyramid
@@ -35,8 +34,7 @@ from mimkit.detection.segmentation import (
     confusion_matrix,
     iou_from_confusion,
 )
-from mimkit.detection.train import DetectTrainConfig, Pretrained, load_pretrained
-from mimkit.eval.finetune import layer_decay_groups
+from mimkit.detection.train import DetectTrainConfig, Pretrained, fit, load_pretrained, open_run, training_lines
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
@@ -148,64 +146,40 @@ def open_seg_dataset(
 
 
 def train_segmenter(
-    model: Segmenter, dataset: SegmentationFolder, config: SegConfig, *, out_dir: Path, progress: bool = True
+    model: Segmenter,
+    dataset: SegmentationFolder,
+    config: SegConfig,
+    *,
+    out_dir: Path,
+    progress: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train with per-pixel cross-entropy; same schedule and layer decay as detection. Returns ``steps``,
-    ``seconds``, ``img_per_s``, ``final_loss`` (mean of the last logging window)."""
-    from mimkit.engine.logging import MetricsLogger
-    from mimkit.engine.schedule import warmup_cosine
+    """Train with per-pixel cross-entropy (label ``IGNORE_INDEX`` ignored) through
+    :func:`~mimkit.detection.train.fit`: the same schedule, layer decay, checkpoints and resume as
+    detection; each image and its mask are flipped with probability 0.5 (``data.hflip``)."""
 
-    t = config.train
-    generator = torch.Generator().manual_seed(t.seed)
-    total_steps = t.max_steps or t.epochs * math.ceil(len(dataset) / t.batch_size)
-    encoder = cast(nn.Module, model.body.encoder)
-    groups = layer_decay_groups(model, t.weight_decay, t.layer_decay, encoder=encoder)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
-    metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard)
-    model.train()
-    step, seen, window, final_loss = 0, 0, [], math.nan
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="seg-train", disable=not progress, dynamic_ncols=True)
-    try:
-        while step < total_steps:
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-            for first in range(0, len(order), t.batch_size):
-                if step >= total_steps:
-                    break
-                items = [dataset[index] for index in order[first : first + t.batch_size]]
-                images = torch.stack([image for image, _ in items]).float() / 255  # (B, C, S, S)
-                labels = torch.stack([mask for _, mask in items])  # (B, S, S)
-                if config.data.hflip:
-                    flip = torch.rand(len(items), generator=generator) < 0.5
-                    images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
-                lr = warmup_cosine(
-                    step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                loss = F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the segmentation loss is {loss.item()} at step {step}; lower train.lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                optimizer.step()
-                step += 1
-                seen += len(items)
-                window.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % t.log_every_steps == 0 or step == total_steps:
-                    final_loss = sum(window) / len(window)
-                    elapsed = time.perf_counter() - start
-                    metrics.log(step, {"train/loss": final_loss, "train/lr": lr, "train/img_per_s": seen / elapsed})
-                    window = []
-    finally:
-        bar.close()
-        metrics.close()
-    seconds = time.perf_counter() - start
-    return {"steps": step, "seconds": seconds, "img_per_s": seen / seconds, "final_loss": final_loss}
+    def batch_loss(indices: list[int], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        items = [dataset[index] for index in indices]
+        images = torch.stack([image for image, _ in items]).float() / 255  # (B, C, S, S)
+        labels = torch.stack([mask for _, mask in items])  # (B, S, S)
+        if config.data.hflip:
+            flip = torch.rand(len(items), generator=generator) < 0.5
+            images[flip], labels[flip] = images[flip].flip(-1), labels[flip].flip(-1)
+        return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX), {}
+
+    return fit(
+        model,
+        cast(nn.Module, model.body.encoder),
+        len(dataset),
+        batch_loss,
+        config.train,
+        out_dir=out_dir,
+        desc="segmentation",
+        progress=progress,
+        checkpoint_extra=checkpoint_extra,
+        resume=resume,
+    )
 
 
 @torch.no_grad()
@@ -287,16 +261,18 @@ def _class_names(config: SegConfig, num_classes: int) -> list[str]:
     return [f"class_{k}" for k in range(num_classes)]
 
 
-def run_seg_train(config: SegConfig, *, progress: bool | None = None) -> dict[str, Any]:
-    """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``."""
+def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
+    """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``.
+
+    ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (see
+    :func:`~mimkit.detection.train.open_run`)."""
     from mimkit.config import to_plain
-    from mimkit.engine.checkpoint import save_checkpoint
     from mimkit.eval.report import write_results
 
     t, m, d = config.train, config.model, config.data
     out_dir = Path(t.output_dir)
-    if (out_dir / "last.pt").exists():
-        raise FileExistsError(f"{out_dir}/last.pt exists; choose a new train.output_dir")
+    plain = to_plain(config)
+    state = open_run(out_dir, plain, resume)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     progress = t.progress if progress is None else progress
@@ -312,18 +288,17 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None) -> dict[st
     classes = _class_names(config, num_classes)
     model = build_segmenter(pretrained, config, num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plain = to_plain(config)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
-    summary = train_segmenter(model, train_set, config, out_dir=out_dir, progress=progress)
-    state = {
-        "model": model.state_dict(),
+    extra = {
         "config": plain,
         "encoder_config": model_config,
         "classes": classes,
         "mean": list(pretrained.mean),
         "std": list(pretrained.std),
     }
-    save_checkpoint(out_dir / "last.pt", state)
+    summary = train_segmenter(
+        model, train_set, config, out_dir=out_dir, progress=progress, checkpoint_extra=extra, resume=state
+    )
     results: dict[str, Any] = {"pretrained": pretrained.source, "backbone": m.backbone, "train": summary}
     if d.val is not None:
         val_set = open_seg_dataset(d.val, split=d.split_val, limit=d.val_limit, **common)  # type: ignore[arg-type]
@@ -380,14 +355,7 @@ def run_seg_eval(
 
 def format_segmentation(results: dict[str, Any]) -> str:
     """A few lines for the terminal."""
-    lines = []
-    if "train" in results:
-        train = results["train"]
-        lines.append(f"pretrained      {results['pretrained']} ({results['backbone']})")
-        lines.append(
-            f"trained         {train['steps']} steps in {train['seconds']:.0f} s ({train['img_per_s']:.1f} img/s), "
-            f"final loss {train['final_loss']:.3f}"
-        )
+    lines = training_lines(results)
     val = results.get("val", results if "mIoU" in results else None)
     if val is not None:
         scores = f"{val['mIoU']:.1f}  (pixel accuracy {val['pixel_accuracy']:.1f})"

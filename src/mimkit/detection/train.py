@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -270,61 +271,66 @@ def open_dataset(
     return dataset
 
 
-def train_detector(
-    detector: nn.Module,
-    dataset: CocoDetection,
-    config: DetectConfig,
+BatchLoss = Callable[[list[int], torch.Generator], tuple[Tensor, dict[str, Tensor]]]
+
+
+def fit(
+    model: nn.Module,
+    encoder: nn.Module,
+    num_samples: int,
+    batch_loss: BatchLoss,
+    t: DetectTrainConfig,
     *,
     out_dir: Path,
+    desc: str,
     progress: bool = True,
     checkpoint_extra: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``detector`` on ``dataset`` and save ``out_dir/last.pt``.
+    """The training loop of detection and segmentation, resumable, saving ``out_dir/last.pt``.
 
-    Every step takes ``batch_size`` images in a seeded order (a shorter last batch is kept), flips each
-    with probability 0.5 (``data.hflip``), and sums torchvision's losses (RPN objectness and box, box
-    classification and regression, mask). The lr of each group is ``lr_scale * warmup_cosine(step)``.
+    Every step takes ``batch_size`` sample indices in a seeded order (a shorter last batch is kept) and
+    ``batch_loss(indices, generator)`` gives the loss to minimize and its named terms (the generator is
+    the data's random source, e.g. for flips). AdamW with layer-wise lr decay on ``encoder``; the lr of each
+    group is ``lr_scale * warmup_cosine(step)``.
 
-    ``last.pt`` is rewritten atomically every ``train.save_every_steps`` steps with everything a resume
-    needs (weights, optimizer, step, the epoch's order and position, the data and global RNG states);
-    ``resume`` (such a checkpoint) continues exactly where it was written, ending with the weights of a
-    run never interrupted.
+    ``last.pt`` is rewritten atomically every ``train.save_every_steps`` steps and at the end, with
+    everything a resume needs (weights, optimizer, step, the epoch's order and position, the data and global
+    RNG states) plus ``checkpoint_extra``; ``resume`` (such a checkpoint) continues exactly where it was
+    written, ending with the weights of a run never interrupted.
 
     Returns:
-        ``steps``, ``seconds``, ``img_per_s``, ``final_loss`` (mean of the last logging window) and
-        ``losses`` (the mean of each loss term over that window).
+        ``steps``, ``seconds``, ``img_per_s``, ``resumed_at``, ``final_loss`` (mean of the last logging
+        window) and ``losses`` (the mean of each loss term over that window).
     """
     from mimkit.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.schedule import warmup_cosine
 
-    t = config.train
     generator = torch.Generator().manual_seed(t.seed)
-    steps_per_epoch = math.ceil(len(dataset) / t.batch_size)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    groups = layer_decay_groups(detector, t.weight_decay, t.layer_decay, encoder=detector_encoder(detector))
+    total_steps = t.max_steps or t.epochs * math.ceil(num_samples / t.batch_size)
+    groups = layer_decay_groups(model, t.weight_decay, t.layer_decay, encoder=encoder)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
     step, seen = 0, 0
     order: list[int] = []  # the current epoch's sample order and how far into it training is
     position = 0
     last_window: dict[str, float] = {}
     if resume is not None:
-        detector.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         step, order, position = int(resume["step"]), resume["order"].tolist(), int(resume["position"])
         generator.set_state(resume["generator"])
         set_rng_state(resume["rng"])
         last_window = dict(resume.get("losses", {}))
     metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard, resume_step=step if resume is not None else None)
-    detector.train()
+    model.train()
     first_step = step
     window: list[dict[str, float]] = []
     start = time.perf_counter()
 
     def save() -> None:
         state = {
-            "model": detector.state_dict(),
+            "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "order": torch.tensor(order, dtype=torch.int64),
@@ -336,38 +342,31 @@ def train_detector(
         }
         save_checkpoint(out_dir / "last.pt", state)
 
-    bar = tqdm(total=total_steps, initial=step, desc="detect-train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         while step < total_steps:
             if position >= len(order):  # a new epoch
-                order, position = torch.randperm(len(dataset), generator=generator).tolist(), 0
-            images, targets = [], []
-            for index in order[position : position + t.batch_size]:
-                image, target = dataset[index]
-                if config.data.hflip and torch.rand((), generator=generator) < 0.5:
-                    image, target = _hflip(image, target)
-                images.append(image.float() / 255)
-                targets.append(target)
+                order, position = torch.randperm(num_samples, generator=generator).tolist(), 0
+            indices = order[position : position + t.batch_size]
             position += t.batch_size
             lr = warmup_cosine(
                 step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            losses = detector(images, targets)
-            loss = sum(losses.values())
+            loss, terms = batch_loss(indices, generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the detection loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
+                    f"the {desc} loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.clip_grad is not None:
-                nn.utils.clip_grad_norm_(detector.parameters(), t.clip_grad)
+                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
             optimizer.step()
             step += 1
-            seen += len(images)
-            window.append({"loss": loss.item(), **{key: value.item() for key, value in losses.items()}})
+            seen += len(indices)
+            window.append({"loss": loss.item(), **{key: value.item() for key, value in terms.items()}})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % t.log_every_steps == 0 or step == total_steps:
@@ -399,6 +398,45 @@ def train_detector(
     }
 
 
+def train_detector(
+    detector: nn.Module,
+    dataset: CocoDetection,
+    config: DetectConfig,
+    *,
+    out_dir: Path,
+    progress: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``detector`` on ``dataset`` through :func:`fit`: each image is flipped with probability 0.5
+    (``data.hflip``) and the loss is the sum of torchvision's terms (RPN objectness and box, box
+    classification and regression, mask)."""
+
+    def batch_loss(indices: list[int], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        images, targets = [], []
+        for index in indices:
+            image, target = dataset[index]
+            if config.data.hflip and torch.rand((), generator=generator) < 0.5:
+                image, target = _hflip(image, target)
+            images.append(image.float() / 255)
+            targets.append(target)
+        losses = detector(images, targets)
+        return sum(losses.values()), losses  # type: ignore[return-value]
+
+    return fit(
+        detector,
+        detector_encoder(detector),
+        len(dataset),
+        batch_loss,
+        config.train,
+        out_dir=out_dir,
+        desc="detection",
+        progress=progress,
+        checkpoint_extra=checkpoint_extra,
+        resume=resume,
+    )
+
+
 def evaluate_detector(
     detector: nn.Module, dataset: CocoDetection, out_dir: Path, config: DetectEvalConfig, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -423,6 +461,38 @@ def evaluate_detector(
     }
 
 
+def open_run(out_dir: Path, recipe: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from (``resume``), or None for a new run; a run is never overwritten.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is off.
+        CheckpointError: nothing (or nothing resumable) to resume.
+        ValueError: the checkpoint was trained with another ``recipe`` (the keys are named).
+    """
+    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+
+    path = out_dir / "last.pt"
+    if not resume:
+        if path.exists():
+            raise FileExistsError(
+                f"{path} exists; pass --resume to continue that run or choose a new train.output_dir "
+                "(a run is never overwritten)"
+            )
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} does not exist")
+    state = load_checkpoint_file(path)
+    if "order" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a resumable checkpoint of this command")
+    differ = _recipe_changes(state["config"], recipe)
+    if differ:
+        raise ValueError(
+            f"{path} was trained with another recipe ({differ}); resume with the run's own "
+            f"{out_dir}/config.yaml or choose a new train.output_dir"
+        )
+    return state
+
+
 def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
     """``mimkit detect-train``: load, build, train, evaluate on ``data.val``; write everything to ``train.output_dir``.
 
@@ -433,29 +503,11 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resu
         The results written to ``results.json``.
     """
     from mimkit.config import to_plain
-    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
     from mimkit.eval.report import write_results
 
     t = config.train
     out_dir = Path(t.output_dir)
-    state = None
-    if resume:
-        if not (out_dir / "last.pt").is_file():
-            raise CheckpointError(f"cannot resume: {out_dir}/last.pt does not exist")
-        state = load_checkpoint_file(out_dir / "last.pt")
-        if "order" not in state or "config" not in state:
-            raise CheckpointError(f"{out_dir}/last.pt is not a resumable detect-train checkpoint")
-        differ = _recipe_changes(state["config"], to_plain(config))
-        if differ:
-            raise ValueError(
-                f"{out_dir}/last.pt was trained with another recipe ({differ}); resume with the run's own "
-                f"{out_dir}/config.yaml or choose a new train.output_dir"
-            )
-    elif (out_dir / "last.pt").exists():
-        raise FileExistsError(
-            f"{out_dir}/last.pt exists; pass --resume to continue that run or choose a new train.output_dir "
-            "(a run is never overwritten)"
-        )
+    state = open_run(out_dir, to_plain(config), resume)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     progress = t.progress if progress is None else progress
@@ -592,16 +644,21 @@ def run_detect_eval(
     return results
 
 
+def training_lines(results: dict[str, Any]) -> list[str]:
+    """The terminal lines of a run's training part (none for an evaluation alone)."""
+    if "train" not in results:
+        return []
+    train = results["train"]
+    return [
+        f"pretrained      {results['pretrained']} ({results['backbone']})",
+        f"trained         {train['steps']} steps in {train['seconds']:.0f} s ({train['img_per_s']:.1f} img/s), "
+        f"final loss {train['final_loss']:.3f}",
+    ]
+
+
 def format_detection(results: dict[str, Any]) -> str:
     """A few lines for the terminal: AP of boxes and masks, throughput."""
-    lines = []
-    if "train" in results:
-        train = results["train"]
-        lines.append(f"pretrained      {results['pretrained']} ({results['backbone']})")
-        lines.append(
-            f"trained         {train['steps']} steps in {train['seconds']:.0f} s ({train['img_per_s']:.1f} img/s), "
-            f"final loss {train['final_loss']:.3f}"
-        )
+    lines = training_lines(results)
     val = results.get("val", results if "box" in results else None)
     if val is not None:
         for kind in ("box", "mask"):
