@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist
 from mimkit.data.folder import BadImageError, BadImageWarning, ImageFolderDataset, load_image, scan_image_folder
@@ -27,6 +28,7 @@ __all__ = [
     "TensorBatchLoader",
     "build_dataset",
     "build_loader",
+    "build_training_dataset",
     "default_normalization",
     "denormalize",
     "load_fashion_mnist",
@@ -142,3 +144,31 @@ def build_dataset(
             num_workers=num_workers,
         )
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def build_training_dataset(
+    data: Any, img_size: int, in_chans: int, batch_size: int, world_size: int = 1
+) -> FashionMNIST | ImageFolderDataset | TarShardDataset:
+    """The training split a run's ``data`` section names (its ``dataset``, ``root``, ``in_memory``,
+    ``limit``), refused when it cannot fill one batch of ``batch_size`` on each of ``world_size`` ranks.
+
+    Raises:
+        ValueError: too few images for one batch (with what to do), or bad arguments.
+        FileNotFoundError: missing data.
+    """
+    dataset = build_dataset(
+        data.dataset,
+        root=data.root,
+        split="train",
+        img_size=img_size,
+        in_chans=in_chans,
+        in_memory=data.in_memory,
+        limit=data.limit,
+    )
+    if len(dataset) < batch_size * world_size:
+        ranks = f" x {world_size} ranks" if world_size > 1 else ""
+        raise ValueError(
+            f"the data set has {len(dataset)} images, fewer than train.batch_size {batch_size}{ranks}; "
+            "lower the batch size or add images"
+        )
+    return dataset

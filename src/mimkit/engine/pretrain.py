@@ -153,7 +153,7 @@ class Pretrainer:
     """
 
     def __init__(self, config: Config, resume: bool | str = False) -> None:
-        from mimkit.data import build_dataset, build_loader
+        from mimkit.data import build_loader, build_training_dataset
         from mimkit.data.transforms import MAEAugment
 
         self.config = config
@@ -172,22 +172,10 @@ class Pretrainer:
             remove_unreferenced_shards(self.out_dir)  # shards of a save a kill interrupted
 
         torch.manual_seed(cfg.train.seed)
-        self.dataset = build_dataset(
-            cfg.data.dataset,
-            root=cfg.data.root,
-            split="train",
-            img_size=cfg.model.img_size,
-            in_chans=cfg.model.in_chans,
-            in_memory=cfg.data.in_memory,
-            limit=cfg.data.limit,
-        )
         world = self.place.world_size
-        if len(self.dataset) < cfg.train.batch_size * world:
-            ranks = f" x {world} ranks" if world > 1 else ""
-            raise ValueError(
-                f"the data set has {len(self.dataset)} images, fewer than train.batch_size "
-                f"{cfg.train.batch_size}{ranks}; lower the batch size or add images"
-            )
+        self.dataset = build_training_dataset(
+            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world
+        )
         self.mean, self.std = cfg.normalization()
         self.augment = MAEAugment(
             cfg.model.img_size,

@@ -849,7 +849,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     """
     from tqdm.auto import tqdm
 
-    from mimkit.data import EvalTransform, MAEAugment, build_dataset, build_loader
+    from mimkit.data import EvalTransform, MAEAugment, build_loader, build_training_dataset
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.optim import build_optimizer
     from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
@@ -867,21 +867,8 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
-    dataset = build_dataset(
-        cfg.data.dataset,
-        root=cfg.data.root,
-        split="train",
-        img_size=cfg.model.img_size,
-        in_chans=cfg.model.in_chans,
-        in_memory=cfg.data.in_memory,
-        limit=cfg.data.limit,
-    )
     batch_size = cfg.train.batch_size
-    if len(dataset) < batch_size:
-        raise ValueError(
-            f"the data set has {len(dataset)} images, fewer than train.batch_size {batch_size}; "
-            "lower the batch size or add images"
-        )
+    dataset = build_training_dataset(cfg.data, cfg.model.img_size, cfg.model.in_chans, batch_size)
     mean, std = cfg.normalization()
     tokenizer = build_tokenizer(cfg).to(device)
     augment = MAEAugment(
