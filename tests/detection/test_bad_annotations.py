@@ -40,6 +40,10 @@ def _write_folder(root: Path) -> Path:
         ann(13, image_id=3),  # image file missing
         ann(14, image_id=4),  # image file unreadable
         ann(15, bbox=(3, 2, 27.5, 6)),  # within the 1-pixel tolerance at the border: kept
+        ann(16, iscrowd=1, bbox=None),  # crowd without a box: not even an ignore region
+        ann(17, segmentation={"size": [20, 30], "counts": ""}),  # no runs (pycocotools decodes garbage)
+        ann(18, segmentation={"size": [20, 30], "counts": rle_encode(good_mask)["counts"][:-1]}),  # cut short
+        ann(19, segmentation={"size": [20, 30], "counts": "0" * 3 + "\x7f"}),  # outside the alphabet
     ]
     images = [
         {"id": 1, "file_name": "a.png", "width": 30, "height": 20},
@@ -67,8 +71,8 @@ def test_bad_annotations_are_counted_by_reason_and_the_rest_loads(tmp_path: Path
         "unknown_category": 1,
         "empty_mask": 1,
         "no_mask": 1,
-        "bad_mask": 1,
-        "crowd": 1,
+        "bad_mask": 4,
+        "crowd": 2,
         "missing_image": 3,
     }
     assert report.skipped_images == ["gone.png", "broken.png"]
@@ -79,11 +83,14 @@ def test_bad_annotations_are_counted_by_reason_and_the_rest_loads(tmp_path: Path
     assert target["boxes"][1].tolist() == [3.0, 2.0, 30.0, 8.0]  # the tolerated box is clipped to the image
     _, target = dataset[1]
     assert target["masks"][0].sum() == 42
+    crowds = dataset.crowd_regions(0)  # ann 11 is an ignore region, ann 16 (no box) is not
+    assert crowds["boxes"].tolist() == [[3.0, 2.0, 10.0, 8.0]] and crowds["masks"].shape == (1, 20, 30)
+    assert dataset.crowd_regions(1)["boxes"].shape == (0, 4)
 
 
 def test_without_masks_segmentation_problems_do_not_skip_boxes(tmp_path: Path) -> None:
     dataset = CocoDetection(_write_folder(tmp_path / "set"), masks=False)
-    assert dataset.report.num_annotations == 6  # 1, 2, 8, 9, 10, 15
+    assert dataset.report.num_annotations == 9  # 1, 2, 8, 9, 10, 15, 17, 18, 19
     assert "masks" not in dataset[0][1]
 
 
@@ -93,3 +100,17 @@ def test_a_file_without_any_readable_image_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="no readable image"):
         CocoDetection(tmp_path)
+
+
+def test_run_lengths_match_the_pixels_of_pycocotools_encodings() -> None:
+    from mimkit.detection.coco import run_lengths
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        height, width = (int(v) for v in rng.integers(1, 40, size=2))
+        mask = rng.random((height, width)) < (trial % 5) / 4  # all empty, all full and in between
+        runs = run_lengths(rle_encode(mask)["counts"].encode())
+        column_major = np.concatenate([[False], mask.T.reshape(-1), [not mask.T.reshape(-1)[-1]]])
+        changes = np.flatnonzero(column_major[1:] != column_major[:-1])  # where each run ends
+        assert runs == np.diff(np.concatenate([[0], changes])).tolist()
+        assert sum(runs[1::2]) == mask.sum()

@@ -46,6 +46,41 @@ def test_coco_evaluation_scores_the_ground_truth_as_perfect(shapes_root: Path) -
     assert coco_evaluate(dataset, outputs)["box"]["AP50"] < 100.0
 
 
+def test_detections_of_a_crowd_region_are_ignored_not_false_positives(shapes_root: Path, tmp_path: Path) -> None:
+    data = json.loads((shapes_root / "annotations.json").read_text())
+    first = data["images"][0]
+    # a crowd of category 1 in the image's top-left corner (a 10x10 square: box and polygon)
+    crowd = {"id": 10_000, "image_id": first["id"], "category_id": data["categories"][0]["id"], "iscrowd": 1,
+             "bbox": [0, 0, 10, 10], "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]], "area": 100}  # fmt: skip
+
+    def scores_with(annotations: list) -> dict:
+        root = tmp_path / f"set{len(annotations)}"
+        root.mkdir()
+        (root / "images").symlink_to(shapes_root / "images")
+        (root / "annotations.json").write_text(json.dumps({**data, "annotations": annotations}))
+        dataset = CocoDetection(root)
+        outputs = []
+        for index in range(len(dataset)):
+            target = dataset.target(index)
+            scores = torch.full((len(target["labels"]),), 0.8)
+            out = {"boxes": target["boxes"], "labels": target["labels"], "scores": scores,
+                   "masks": target["masks"][:, None].float()}  # fmt: skip
+            if index == 0:  # the most confident detection of the set lies on the crowd
+                square = torch.zeros(1, 1, 32, 32)
+                square[..., :10, :10] = 1.0
+                out = {"boxes": torch.cat([torch.tensor([[0.0, 0.0, 10.0, 10.0]]), out["boxes"]]),
+                       "labels": torch.cat([torch.tensor([1]), out["labels"]]),
+                       "scores": torch.cat([torch.tensor([0.99]), out["scores"]]),
+                       "masks": torch.cat([square, out["masks"]])}  # fmt: skip
+            outputs.append(out)
+        return coco_evaluate(dataset, outputs)
+
+    with_crowd = scores_with([*data["annotations"], crowd])
+    assert with_crowd["box"]["AP"] == pytest.approx(100.0) and with_crowd["mask"]["AP"] == pytest.approx(100.0)
+    without = scores_with(data["annotations"])  # the same detection, no crowd to excuse it: a false positive
+    assert without["box"]["AP"] < 99.0 and without["mask"]["AP"] < 99.0
+
+
 @pytest.mark.slow
 def test_a_tiny_mimdet_mask_rcnn_overfits_four_images(tmp_path: Path, tiny_config) -> None:
     """60 steps on 4 shapes images (32x32, 1-2 objects each), random init, token sampling 0.5 in training:

@@ -4,9 +4,10 @@ A folder is ``images/`` (or images at the paths the JSON names, relative to the 
 JSON: ``annotations.json`` at the top, or the one ``annotations/instances_*.json``. Annotations that cannot
 be a training target are skipped and counted, never a crash (:class:`AnnotationReport`): a box missing,
 degenerate or not inside its image, an unknown category, a mask that decodes to no pixel, and (when masks
-are used) an object without a segmentation. Crowd regions are skipped too (counted as ``crowd``): they are neither
-trained on nor scored against. An image file that is missing or
-cannot be decoded is skipped with all its annotations.
+are used) an object without a segmentation. Crowd regions (``iscrowd: 1``) are never training targets; those
+with a valid box (and mask) are kept beside the targets as ignore regions, which COCO's evaluation does not
+count against a detector (counted as ``crowd``). An image file that is missing or cannot be decoded is
+skipped with all its annotations. Masks are checked through their run-length encoding, not decoded, at load.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SKIP_REASONS = {
     "no_mask": "no segmentation (masks are used)",
     "empty_mask": "mask with no pixel",
     "bad_mask": "segmentation that cannot be decoded",
-    "crowd": "crowd region (neither trained on nor scored)",
+    "crowd": "crowd region (not a training target; an ignore region when scoring)",
     "missing_image": "annotation of an image that is not listed or not readable",
 }
 
@@ -169,14 +170,52 @@ def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
             rle = dict(segmentation)
             if isinstance(rle["counts"], str):
                 rle["counts"] = rle["counts"].encode("ascii")
+            if not isinstance(rle["counts"], bytes):
+                raise ValueError(f"RLE counts of type {type(rle['counts']).__name__}")
         else:
             raise ValueError(f"unsupported segmentation type {type(segmentation).__name__}")
         size = [int(v) for v in rle["size"]]
-    except (KeyError, TypeError, ValueError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, IndexError, UnicodeEncodeError) as err:
         raise ValueError(str(err)) from None
     if size != [height, width]:
         raise ValueError(f"mask of size {size} for an image of size {[height, width]}")
+    if isinstance(segmentation, dict):  # user-written run lengths: pycocotools' C code trusts them
+        runs = run_lengths(rle["counts"])
+        if min(runs, default=0) < 0 or sum(runs) != height * width:
+            raise ValueError(f"RLE runs cover {sum(runs)} pixels, not the image's {height * width}")
     return rle
+
+
+def run_lengths(counts: bytes) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``, in Python).
+
+    Each run is a little-endian base-32 number in characters from ``'0'``; bit 0x20 continues it, bit 0x10
+    of its last character is the sign; from the third run on, each is stored as a difference to the run two
+    before.
+
+    Raises:
+        ValueError: a character outside the alphabet, or a number cut off at the end of the string.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("RLE string ends inside a run length")
+            char = counts[position] - 48
+            if not 0 <= char < 64:
+                raise ValueError(f"RLE string has a character outside its alphabet: {chr(counts[position])!r}")
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _decode(rle: dict[str, Any]) -> np.ndarray:
@@ -201,13 +240,14 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
 
 @dataclass
 class _Record:
-    """One kept image: its file and the annotations kept as targets."""
+    """One kept image: its file, the annotations kept as targets and its valid crowd regions."""
 
     image_id: int
     path: Path
     height: int
     width: int
     annotations: list[dict[str, Any]]
+    crowds: list[dict[str, Any]] = field(default_factory=list)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -296,17 +336,27 @@ class CocoDetection(torch.utils.data.Dataset):
 
                 with Image.open(path) as opened:
                     width, height = opened.size
-            kept = [ann for ann in anns if self._keep(ann, height, width, path.name)]
-            records.append(_Record(int(image_id), path, height, width, kept))
+            kept, crowds = [], []
+            for ann in anns:
+                reason = self._problem(ann, height, width)
+                if ann.get("iscrowd", 0):
+                    self.report.skip("crowd", f"ann {ann.get('id')} ({path.name})")
+                    if reason is None:
+                        crowds.append(ann)
+                elif reason is not None:
+                    self.report.skip(reason, f"ann {ann.get('id')} ({path.name})")
+                else:
+                    kept.append(ann)
+            records.append(_Record(int(image_id), path, height, width, kept, crowds))
         return records
 
-    def _keep(self, ann: dict[str, Any], height: int, width: int, file_name: str) -> bool:
-        example = f"ann {ann.get('id')} ({file_name})"
+    def _problem(self, ann: dict[str, Any], height: int, width: int) -> str | None:
+        """Why ``ann`` cannot be a target (a key of :data:`SKIP_REASONS`), or None."""
+        from pycocotools import mask as mask_utils
+
         box = _valid_box(ann.get("bbox"))
         reason = None
-        if ann.get("iscrowd", 0):
-            reason = "crowd"
-        elif ann.get("category_id") not in self._label_of:
+        if ann.get("category_id") not in self._label_of:
             reason = "unknown_category"
         elif box is None:
             reason = "no_box"
@@ -325,16 +375,14 @@ class CocoDetection(torch.utils.data.Dataset):
                 reason = "no_mask"
             else:
                 try:
-                    mask = decode_mask(segmentation, height, width)
-                except ValueError:
+                    rle = _to_rle(segmentation, height, width)
+                    area = int(mask_utils.area(rle))  # from the run lengths: no pixel is decoded here
+                except (ValueError, TypeError):
                     reason = "bad_mask"
                 else:
-                    if not mask.any():
+                    if area == 0:
                         reason = "empty_mask"
-        if reason is not None:
-            self.report.skip(reason, example)
-            return False
-        return True
+        return reason
 
     def __len__(self) -> int:
         return len(self.records)
@@ -342,7 +390,18 @@ class CocoDetection(torch.utils.data.Dataset):
     def target(self, index: int) -> dict[str, Tensor]:
         """The target of one image at the dataset's resolution (see the class docstring)."""
         record = self.records[index]
-        anns = record.annotations
+        target = self._instances(record, record.annotations)
+        target["image_id"] = torch.tensor(record.image_id)
+        return target
+
+    def crowd_regions(self, index: int) -> dict[str, Tensor]:
+        """The valid crowd regions of one image at the dataset's resolution, as ``boxes``, ``labels`` and
+        (with masks) ``masks`` like :meth:`target`; never trained on, scored as ignore regions."""
+        record = self.records[index]
+        return self._instances(record, record.crowds)
+
+    def _instances(self, record: _Record, anns: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """``boxes`` (N, 4) xyxy, ``labels`` (N,) and ``masks`` (N, S, S) of ``anns``, resized with the image."""
         scale_x = 1.0 if self.img_size is None else self.img_size / record.width
         scale_y = 1.0 if self.img_size is None else self.img_size / record.height
         boxes = torch.tensor([_valid_box(ann["bbox"]) for ann in anns], dtype=torch.float32).reshape(-1, 4)
@@ -352,7 +411,6 @@ class CocoDetection(torch.utils.data.Dataset):
         target = {
             "boxes": boxes,
             "labels": torch.tensor([self._label_of[ann["category_id"]] for ann in anns], dtype=torch.int64),
-            "image_id": torch.tensor(record.image_id),
         }
         if self.masks:
             height, width = record.height, record.width

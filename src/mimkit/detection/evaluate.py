@@ -1,7 +1,8 @@
 """COCO box and mask AP with pycocotools, and prediction pictures (boxes, masks, scores) as PNG.
 
-The ground truth is the dataset's own targets (what was kept after the annotation checks), at the
-resolution the detector sees, so predictions and ground truth share one coordinate frame.
+The ground truth is the dataset's own targets (what was kept after the annotation checks) and its crowd
+regions (ignore regions, as in COCO's own evaluation), at the resolution the detector sees, so predictions
+and ground truth share one coordinate frame.
 """
 
 from __future__ import annotations
@@ -47,24 +48,24 @@ def _ground_truth(dataset: CocoDetection) -> dict[str, Any]:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index, record in enumerate(dataset.records):
-        target = dataset.target(index)
         height, width = (dataset.img_size, dataset.img_size) if dataset.img_size else (record.height, record.width)
         images.append({"id": index, "width": width, "height": height})
-        for k, (box, label) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True)):
-            x0, y0, x1, y1 = box
-            ann = {
-                "id": len(annotations) + 1,
-                "image_id": index,
-                "category_id": int(label),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "area": (x1 - x0) * (y1 - y0),
-                "iscrowd": 0,
-            }
-            if "masks" in target:
-                mask = target["masks"][k].numpy().astype(bool)
-                ann["segmentation"] = rle_encode(mask)
-                ann["area"] = float(mask.sum())
-            annotations.append(ann)
+        for crowd, target in ((0, dataset.target(index)), (1, dataset.crowd_regions(index))):
+            for k, (box, label) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True)):
+                x0, y0, x1, y1 = box
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": crowd,  # a detection matched to a crowd region is neither true nor false
+                }
+                if "masks" in target:
+                    mask = target["masks"][k].numpy().astype(bool)
+                    ann["segmentation"] = rle_encode(mask)
+                    ann["area"] = float(mask.sum())
+                annotations.append(ann)
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(dataset.classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
