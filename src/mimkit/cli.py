@@ -18,10 +18,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     resume: bool | str = args.resume if args.resume not in (None, "") else False
     if args.resume == "":
         resume = True
-    try:
+    with distributed.leaving_together():
         summary = run_pretraining(config, resume=resume)
-    finally:
-        distributed.shutdown()
     if distributed.place().is_main:
         print(format_summary(summary))
     return 0
@@ -58,7 +56,7 @@ def _probe(args: argparse.Namespace) -> int:
     from mimkit.engine import distributed
     from mimkit.eval.probe import format_probe, run_probe
 
-    try:
+    with distributed.leaving_together():
         results = run_probe(
             args.checkpoint,
             protocol=args.protocol,
@@ -75,8 +73,6 @@ def _probe(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-    finally:
-        distributed.shutdown()
     if distributed.place().is_main:
         print(format_probe(results))
     return 0
@@ -87,7 +83,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from mimkit.eval.finetune import finetune_config, format_finetune, run_finetune
 
     config = finetune_config(args.overrides, args.config)
-    try:
+    with distributed.leaving_together():
         results = run_finetune(
             args.checkpoint,
             data=args.data,
@@ -98,8 +94,6 @@ def _finetune(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             save_model=not args.no_save,
         )
-    finally:
-        distributed.shutdown()
     if distributed.place().is_main:
         print(format_finetune(results))
     return 0

@@ -79,10 +79,29 @@ def setup(device: torch.device) -> tuple[Place, torch.device]:
     return place(), device
 
 
-def shutdown() -> None:
-    """Leave the process group if this process joined one."""
+def shutdown(*, together: bool = True) -> None:
+    """Leave the process group if this process joined one.
+
+    Args:
+        together: wait for every rank first (a barrier), so that no rank tears down its communication
+            threads while another is still working, as PyTorch asks of ``destroy_process_group``; False on
+            a failure, where the other ranks may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving_together() -> Iterator[None]:
+    """Run a command's body, then :func:`shutdown`: all ranks together after success, at once after a failure."""
+    try:
+        yield
+    except BaseException:
+        shutdown(together=False)
+        raise
+    shutdown()
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
