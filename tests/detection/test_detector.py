@@ -132,6 +132,32 @@ def test_detect_train_and_detect_eval_run_end_to_end_from_a_checkpoint(
     assert "choose a new train.output_dir" in capsys.readouterr().err
 
 
+def test_a_detector_trains_and_reloads_at_a_larger_input_than_its_pretraining(
+    shapes_root: Path, tmp_path: Path, tiny_config
+) -> None:
+    from mimkit.detection.train import run_detect_eval
+    from mimkit.layers import sincos_2d
+
+    torch.manual_seed(0)
+    mae = create_model("vit_tiny", img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=2,
+                       decoder="micro")  # fmt: skip
+    config = tiny_config
+    config.model.checkpoint = str(save_checkpoint_as(mae, tmp_path / "mae.pt", "mimkit"))
+    config.model.img_size, config.train.max_steps = 48, 2  # 4x4 pretraining grid -> 6x6
+    config.data.train = config.data.val = str(shapes_root)
+    config.train.output_dir = str(tmp_path / "run")
+    results = run_detect_train(config)
+    detector, _, state = load_detector(tmp_path / "run" / "last.pt")
+    encoder = detector.backbone.body.encoder
+    assert state["encoder_config"]["img_size"] == 48 and encoder.grid == (6, 6)
+    assert torch.equal(encoder.pos_embed[0], sincos_2d(64, (6, 6), 1))  # recomputed, not interpolated
+    assert detector.transform.min_size == (48,) and CocoDetection(shapes_root, img_size=48)[0][0].shape == (3, 48, 48)
+    again = run_detect_eval(tmp_path / "run" / "last.pt", shapes_root, out_dir=tmp_path / "eval", progress=False)
+    assert again["box"] == results["val"]["box"] and again["mask"] == results["val"]["mask"]
+    with pytest.raises(ConfigError, match="model.img_size: .*not divisible"):
+        load_pretrained(config.model.checkpoint, img_size=50)
+
+
 def test_convmae_backbone_trains_a_step(shapes_root: Path, tmp_path: Path, tiny_config) -> None:
     config = tiny_config
     e = config.encoder

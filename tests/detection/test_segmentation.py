@@ -129,9 +129,11 @@ def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path
     convmae = create_model("convmae_tiny", img_size=32, in_chans=3, patch_sizes=(2, 2, 2), decoder="micro")
     torch.save({"model": convmae.state_dict(), "model_args": convmae.config}, checkpoint)
     out = tmp_path / "run"
+    # pretrained at 32 px, transferred at 64: the 4x4 stage-3 grid becomes 8x8
     args = ["seg-train", "--config", "configs/seg_shapes.yaml", "--no-progress", f"model.checkpoint={checkpoint}",
             "model.backbone=convmae", f"data.train={shapes_root}", f"data.val={shapes_root}", "train.max_steps=2",
-            "train.tensorboard=false", f"train.output_dir={out}", "model.head_channels=16"]  # fmt: skip
+            "train.tensorboard=false", f"train.output_dir={out}", "model.head_channels=16",
+            "model.img_size=64"]  # fmt: skip
     assert main(args) == 0
     assert "mIoU" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -145,8 +147,9 @@ def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path
     )
     again = json.loads((tmp_path / "e" / "results.json").read_text())
     assert again["mIoU"] == pytest.approx(results["val"]["mIoU"])
-    _, config, _ = load_segmenter(out / "last.pt")
-    assert config.model.backbone == "convmae"
+    segmenter, config, state = load_segmenter(out / "last.pt")
+    assert config.model.backbone == "convmae" and state["encoder_config"]["img_size"] == 64
+    assert segmenter.body.encoder.grid == (8, 8) and segmenter(torch.rand(1, 3, 64, 64)).shape == (1, 4, 64, 64)
     assert main([*args[:3], "model.backbone=vit_pyramid", *args[4:]]) == 2  # output_dir holds last.pt
     capsys.readouterr()
     data = [f"data.train={shapes_root}", f"data.val={shapes_root}"]

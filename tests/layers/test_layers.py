@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from mimkit.layers import Block, PatchEmbed, check_patch_grid, patchify, sincos_1d, sincos_2d, unpatchify
+from mimkit.layers import (
+    Block,
+    PatchEmbed,
+    check_patch_grid,
+    patchify,
+    resize_pos_embed,
+    sincos_1d,
+    sincos_2d,
+    unpatchify,
+)
 
 
 def mae_reference_sincos(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -63,3 +72,16 @@ def test_block_attention_paths_agree() -> None:
     assert attn.shape == (2, 4, 9, 9)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 9))
     torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_pos_embed_recomputes_sincos_and_resamples_learned_tables() -> None:
+    table = sincos_2d(64, (4, 4), 1)[None]  # (1, 1 + 16, 64), a fixed table with a class row
+    assert torch.equal(resize_pos_embed(table, (4, 4), (6, 8), 1), sincos_2d(64, (6, 8), 1)[None])
+    assert resize_pos_embed(table, (4, 4), (4, 4), 1) is table
+    learned = torch.randn(1, 1 + 16, 64)
+    learned[:, 1:] = learned[:, 1:2]  # every patch row equal: interpolation must keep it
+    resized = resize_pos_embed(learned, (4, 4), (6, 8), 1)
+    assert resized.shape == (1, 1 + 48, 64) and torch.equal(resized[:, :1], learned[:, :1])
+    torch.testing.assert_close(resized[:, 1:], learned[:, 1:2].expand(1, 48, 64))
+    with pytest.raises(ValueError, match="17 rows is not 0 \\+ 4x4"):
+        resize_pos_embed(table, (4, 4), (6, 6), 0)

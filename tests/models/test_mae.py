@@ -76,3 +76,23 @@ def test_registry_presets_and_errors() -> None:
         create_model("vit_tiny", embed_dims=3)
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         create_model("vit_tiny", img_size=30, patch_size=4)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "convmae_tiny"])
+def test_a_resized_model_equals_one_built_at_that_size(name: str) -> None:
+    """set_img_size (transfer at another resolution): the same weights, and position tables identical to a
+    model constructed for the new grid, so outputs match it exactly."""
+    kwargs = {"img_size": 32, "depth": 2, "patch_size": 8} if name == "vit_tiny" else {"img_size": 32}
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    model.set_img_size(64)
+    built = create_model(name, **{**kwargs, "img_size": 64})
+    built.load_state_dict(model.state_dict())  # shapes agree: the pos tables were resized
+    assert model.config == built.config and model.grid == built.grid == (model.grid[0], model.grid[0])
+    for part in ("encoder", "decoder"):
+        mine, theirs = getattr(model, part).pos_embed, getattr(built, part).pos_embed
+        assert torch.equal(mine, theirs) and not mine.requires_grad
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.encoder(images).tokens, built.encoder(images).tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        model.set_img_size(60)

@@ -55,6 +55,7 @@ class SegModelConfig:
     fill: str = "decoder"
     stem_channels: tuple[int, int] = (64, 128)
     drop_path: float = 0.0
+    img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -92,6 +93,7 @@ class SegConfig:
             (m.backbone in SEG_BACKBONES, "model.backbone", f"must be one of {SEG_BACKBONES}"),
             (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1]"),
             (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
             (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
             (self.data.num_classes is None or self.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
             (t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train", "epochs, batch_size and lr must be positive"),
@@ -278,7 +280,13 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
     pretrained = load_pretrained(
-        m.checkpoint, random_init=m.random_init, encoder=config.encoder, seed=t.seed, mean=m.mean, std=m.std
+        m.checkpoint,
+        random_init=m.random_init,
+        encoder=config.encoder,
+        seed=t.seed,
+        mean=m.mean,
+        std=m.std,
+        img_size=m.img_size,
     )
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])

@@ -55,6 +55,7 @@ class DetectModelConfig:
     masks: bool = True  # Mask R-CNN; false: Faster R-CNN for box-only data (e.g. imported VOC)
     drop_path: float = 0.0
     score_threshold: float = 0.05
+    img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
     mean: tuple[float, ...] | None = None  # normalization; None: the pretraining run's (or the folder default)
     std: tuple[float, ...] | None = None
 
@@ -122,6 +123,7 @@ class DetectConfig:
             (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
             (len(m.anchor_sizes) == 4, "model.anchor_sizes", "needs one size per pyramid level (4)"),
             (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
+            (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
             (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
             (t.epochs >= 1, "train.epochs", "must be >= 1"),
             (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1"),
@@ -165,6 +167,7 @@ def load_pretrained(
     seed: int = 0,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    img_size: int | None = None,
 ) -> Pretrained:
     """The encoder (and MAE decoder) a dense model starts from.
 
@@ -175,6 +178,8 @@ def load_pretrained(
         encoder: the architecture without a checkpoint (the pretraining config's ``model`` section).
         seed: seed of random initializations.
         mean, std: normalization; None: the pretraining run's, else the image-folder default.
+        img_size: the input side, when it is not the pretraining one: a multiple of the patch size (the
+            total stride for ConvMAE); the fixed sin-cos position tables are recomputed for the new grid.
     """
     from mimkit.config import Config, model_overrides
     from mimkit.data.transforms import default_normalization
@@ -198,6 +203,11 @@ def load_pretrained(
         model = untrained_model(args, seed)
         default_mean, default_std = default_normalization(encoder.in_chans, "folder")
         source = "random init"
+    if img_size is not None and img_size != int(model.config["img_size"]):
+        try:
+            model.set_img_size(img_size)
+        except ValueError as err:
+            raise ConfigError(f"model.img_size: {err}") from None
     return Pretrained(model, tuple(mean or default_mean), tuple(std or default_std), source)
 
 
@@ -205,7 +215,13 @@ def pretrained_for(config: DetectConfig) -> Pretrained:
     """:func:`load_pretrained` with a detection config's settings."""
     m = config.model
     return load_pretrained(
-        m.checkpoint, random_init=m.random_init, encoder=config.encoder, seed=config.train.seed, mean=m.mean, std=m.std
+        m.checkpoint,
+        random_init=m.random_init,
+        encoder=config.encoder,
+        seed=config.train.seed,
+        mean=m.mean,
+        std=m.std,
+        img_size=m.img_size,
     )
 
 

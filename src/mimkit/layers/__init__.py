@@ -13,7 +13,7 @@ from mimkit.layers.block import (
 )
 from mimkit.layers.conv_block import ConvBlock, ConvMlp, ConvPatchEmbed, LayerNorm2d, masked, upsample_mask
 from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
-from mimkit.layers.pos_embed import sincos_1d, sincos_2d
+from mimkit.layers.pos_embed import resize_pos_embed, sincos_1d, sincos_2d
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -30,6 +30,7 @@ __all__ = [
     "init_vit_weights",
     "masked",
     "patchify",
+    "resize_pos_embed",
     "run_block",
     "run_blocks",
     "set_attention_impl",

@@ -76,6 +76,12 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Take images of another size from now on (the projection does not depend on it)."""
+        self.grid = check_patch_grid(img_size, self.patch_size)
+        self.img_size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, L, D)."""
         if images.shape[-2:] != self.img_size:

@@ -51,3 +51,37 @@ def sincos_2d(embed_dim: int, grid: tuple[int, int], num_prefix_tokens: int = 0)
     if num_prefix_tokens:
         emb = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def resize_pos_embed(
+    pos_embed: Tensor, grid: tuple[int, int], new_grid: tuple[int, int], num_prefix_tokens: int = 0
+) -> Tensor:
+    """A position table for another patch grid (fine-tuning or dense transfer at another resolution).
+
+    A fixed sin-cos table (what MAE, ConvMAE and mimkit train with) is recomputed for the new grid, which
+    is exact; any other (learned) table has its patch part resampled bicubically, as timm's
+    ``resample_abs_pos_embed`` does. Prefix rows are kept.
+
+    Args:
+        pos_embed: (1, P + grid_h * grid_w, D).
+        grid: the grid it was made for.
+        new_grid: the grid it is wanted for.
+        num_prefix_tokens: P, the class/prefix rows at the start.
+
+    Returns:
+        (1, P + new_h * new_w, D), dtype and device of ``pos_embed``.
+    """
+    embed_dim = pos_embed.shape[-1]
+    if pos_embed.shape[1] != num_prefix_tokens + grid[0] * grid[1]:
+        raise ValueError(f"a table of {pos_embed.shape[1]} rows is not {num_prefix_tokens} + {grid[0]}x{grid[1]}")
+    if tuple(new_grid) == tuple(grid):
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    fixed = sincos_2d(embed_dim, grid).to(patches)
+    if embed_dim % 4 == 0 and torch.allclose(patches[0], fixed, atol=1e-5):
+        resized = sincos_2d(embed_dim, new_grid)[None].to(patches)  # (1, L', D)
+    else:
+        table = patches.reshape(1, *grid, embed_dim).permute(0, 3, 1, 2).float()  # (1, D, grid_h, grid_w)
+        table = torch.nn.functional.interpolate(table, size=new_grid, mode="bicubic", align_corners=False)
+        resized = table.permute(0, 2, 3, 1).reshape(1, -1, embed_dim).to(patches)  # (1, L', D)
+    return torch.cat([prefix, resized], dim=1)

@@ -15,6 +15,7 @@ from mimkit.layers import (
     check_patch_grid,
     init_vit_weights,
     masked,
+    resize_pos_embed,
     run_blocks,
     sincos_2d,
     upsample_mask,
@@ -125,6 +126,16 @@ class ConvViT(nn.Module):
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks (stage 3), where analyses and guided maskers look."""
         return self.blocks3
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Take images of another size (a multiple of the total stride) from now on: the stage-3 grid
+        changes and the position table follows it (:func:`~mimkit.layers.resize_pos_embed`); the
+        convolution stages do not depend on the size."""
+        grid = self.grid
+        self.grid = check_patch_grid(img_size, self.patch_size)
+        self.img_size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, self.grid), requires_grad=False)
 
     def set_drop_path_rate(self, drop_path_rate: float) -> None:
         """Stochastic depth rising linearly from 0 at the first block of stage 1 to ``drop_path_rate`` at the

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.layers import Block, init_vit_weights, run_blocks, sincos_2d
+from mimkit.layers import Block, init_vit_weights, resize_pos_embed, run_blocks, sincos_2d
 from mimkit.masking import MaskSpec
 from mimkit.models.vit import EncoderOutput
 
@@ -81,6 +81,13 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(embed_dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_vit_weights)
+
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Decode another patch grid from now on (the encoder's after
+        :meth:`~mimkit.models.vit.VisionTransformer.set_img_size`); the position table follows it."""
+        old, self.grid = self.grid, tuple(grid)  # type: ignore[assignment]
+        table = resize_pos_embed(self.pos_embed.data, old, self.grid, self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
 
     def forward(
         self,

@@ -60,6 +60,18 @@ class MaskedImageModel(nn.Module):
     def grid(self) -> tuple[int, int]:
         return cast(tuple[int, int], self.encoder.grid)
 
+    def set_img_size(self, img_size: int) -> None:
+        """Take ``img_size`` x ``img_size`` images from now on (transfer at another resolution): the
+        encoder's patch grid and every MAE-style decoder's position table follow, and :attr:`config`
+        records the size so that the model rebuilds as it is now."""
+        from mimkit.models.mae_decoder import MAEDecoder
+
+        self.encoder.set_img_size(img_size)  # type: ignore[operator]
+        for module in self.decoder.modules():
+            if isinstance(module, MAEDecoder):
+                module.set_grid(self.grid)
+        self.config["img_size"] = img_size
+
     def make_mask(
         self,
         batch: int,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.layers import Block, PatchEmbed, init_vit_weights, run_blocks, sincos_2d
+from mimkit.layers import Block, PatchEmbed, init_vit_weights, resize_pos_embed, run_blocks, sincos_2d
 from mimkit.masking import MaskSpec
 
 
@@ -112,6 +112,15 @@ class VisionTransformer(nn.Module):
         the tokens the first block sees (B, 1 + L, D) and the residual added to the patch tokens after the
         last block (none for the ViT)."""
         return self.embed_tokens(images), None
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Take images of another size (a multiple of the patch) from now on, for transfer at another
+        resolution: the patch grid changes and the position table follows it
+        (:func:`~mimkit.layers.resize_pos_embed`: recomputed exactly for the fixed sin-cos table)."""
+        grid = self.grid
+        self.patch_embed.set_img_size(img_size)
+        self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, self.grid, 1), requires_grad=False)
 
     def set_drop_path_rate(self, drop_path_rate: float) -> None:
         """Stochastic depth rising linearly from 0 at the first block to ``drop_path_rate`` at the last
