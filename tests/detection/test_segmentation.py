@@ -14,6 +14,7 @@ from mimkit.detection.seg_train import (
     build_segmenter,
     load_segmenter,
     predict_masks,
+    save_overlays,
     seg_config,
     train_segmenter,
 )
@@ -89,6 +90,23 @@ def test_voc_palette_masks_keep_their_indices_and_ade_shifts_labels(tmp_path: Pa
     assert mask[0, 0] == IGNORE_INDEX and mask[0, 8] == 0 and mask[8, 0] == 1 and mask[8, 8] == 149
     with pytest.raises(FileNotFoundError, match="no segmentation layout"):
         SegmentationFolder(tmp_path, img_size=16)
+
+
+def test_overlays_show_image_truth_and_prediction_under_a_class_legend(shapes_root: Path, tmp_path: Path) -> None:
+    dataset = SegmentationFolder(shapes_root, img_size=32)
+    predictions = torch.stack([dataset.mask(i) for i in range(3)])
+    predictions[0] = 2  # every pixel of the first image predicted "triangle"
+    path = save_overlays(dataset, predictions, tmp_path / "o.png", num_images=3, scale=2,
+                         classes=["background", "ellipse", "triangle", "rectangle"])  # fmt: skip
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    header = picture.shape[0] - 3 * 32 * 2
+    assert picture.shape[1] == 3 * 32 * 2 and header > 20
+    legend = {tuple(color) for color in picture[:header].reshape(-1, 3)}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= legend  # ellipse, triangle, rectangle swatches
+    image, _ = dataset[0]
+    first_prediction = picture[header : header + 64, 128:192]  # 0.3 image + 0.7 triangle colour, upscaled 2x
+    expected = 0.3 * image.permute(1, 2, 0).numpy().repeat(2, 0).repeat(2, 1) + 0.7 * np.array([255, 127, 14])
+    assert np.abs(first_prediction - expected).max() <= 1
 
 
 def test_iou_counts_pixels_and_skips_ignored_and_absent_classes() -> None:

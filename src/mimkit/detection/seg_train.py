@@ -197,19 +197,60 @@ def predict_masks(model: Segmenter, dataset: SegmentationFolder, batch_size: int
     return torch.cat(predictions)
 
 
-def _colorize(labels: Tensor) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) colours: background black, tab10 then fixed random colours, ignored white."""
+def _class_colors() -> np.ndarray:
+    """(256, 3) float colours of class indices: background black, tab10, then fixed random colours; 255
+    (ignored) white."""
     extra = np.random.default_rng(0).integers(40, 256, size=(IGNORE_INDEX + 1, 3))
     colors = np.concatenate([[(0, 0, 0)], PALETTE, extra]).astype(np.float32)[: IGNORE_INDEX + 1]
     colors[IGNORE_INDEX] = (255, 255, 255)
-    return colors[labels.clamp(0, IGNORE_INDEX).numpy()]
+    return colors
+
+
+def _colorize(labels: Tensor) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) colours of :func:`_class_colors`."""
+    return _class_colors()[labels.clamp(0, IGNORE_INDEX).numpy()]
+
+
+def _overlay_header(width: int, column_width: int, classes: Sequence[str]) -> Image.Image:
+    """A white strip: the three column titles, then a swatch and the name of every class in its colour."""
+    from PIL import ImageDraw
+
+    line, swatch = 14, 10
+    entries = [*enumerate(classes), (IGNORE_INDEX, "ignored")]
+    widths = [swatch + 4 + 6 * len(name) + 12 for _, name in entries]  # the default font is 6 px a character
+    rows, x = 1, 0
+    for entry_width in widths:
+        if x and x + entry_width > width:
+            rows, x = rows + 1, 0
+        x += entry_width
+    header = Image.new("RGB", (width, line * (rows + 1) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    for column, title in enumerate(("image", "ground truth", "prediction")):
+        draw.text((column * column_width + 4, 2), title, fill=(0, 0, 0))
+    colors = _class_colors()
+    x, y = 4, line + 4
+    for (index, name), entry_width in zip(entries, widths, strict=True):
+        if x > 4 and x + entry_width > width:
+            x, y = 4, y + line
+        color = tuple(int(c) for c in colors[index])
+        draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=color, outline=(0, 0, 0))
+        draw.text((x + swatch + 4, y), name, fill=(0, 0, 0))
+        x += entry_width
+    return header
 
 
 def save_overlays(
-    dataset: SegmentationFolder, predictions: Tensor, path: Path, *, num_images: int = 8, scale: int = 3
+    dataset: SegmentationFolder,
+    predictions: Tensor,
+    path: Path,
+    *,
+    num_images: int = 8,
+    scale: int = 3,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Rows of (image, ground truth over it, prediction over it): each class in its colour (background black,
-    ignored pixels white) over a faint copy of the image."""
+    ignored pixels white) over a faint copy of the image, under a header naming the columns and, given
+    ``classes``, the colour of each class."""
     rows = []
     for index in range(min(num_images, len(dataset))):
         image, labels = dataset[index]
@@ -217,13 +258,17 @@ def save_overlays(
         if pixels.shape[2] == 1:
             pixels = pixels.repeat(3, axis=2)
         tiles: list[np.ndarray] = [pixels]
-        for classes in (labels, predictions[index]):  # background darkened, classes in their colours
-            tiles.append(0.3 * pixels + 0.7 * _colorize(classes))
+        for label_map in (labels, predictions[index]):  # background darkened, classes in their colours
+            tiles.append(0.3 * pixels + 0.7 * _colorize(label_map))
         rows.append(np.concatenate(tiles, axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0).clip(0, 255).astype(np.uint8), "RGB")
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    header = _overlay_header(grid.width, grid.width // 3, classes or [])
+    picture = Image.new("RGB", (grid.width, header.height + grid.height), (255, 255, 255))
+    picture.paste(header, (0, 0))
+    picture.paste(grid, (0, header.height))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    picture.save(path)
     return path
 
 
@@ -244,7 +289,7 @@ def evaluate_segmenter(
         torch.zeros(num_classes, num_classes, dtype=torch.long),
     )
     iou, miou, accuracy = iou_from_confusion(confusion)
-    picture = save_overlays(dataset, predictions, out_dir / "overlays.png", num_images=pictures)
+    picture = save_overlays(dataset, predictions, out_dir / "overlays.png", num_images=pictures, classes=classes)
     return {
         "mIoU": miou,
         "pixel_accuracy": accuracy,
