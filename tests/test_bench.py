@@ -94,3 +94,28 @@ def test_cli_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         main(["bench", "--config", "huge"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bf16_comparison_runs_both_models_under_autocast_against_the_bf16_peak() -> None:
+    from mimkit.bench import compare_with_hf, sgemm_peak
+
+    peak = sgemm_peak(256, device="cpu", dtype=torch.bfloat16)
+    row = compare_with_hf(CONFIGS["smoke"], steps=1, repeats=2, peak=peak, precision="bf16")
+    assert positive(row["ratio"]) and positive(row["mimkit"]["img_per_s"]) and positive(row["hf"]["img_per_s"])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compare_with_hf(CONFIGS["smoke"], steps=1, repeats=1, peak=peak, precision="fp16")
+
+
+def test_bench_off_the_cpu_is_refused_before_timing_unless_it_can_run(capsys) -> None:
+    from mimkit.bench import BenchOptions
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            BenchOptions(device="cuda").check()
+        assert main(["bench", "--device", "cuda", "--compare-only"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError, match="add --compare-only"):
+            BenchOptions(device="cuda").check()
+    options = BenchOptions()
+    assert options.check() is options  # the CPU default runs everything

@@ -148,19 +148,34 @@ class Contender:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def sgemm_peak(size: int = 2048, repeats: int = 5) -> Peak:
-    """The machine's fp32 matrix-multiply rate in GFLOP/s: the best of ``repeats`` timings of a
-    ``size`` x ``size`` ``torch.mm`` (2 size^3 FLOPs) at the current thread count, by both clocks."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    out = torch.empty(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sgemm_peak(
+    size: int = 2048, repeats: int = 5, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Peak:
+    """The device's matrix-multiply rate in GFLOP/s: the best of ``repeats`` timings of a ``size`` x ``size``
+    ``torch.mm`` (2 size^3 FLOPs) in ``dtype`` (fp32: the sgemm peak) at the current thread count, by both
+    clocks (the CPU clock means little for a GPU)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # warm up the BLAS
+    synchronize(device)
     wall = cpu = math.inf
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=out)
+        synchronize(device)
         wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
-    return Peak(2 * size**3 / wall / 1e9, 2 * size**3 / cpu / 1e9)
+    return Peak(2 * size**3 / wall / 1e9, 2 * size**3 / max(cpu, 1e-9) / 1e9)
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -219,15 +234,23 @@ def adamw(model: nn.Module, *, fused: bool = False) -> torch.optim.AdamW:
 
 
 def mimkit_contender(
-    label: str, model: MaskedImageModel, images: Tensor, *, fused_adamw: bool = False, flops: float | None = None
+    label: str,
+    model: MaskedImageModel,
+    images: Tensor,
+    *,
+    fused_adamw: bool = False,
+    flops: float | None = None,
+    bf16: bool = False,
 ) -> Contender:
-    """A step of a mimkit model: masks from a per-step seeded generator, as the training loop does."""
+    """A step of a mimkit model: masks from a per-step seeded generator, as the training loop does; the
+    forward under bf16 autocast when ``bf16`` (as ``train.precision=bf16``)."""
     optimizer = adamw(model, fused=fused_adamw)
     counter = iter(range(1 << 62))
     batch = images.shape[0]
 
     def step() -> Tensor:
-        loss = model(images, generator=torch.Generator().manual_seed(next(counter))).loss
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(images, generator=torch.Generator().manual_seed(next(counter))).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -236,12 +259,13 @@ def mimkit_contender(
     return Contender(label, step, batch, step_flops(model, batch) if flops is None else flops, model)
 
 
-def hf_contender(label: str, hf: nn.Module, images: Tensor, flops: float) -> Contender:
-    """A step of HF ``ViTMAEForPreTraining`` (it draws its own mask noise)."""
+def hf_contender(label: str, hf: nn.Module, images: Tensor, flops: float, *, bf16: bool = False) -> Contender:
+    """A step of HF ``ViTMAEForPreTraining`` (it draws its own mask noise), under bf16 autocast when ``bf16``."""
     optimizer = adamw(hf)
 
     def step() -> Tensor:
-        loss = hf(pixel_values=images).loss
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = hf(pixel_values=images).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -251,10 +275,17 @@ def hf_contender(label: str, hf: nn.Module, images: Tensor, flops: float) -> Con
 
 
 def time_interleaved(
-    contenders: Sequence[Contender], *, steps: int, repeats: int, warmup: int = 1
+    contenders: Sequence[Contender],
+    *,
+    steps: int,
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Timing]:
     """Time contenders in turns: each repeat runs a block of ``steps`` steps of every contender (the order
-    rotating from repeat to repeat), after ``warmup`` untimed steps of each."""
+    rotating from repeat to repeat), after ``warmup`` untimed steps of each; on a GPU each block is timed
+    from an idle device to the end of its last kernel."""
+    device = torch.device(device)
     for contender in contenders:
         for _ in range(warmup):
             contender.step()
@@ -262,9 +293,11 @@ def time_interleaved(
     for repeat in range(repeats):
         shift = repeat % len(contenders)
         for contender in [*contenders[shift:], *contenders[:shift]]:
+            synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 contender.step()
+            synchronize(device)
             timing = timings[contender.label]
             timing.seconds.append((time.perf_counter() - start) / steps)
             timing.cpu_seconds.append((time.process_time() - start_cpu) / steps)
@@ -279,18 +312,34 @@ def paired_ratio(slow: Timing, fast: Timing, *, cpu: bool = False) -> float:
     return statistics.median(s / f for s, f in pairs)
 
 
-def compare_with_hf(config: dict[str, Any], *, steps: int, repeats: int, peak: Peak, warmup: int = 1) -> dict[str, Any]:
-    """mimkit against HF ``ViTMAEForPreTraining`` on one ViT config: images/s, GFLOP/s, ratio."""
-    model = build_mimkit(config)
-    hf = build_hf(model)
-    images = make_images(config)
+def compare_with_hf(
+    config: dict[str, Any],
+    *,
+    steps: int,
+    repeats: int,
+    peak: Peak,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """mimkit against HF ``ViTMAEForPreTraining`` on one ViT config: images/s, GFLOP/s, ratio.
+
+    Both run on ``device``; with ``precision="bf16"`` both forwards run under bf16 autocast (weights,
+    gradients and AdamW in fp32), and ``peak`` should then be the bf16 matmul peak."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    bf16 = precision == "bf16"
+    model = build_mimkit(config).to(device)
+    hf = build_hf(model).to(device)
+    images = make_images(config).to(device)
     flops = step_flops(model, images.shape[0])
     mimkit_params, hf_params = count_parameters(model), count_parameters(hf)
     timings = time_interleaved(
-        [mimkit_contender("mimkit", model, images), hf_contender("hf", hf, images, flops)],
+        [mimkit_contender("mimkit", model, images, bf16=bf16), hf_contender("hf", hf, images, flops, bf16=bf16)],
         steps=steps,
         repeats=repeats,
         warmup=warmup,
+        device=device,
     )
     return {
         "config": config,
@@ -655,6 +704,9 @@ class BenchOptions:
         sweep: img/s against batch size and mask ratio (tiny config), plotted when ``out`` is set.
         out: folder for ``results.json`` and ``throughput.png``.
         smoke: a seconds-long run on a 2-block model (the test suite's).
+        device: where the mimkit/HF comparison runs (``cpu``, ``cuda``, ``cuda:1``); off the CPU only the
+            comparison and the loss check are measured.
+        precision: ``fp32`` or ``bf16`` (autocast forwards in the comparison, against the bf16 matmul peak).
     """
 
     configs: tuple[str, ...] = ("tiny", "base")
@@ -673,6 +725,23 @@ class BenchOptions:
     sweep: bool = True
     out: Path | None = None
     smoke: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def check(self) -> BenchOptions:
+        """Raise ``ValueError`` for options that cannot run here, before any timing."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is visible to PyTorch here")
+        others = [name for name in ("levers", "masking", "variants", "memory", "sweep") if getattr(self, name)]
+        if device.type != "cpu" and (others or self.pipeline is not None):
+            raise ValueError(
+                f"off the CPU, bench measures the comparison with HF and the loss check only; "
+                f"add --compare-only (asked for: {', '.join(others) or 'the pipeline run'})"
+            )
+        return self
 
 
 def smoke_options(out: Path | None = None) -> BenchOptions:
@@ -704,12 +773,19 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], Any] = print) -> d
 
     transformers = import_transformers("comparisons with HuggingFace ViTMAE")
 
+    options.check()
     if options.threads:
         torch.set_num_threads(options.threads)
     steps, repeats = options.steps, options.repeats
     tiny = CONFIGS["smoke" if options.smoke else "tiny"]
-    gemm_size = 512 if options.smoke else 2048
-    peaks = [sgemm_peak(gemm_size)]
+    device = torch.device(options.device)
+    gemm_size = 512 if options.smoke else (8192 if device.type == "cuda" else 2048)
+    gemm_dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
+
+    def matmul_peak() -> Peak:
+        return sgemm_peak(gemm_size, device=device, dtype=gemm_dtype)
+
+    peaks = [matmul_peak()]
     results: dict[str, Any] = {
         "machine": {
             "threads": torch.get_num_threads(),
@@ -718,11 +794,14 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], Any] = print) -> d
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "load_average": os.getloadavg(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": options.precision,
         },
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
     }
     log(f"# {torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers {transformers.__version__}")
-    log(f"sgemm peak {peaks[0].wall:.1f} GFLOP/s (by CPU time {peaks[0].cpu:.1f})")
+    where = f"on {results['machine']['device']}, {options.precision}"
+    log(f"matmul peak {where}: {peaks[0].wall:.1f} GFLOP/s (by CPU time {peaks[0].cpu:.1f})")
 
     def save() -> None:
         """Write what is measured so far, so that a run stopped midway keeps its results."""
@@ -736,11 +815,18 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], Any] = print) -> d
     compare: dict[str, Any] = {}
     for name in options.configs:
         config = CONFIGS[name]
-        peaks.append(sgemm_peak(gemm_size))
+        peaks.append(matmul_peak())
         peak = Peak.best(peaks)
-        config_steps, max_repeats = SLOW_CONFIGS.get(name, (steps, repeats))
+        config_steps, max_repeats = (
+            (steps, repeats) if device.type == "cuda" else SLOW_CONFIGS.get(name, (steps, repeats))
+        )
         row = compare[name] = compare_with_hf(
-            config, steps=min(steps, config_steps), repeats=min(repeats, max_repeats), peak=peak
+            config,
+            steps=min(steps, config_steps),
+            repeats=min(repeats, max_repeats),
+            peak=peak,
+            device=device,
+            precision=options.precision,
         )
         log(
             f"{name}: batch {config['batch']}, params mimkit {row['mimkit_params']:,} hf {row['hf_params']:,}; "

@@ -194,6 +194,8 @@ def _bench(args: argparse.Namespace) -> int:
             else None,
             sweep=args.sweep,
             out=args.out,
+            device=args.device,
+            precision=args.precision,
         )
     if args.config not in (*CONFIGS, "all"):
         raise ValueError(f"unknown bench config {args.config!r}")
@@ -420,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end run")
     p.add_argument("--compare-only", action="store_true", help="only mimkit against HF (no levers, masking, variants)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of everything on a 2-block model")
+    p.add_argument(
+        "--device", default="cpu", help="where the comparison runs: cpu, cuda, cuda:N (cuda: --compare-only)"
+    )
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast forwards (GPU)")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and throughput.png")
     p.set_defaults(func=_bench)
     return parser
