@@ -257,3 +257,21 @@ def test_a_detection_run_killed_mid_way_resumes_to_the_same_weights(
     config.train.lr = 1.0
     with pytest.raises(ValueError, match=r"train.lr: 0.0003 in the checkpoint, 1.0 here"):
         run_detect_train(config, resume=True)
+
+
+def test_prediction_pictures_draw_confident_detections_and_caption_the_rest() -> None:
+    import numpy as np
+
+    from mimkit.detection.evaluate import PALETTE, draw_detections
+
+    image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    output = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [2.0, 2.0, 30.0, 30.0]]),
+              "labels": torch.tensor([2, 1]), "scores": torch.tensor([0.9, 0.2])}  # fmt: skip
+    picture = np.asarray(draw_detections(image, output, ["ellipse", "triangle"], score_threshold=0.5, scale=4))
+    assert picture.shape == (128, 128, 3)
+    assert (picture[16, 16:80] == PALETTE[1]).all()  # the top edge of the 0.9 "triangle" box, 4x upscaled
+    assert not (picture == PALETTE[0]).all(axis=-1).any()  # the 0.2 "ellipse" box is not drawn
+    caption = picture[-16:, :100]
+    assert (caption.max(-1) == 0).any() and (caption.min(-1) > 200).any()  # light text on black
+    nothing = np.asarray(draw_detections(image, {**output, "scores": torch.tensor([0.3, 0.2])}, ["e", "t"]))
+    assert (nothing[-16:, :100].min(-1) > 200).any() and (nothing[:100] == 128).all()  # only the caption

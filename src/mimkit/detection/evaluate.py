@@ -142,7 +142,8 @@ def draw_detections(
     scale: int = 4,
 ) -> Image.Image:
     """One picture: the image (C, H, W) uint8 upscaled ``scale`` times, masks tinted by class, boxes and
-    ``class score`` labels of the detections at or above ``score_threshold``."""
+    ``class score`` labels of the detections at or above ``score_threshold``, and a caption of how many
+    those are and the best score (so that an image without a shown detection says why)."""
     pixels = image.permute(1, 2, 0).numpy()  # (H, W, C)
     if pixels.shape[2] == 1:
         pixels = pixels.repeat(3, axis=2)
@@ -161,6 +162,13 @@ def draw_detections(
         x0, y0, x1, y1 = (value * scale for value in box)
         draw.rectangle((x0, y0, x1, y1), outline=color, width=2)
         draw.text((x0 + 2, y0 + 1), f"{classes[label - 1]} {score:.2f}", fill=(255, 255, 255))
+    scores = output["scores"]
+    caption = f"{int(keep.sum())} of {len(scores)} >= {score_threshold:.2f}"
+    if len(scores):
+        caption += f", best {float(scores.max()):.2f}"
+    left, top, right, bottom = draw.textbbox((3, picture.height - 14), caption)
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((3, picture.height - 14), caption, fill=(255, 255, 255))
     return picture
 
 
