@@ -34,7 +34,7 @@ from mimkit.detection.segmentation import (
     confusion_matrix,
     iou_from_confusion,
 )
-from mimkit.detection.train import DetectTrainConfig, Pretrained, fit, load_pretrained, open_run, training_lines
+from mimkit.detection.train import DetectTrainConfig, Pretrained, fit, open_run, pretrained_for, training_lines
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
@@ -215,27 +215,24 @@ def _overlay_header(width: int, column_width: int, classes: Sequence[str]) -> Im
     """A white strip: the three column titles, then a swatch and the name of every class in its colour."""
     from PIL import ImageDraw
 
-    line, swatch = 14, 10
+    line, swatch, margin = 14, 10, 4
     entries = [*enumerate(classes), (IGNORE_INDEX, "ignored")]
-    widths = [swatch + 4 + 6 * len(name) + 12 for _, name in entries]  # the default font is 6 px a character
-    rows, x = 1, 0
-    for entry_width in widths:
-        if x and x + entry_width > width:
-            rows, x = rows + 1, 0
+    positions, x, y = [], margin, line + margin  # the legend wraps onto as many lines as it needs
+    for _, name in entries:
+        entry_width = swatch + 4 + 6 * len(name) + 12  # the default font is about 6 px a character
+        if x > margin and x + entry_width > width:
+            x, y = margin, y + line
+        positions.append((x, y))
         x += entry_width
-    header = Image.new("RGB", (width, line * (rows + 1) + 4), (255, 255, 255))
+    header = Image.new("RGB", (width, y + line), (255, 255, 255))
     draw = ImageDraw.Draw(header)
     for column, title in enumerate(("image", "ground truth", "prediction")):
-        draw.text((column * column_width + 4, 2), title, fill=(0, 0, 0))
+        draw.text((column * column_width + margin, 2), title, fill=(0, 0, 0))
     colors = _class_colors()
-    x, y = 4, line + 4
-    for (index, name), entry_width in zip(entries, widths, strict=True):
-        if x > 4 and x + entry_width > width:
-            x, y = 4, y + line
+    for (index, name), (x, y) in zip(entries, positions, strict=True):
         color = tuple(int(c) for c in colors[index])
         draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=color, outline=(0, 0, 0))
         draw.text((x + swatch + 4, y), name, fill=(0, 0, 0))
-        x += entry_width
     return header
 
 
@@ -324,15 +321,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
         torch.set_num_threads(t.num_threads)
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
-    pretrained = load_pretrained(
-        m.checkpoint,
-        random_init=m.random_init,
-        encoder=config.encoder,
-        seed=t.seed,
-        mean=m.mean,
-        std=m.std,
-        img_size=m.img_size,
-    )
+    pretrained = pretrained_for(config)
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
     common = dict(img_size=img_size, in_chans=in_chans, reduce_zero_label=d.reduce_zero_label)

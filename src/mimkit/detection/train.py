@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import yaml
@@ -33,6 +33,9 @@ from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from mimkit.detection.seg_train import SegConfig
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +214,8 @@ def load_pretrained(
     return Pretrained(model, tuple(mean or default_mean), tuple(std or default_std), source)
 
 
-def pretrained_for(config: DetectConfig) -> Pretrained:
-    """:func:`load_pretrained` with a detection config's settings."""
+def pretrained_for(config: DetectConfig | SegConfig) -> Pretrained:
+    """:func:`load_pretrained` with a detection or segmentation config's settings."""
     m = config.model
     return load_pretrained(
         m.checkpoint,
