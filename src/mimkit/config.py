@@ -50,6 +50,11 @@ class ModelConfig:
     patch_sizes: tuple[int, ...] | None = None
     kernel_size: int | None = None
     fuse: bool | None = None
+    # MaskDistill's unified view: what the encoder sees when masked ("visible": MAE; "all": BEiT, every patch with
+    # the hidden ones as a learned mask embedding) and the head that predicts the target ("mae": MAE's decoder,
+    # "prompting": MILAN's, "linear": BEiT's FC layer). null: the target's recipe (resolved_design)
+    encoder_sees: str | None = None
+    head: str | None = None
 
 
 @dataclass
@@ -98,6 +103,7 @@ class TargetConfig:
     type: str = "pixel"
     norm_pix: bool = True
     loss: str | None = None
+    loss_on: str = "hidden"  # "all": the loss on every patch, visible ones too (MAE's ablation)
     teacher: str | None = None
     teacher_stage: int | None = None
     teacher_input_size: int | None = None
@@ -233,11 +239,31 @@ class Config:
             return math.prod(self.model.patch_sizes or CONV_ENCODERS[self.model.name]["patch_sizes"])
         return self.model.patch_size
 
+    def resolved_design(self) -> tuple[str, str]:
+        """``(model.encoder_sees, model.head)``, the unset ones from the target's recipe: BEiT's encoder and FC head
+        for ``maskdistill`` and ``vqkd`` (MaskDistill, BEiT v2) on a ViT, MILAN's prompting decoder for
+        ``milan``, MAE's visible-only encoder and decoder otherwise."""
+        from mimkit.models.registry import CONV_ENCODERS
+
+        sees, head = self.model.encoder_sees, self.model.head
+        if head is None:
+            beit = self.target.type in ("maskdistill", "vqkd") and self.model.name not in CONV_ENCODERS
+            if beit and sees != "visible":
+                head = "linear"
+            elif self.target.type == "milan" and sees != "all":
+                head = "prompting"
+            else:
+                head = "mae"
+        sees = sees or ("all" if head == "linear" else "visible")
+        return sees, head
+
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid
         from mimkit.masking import MASKERS, create_masker, num_hidden_patches
-        from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS
+        from mimkit.models.mim import LOSS_ON
+        from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS, HEADS
+        from mimkit.models.vit import ENCODER_SEES
         from mimkit.targets import LOSSES, TARGETS, TEACHER_TARGETS
 
         def check(ok: bool, key: str, message: str) -> None:
@@ -256,6 +282,28 @@ class Config:
         kernel = self.model.kernel_size
         check(kernel is None or (kernel > 0 and kernel % 2 == 1), "model.kernel_size", "must be a positive odd number")
         check(self.model.decoder in DECODERS, "model.decoder", f"unknown preset; one of {sorted(DECODERS)}")
+        check(self.model.encoder_sees in (None, *ENCODER_SEES), "model.encoder_sees", f"one of {list(ENCODER_SEES)}")
+        check(self.model.head in (None, *HEADS), "model.head", f"unknown head; one of {list(HEADS)}")
+        check(self.target.loss_on in LOSS_ON, "target.loss_on", f"one of {list(LOSS_ON)}")
+        self.model.encoder_sees, self.model.head = self.resolved_design()  # saved explicitly with the run
+        sees, head = self.model.encoder_sees, self.model.head
+        check(
+            sees == "visible" or not conv,
+            "model.encoder_sees",
+            "'all' (BEiT's mask embedding) is for ViT encoders; ConvMAE masks its convolutions",
+        )
+        check(
+            head != "linear" or sees == "all",
+            "model.head",
+            "linear predicts each patch from the encoder's output there: it needs model.encoder_sees=all",
+        )
+        check(head != "prompting" or sees == "visible", "model.head", "prompting needs model.encoder_sees=visible")
+        decoder_tokens = sees == "visible" and head == "mae"  # visible tokens + the decoder's mask tokens
+        check(
+            decoder_tokens or (self.mask.type != "self_guided" and not self.log.utilization),
+            "mask.type" if self.mask.type == "self_guided" else "log.utilization",
+            "measures how the decoder uses its mask tokens: it needs model.encoder_sees=visible and model.head=mae",
+        )
         try:
             check_patch_grid(self.model.img_size, self.encoder_stride())
         except ValueError as err:
@@ -502,7 +550,18 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint).
+
+    A run saved before ``model.head`` existed was built with MAE's visible-only encoder and the head its target
+    had then (:func:`~mimkit.models.registry.default_head`), and is rebuilt so.
+    """
+    from mimkit.models.registry import default_head
+
+    model = data.get("model")
+    if isinstance(model, dict) and "head" not in model:
+        target = data.get("target")
+        kind = target.get("type", "pixel") if isinstance(target, dict) else "pixel"
+        data = {**data, "model": {**model, "head": default_head(str(kind)), "encoder_sees": "visible"}}
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
 
 
@@ -541,6 +600,9 @@ def model_overrides(config: Config) -> dict[str, Any]:
         norm_eps=m.norm_eps,
         qkv_bias=m.qkv_bias,
         grad_checkpointing=m.grad_checkpointing,
+        encoder_sees=m.encoder_sees,
+        head=m.head,
+        loss_on=config.target.loss_on,
         mask_type=config.mask.type,
         mask_ratio=config.mask.ratio,
         mask_options=mask_options(config.mask),

@@ -62,6 +62,17 @@ class MaskSpec:
         return MaskSpec(self.ids_keep.to(device), self.ids_restore.to(device), self.mask.to(device))
 
     @classmethod
+    def unmasked(cls, batch: int, num_patches: int, device: torch.device | str | None = None) -> MaskSpec:
+        """The mask that hides nothing: every patch visible, in raster order."""
+        ids = torch.arange(num_patches, device=device).expand(batch, -1)  # (B, L)
+        return cls(ids_keep=ids, ids_restore=ids, mask=torch.zeros(batch, num_patches, dtype=torch.bool, device=device))
+
+    def scoring_all_patches(self) -> MaskSpec:
+        """The same visible set, with every patch marked as scored: a target given it computes its loss on all
+        patches (MAE's ablation of the loss on visible and hidden patches alike)."""
+        return MaskSpec(self.ids_keep, self.ids_restore, torch.ones_like(self.mask))
+
+    @classmethod
     def from_noise(cls, noise: Tensor, num_visible: int) -> MaskSpec:
         """MAE's rule: sort ``noise`` (B, L) ascending, keep the first ``num_visible`` patches.
 

@@ -285,8 +285,16 @@ def encoder_to_timm(state_dict: Mapping[str, Any], layout: str | None = None) ->
         state_dict: weights in any of :data:`LAYOUTS` (detected when ``layout`` is None).
         layout: the layout of ``state_dict``.
     """
-    weights = to_mimkit(state_dict, layout)
-    encoder = {key.removeprefix("encoder."): value for key, value in weights.items() if key.startswith("encoder.")}
+    weights = unwrap_checkpoint(state_dict)
+    layout = layout or detect_layout(weights)
+    if layout != "mimkit":
+        weights = to_mimkit(weights, layout)
+    # mimkit's encoder keys are timm's; the BEiT-style mask embedding is a pretraining part timm has no slot for
+    encoder = {
+        key.removeprefix("encoder."): value
+        for key, value in weights.items()
+        if key.startswith("encoder.") and key != "encoder.mask_token"
+    }
     if not encoder:
         raise ValueError("the state dict holds no encoder weights")
     return encoder

@@ -65,6 +65,7 @@ class ConvViT(nn.Module):
     """
 
     num_prefix_tokens = 0
+    encoder_sees = "visible"  # masked convolution: the transformer sees the visible tokens only
 
     def __init__(
         self,

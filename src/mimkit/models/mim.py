@@ -36,18 +36,31 @@ class MIMOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+LOSS_ON = ("hidden", "all")
+
+
 class MaskedImageModel(nn.Module):
-    """``MaskedImageModel(encoder, decoder, masker, target)``: mask, encode visible, decode all, score hidden.
+    """``MaskedImageModel(encoder, decoder, masker, target)``: mask, encode, predict every patch, score hidden.
+
+    The encoder sees the visible patches (MAE) or every patch with the hidden ones as its mask embedding
+    (BEiT; the encoder's ``encoder_sees == "all"``); in the second case its output is already in raster order
+    with nothing missing, so the decoder is handed the mask that hides nothing.
 
     Args:
-        encoder: module ``(images, mask) -> EncoderOutput``.
+        encoder: module ``(images, mask) -> EncoderOutput`` with an ``encoder_sees`` attribute.
         decoder: module ``(EncoderOutput, MaskSpec) -> DecoderOutput``.
         masker: callable making a :class:`MaskSpec`.
         target: module ``(images, pred, MaskSpec) -> loss``.
+        loss_on: ``"hidden"`` (MAE: the loss on hidden patches) or ``"all"`` (every patch, MAE's ablation).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, masker: Masker, target: nn.Module) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, masker: Masker, target: nn.Module, loss_on: str = "hidden"
+    ) -> None:
         super().__init__()
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        self.loss_on = loss_on
         self.encoder = encoder
         self.decoder = decoder
         self.masker = masker
@@ -163,6 +176,13 @@ class MaskedImageModel(nn.Module):
         prefix = int(getattr(self.decoder, "num_prefix_tokens", 1))
         return mask_token_utilization(dec.attentions, mask.mask, num_prefix_tokens=prefix)
 
+    def decoder_mask(self, mask: MaskSpec) -> MaskSpec:
+        """The mask the decoder is handed: ``mask``, or the one hiding nothing after a BEiT-style encoder (its
+        output holds every patch in raster order, the hidden ones already encoded from the mask embedding)."""
+        if self.encoder.encoder_sees == "all":
+            return MaskSpec.unmasked(mask.mask.shape[0], mask.num_patches, mask.mask.device)
+        return mask
+
     def forward(
         self,
         images: Tensor,
@@ -185,11 +205,12 @@ class MaskedImageModel(nn.Module):
         mask = mask.to(images.device)
         hidden = bool(getattr(self.decoder, "needs_hidden_states", False))  # e.g. BEiT v2's class-token head
         enc: EncoderOutput = self.encoder(images, mask, return_hidden=hidden)
-        dec: DecoderOutput = self.decoder(enc, mask)
-        loss = self.target(images, dec.pred, mask)
+        dec: DecoderOutput = self.decoder(enc, self.decoder_mask(mask))
+        scored = mask if self.loss_on == "hidden" else mask.scoring_all_patches()
+        loss = self.target(images, dec.pred, scored)
         extras: dict[str, Any] = {}
         if dec.aux_pred is not None:
             extras["main_loss"] = loss.detach()
-            extras["aux_loss"] = self.target(images, dec.aux_pred, mask)
+            extras["aux_loss"] = self.target(images, dec.aux_pred, scored)
             loss = loss + extras["aux_loss"]
         return MIMOutput(loss=loss, pred=dec.pred, mask=mask.mask, spec=mask, extras=extras)

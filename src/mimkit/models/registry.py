@@ -8,10 +8,11 @@ from typing import Any
 from mimkit.masking import create_masker
 from mimkit.models.cls_pretraining import ClassTokenPretraining
 from mimkit.models.convvit import ConvViT
+from mimkit.models.linear_head import LinearHead
 from mimkit.models.mae_decoder import MAEDecoder
-from mimkit.models.mim import MaskedImageModel
+from mimkit.models.mim import LOSS_ON, MaskedImageModel
 from mimkit.models.prompting_decoder import PromptingDecoder
-from mimkit.models.vit import VisionTransformer
+from mimkit.models.vit import ENCODER_SEES, VisionTransformer
 from mimkit.targets import create_target
 
 # Standard ViT widths (timm / MAE vocabulary). Patch sizes are MAE's defaults; CPU recipes override.
@@ -40,6 +41,17 @@ DECODERS: dict[str, dict[str, Any]] = {
     "micro": dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
 }
 
+# What predicts the target from the encoder's output (MaskDistill's "head"): MAE's transformer decoder with a
+# shared mask token, MILAN's prompting decoder (only mask tokens are updated), or BEiT's FC layer.
+HEADS = ("mae", "prompting", "linear")
+
+
+def default_head(target: str) -> str:
+    """The head a model without an explicit ``head`` argument has: MILAN's prompting decoder for the
+    ``milan`` target, MAE's decoder otherwise (what every model was built with before ``head`` existed)."""
+    return "prompting" if target == "milan" else "mae"
+
+
 DEFAULTS: dict[str, Any] = dict(
     img_size=224,
     in_chans=3,
@@ -63,6 +75,9 @@ DEFAULTS: dict[str, Any] = dict(
     mask_type="random",
     mask_options=None,
     grad_checkpointing=False,
+    encoder_sees="visible",  # "all": BEiT's encoder, every patch with the hidden ones as a mask embedding
+    head=None,  # one of HEADS; None: default_head(target)
+    loss_on="hidden",  # "all": the loss on every patch (MAE's ablation)
 )
 
 # Arguments of ConvMAE only: the depthwise kernel of the convolution blocks and multi-scale fusion.
@@ -92,7 +107,10 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher``, ``teacher_options`` and
     ``tokenizer`` (see :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the
     normalization of the images, which a teacher undoes), and BEiT v2's class-token pretraining:
-    ``cls_pretraining``, ``cls_layer`` (default: the block at 3/4 of the depth), ``cls_depth``.
+    ``cls_pretraining``, ``cls_layer`` (default: the block at 3/4 of the depth), ``cls_depth``; and the design
+    switches of MaskDistill's unified view and MAE's ablations: ``encoder_sees`` (``"visible"``, MAE, or
+    ``"all"``, BEiT's encoder with a mask embedding), ``head`` (one of :data:`HEADS`; None:
+    :func:`default_head`) and ``loss_on`` (``"hidden"`` or ``"all"``).
 
     ConvMAE models (:data:`CONV_ENCODERS`) take ``embed_dims``, ``depths`` and ``patch_sizes`` (one value
     per stage, stored as tuples), ``kernel_size`` and ``fuse`` instead of ``embed_dim``, ``depth`` and
@@ -115,7 +133,32 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     for key in (*_PER_STAGE, "data_mean", "data_std"):
         if args.get(key) is not None:  # lists from YAML or JSON become tuples, so model.config compares equal
             args[key] = tuple(args[key])
+    args["head"] = args["head"] or default_head(args["target"])
+    check_design(name, args)
     return args
+
+
+def check_design(name: str, args: dict[str, Any]) -> None:
+    """Refuse combinations of encoder, head and loss that cannot be built, naming the argument."""
+    if args["encoder_sees"] not in ENCODER_SEES:
+        raise ValueError(f"encoder_sees must be one of {ENCODER_SEES}, got {args['encoder_sees']!r}")
+    if args["head"] not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {args['head']!r}")
+    if args["loss_on"] not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {args['loss_on']!r}")
+    if args["encoder_sees"] == "all" and name in CONV_ENCODERS:
+        raise ValueError(
+            "encoder_sees='all' (BEiT's mask embedding) is for ViT encoders; ConvMAE masks its convolutions"
+        )
+    if args["head"] == "linear" and args["encoder_sees"] != "all":
+        raise ValueError(
+            "head='linear' predicts each patch from the encoder's output there, so the encoder must see every "
+            "patch: set encoder_sees='all' (BEiT's encoder)"
+        )
+    if args["head"] == "prompting" and args["encoder_sees"] == "all":
+        raise ValueError(
+            "head='prompting' (MILAN) prompts with the visible tokens only; it needs encoder_sees='visible'"
+        )
 
 
 def encoder_stride(args: dict[str, Any]) -> int:
@@ -157,6 +200,7 @@ def create_encoder(name: str, **overrides: Any) -> VisionTransformer | ConvViT:
         drop_path_rate=args["drop_path_rate"],
         norm_eps=args["norm_eps"],
         grad_checkpointing=args["grad_checkpointing"],
+        encoder_sees=args["encoder_sees"],
     )
 
 
@@ -184,20 +228,24 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         tokenizer=args["tokenizer"],
         teacher_cache=args["teacher_cache"],
     )
-    decoder_class = PromptingDecoder if args["target"] == "milan" else MAEDecoder  # MILAN's prompting decoder
-    main_decoder = decoder_class(
-        encoder.grid,
-        in_dim=encoder.embed_dim,
-        out_dim=int(target.dim),
-        embed_dim=args["decoder_embed_dim"],
-        depth=args["decoder_depth"],
-        num_heads=args["decoder_num_heads"],
-        mlp_ratio=args["mlp_ratio"],
-        norm_eps=args["norm_eps"],
-        num_prefix_tokens=encoder.num_prefix_tokens,
-        grad_checkpointing=args["grad_checkpointing"],
-    )
-    decoder: MAEDecoder | ClassTokenPretraining = main_decoder
+    main_decoder: MAEDecoder | LinearHead
+    if args["head"] == "linear":  # BEiT, MaskDistill, BEiT v2
+        main_decoder = LinearHead(encoder.embed_dim, int(target.dim), encoder.num_prefix_tokens)
+    else:
+        decoder_class = PromptingDecoder if args["head"] == "prompting" else MAEDecoder
+        main_decoder = decoder_class(
+            encoder.grid,
+            in_dim=encoder.embed_dim,
+            out_dim=int(target.dim),
+            embed_dim=args["decoder_embed_dim"],
+            depth=args["decoder_depth"],
+            num_heads=args["decoder_num_heads"],
+            mlp_ratio=args["mlp_ratio"],
+            norm_eps=args["norm_eps"],
+            num_prefix_tokens=encoder.num_prefix_tokens,
+            grad_checkpointing=args["grad_checkpointing"],
+        )
+    decoder: MAEDecoder | LinearHead | ClassTokenPretraining = main_decoder
     if args["cls_pretraining"]:  # BEiT v2's class-token head on an early block's patch tokens
         depth = len(encoder.blocks)
         layer = args["cls_layer"] if args["cls_layer"] is not None else max(round(0.75 * depth) - 1, 0)
@@ -208,14 +256,15 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
             encoder.embed_dim,
             layer,
             depth=args["cls_depth"],
-            num_heads=args["decoder_num_heads"],
+            # BEiT v2's head blocks are encoder blocks; in an MAE decoder's frame they are decoder blocks
+            num_heads=args["num_heads"] if args["head"] == "linear" else args["decoder_num_heads"],
             mlp_ratio=args["mlp_ratio"],
         )
     masker = create_masker(args["mask_type"], args["mask_ratio"], **(args["mask_options"] or {}))
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
         check_grid(encoder.grid)
-    model = MaskedImageModel(encoder, decoder, masker, target)
+    model = MaskedImageModel(encoder, decoder, masker, target, loss_on=args["loss_on"])
     model.name = name
     model.config = {"name": name, **args}
     return model

@@ -1,4 +1,5 @@
-"""Vision Transformer encoder that runs on visible tokens only when given a mask."""
+"""Vision Transformer encoder: on the visible tokens only when given a mask (MAE), or on every patch with the
+hidden ones replaced by a learned mask embedding (BEiT)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 
 from mimkit.layers import Block, PatchEmbed, init_vit_weights, resize_pos_embed, run_blocks, sincos_2d
 from mimkit.masking import MaskSpec
+
+ENCODER_SEES = ("visible", "all")
 
 
 @dataclass
@@ -57,6 +60,11 @@ class VisionTransformer(nn.Module):
         norm_eps: LayerNorm epsilon.
         grad_checkpointing: recompute each block's activations in the backward pass instead of keeping them
             (activation checkpointing, training only): less memory for about one more forward pass.
+        encoder_sees: what a masked forward pass encodes. ``"visible"`` (MAE): the visible patches only.
+            ``"all"`` (BEiT, MaskDistill, BEiT v2): every patch, the hidden ones' embeddings replaced by a
+            learned ``mask_token`` before the position embedding is added; the output then has all L patch
+            tokens in raster order. Unmasked (evaluation) the two are the same network: ``mask_token`` is
+            unused.
     """
 
     num_prefix_tokens = 1
@@ -74,8 +82,12 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         grad_checkpointing: bool = False,
+        encoder_sees: str = "visible",
     ) -> None:
         super().__init__()
+        if encoder_sees not in ENCODER_SEES:
+            raise ValueError(f"encoder_sees must be one of {ENCODER_SEES}, got {encoder_sees!r}")
+        self.encoder_sees = encoder_sees
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid = self.patch_embed.grid
         self.patch_size = patch_size
@@ -84,6 +96,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # BEiT's [MASK] embedding; only a BEiT-style encoder has one, so MAE checkpoints keep their keys
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if encoder_sees == "all" else None
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, 1)[None], requires_grad=False)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
@@ -96,13 +110,20 @@ class VisionTransformer(nn.Module):
         weight = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)  # BEiT: trunc_normal_(std=0.02)
         self.apply(init_vit_weights)
 
     def embed_tokens(self, images: Tensor, mask: MaskSpec | None = None) -> Tensor:
         """The tokens the first block sees: (B, C, H, W) -> (B, 1 + N, D), class token first, then the
-        N visible patches (all L without a mask), with positional embeddings added."""
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D)
-        if mask is not None:
+        N visible patches (all L without a mask, or BEiT-style with the hidden ones as the mask embedding), with
+        positional embeddings added."""
+        x = self.patch_embed(images)  # (B, L, D)
+        if mask is not None and self.mask_token is not None:  # BEiT: hidden patches become [MASK], then positions
+            hidden = mask.mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+            x = x * (1.0 - hidden) + self.mask_token.to(x.dtype) * hidden  # (B, L, D)
+        x = x + self.pos_embed[:, 1:]  # (B, L, D)
+        if mask is not None and self.mask_token is None:
             x = mask.gather_visible(x)  # (B, Lk, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
@@ -139,7 +160,8 @@ class VisionTransformer(nn.Module):
         return_attn: bool = False,
         return_hidden: bool = False,
     ) -> EncoderOutput:
-        """Encode images, seeing only the visible patches when ``mask`` is given.
+        """Encode images, seeing only the visible patches when ``mask`` is given (or, with
+        ``encoder_sees="all"``, every patch with the hidden ones as the mask embedding).
 
         Args:
             images: (B, C, H, W).
