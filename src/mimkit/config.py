@@ -104,6 +104,8 @@ class TargetConfig:
     norm_pix: bool = True
     loss: str | None = None
     loss_on: str = "hidden"  # "all": the loss on every patch, visible ones too (MAE's ablation)
+    # teacher targets: LayerNorm (no affine) over each patch's features; null: maskdistill on, milan off
+    norm_features: bool | None = None
     teacher: str | None = None
     teacher_stage: int | None = None
     teacher_input_size: int | None = None
@@ -367,6 +369,11 @@ class Config:
         )
         check(self.target.cls_depth >= 1, "target.cls_depth", "must be >= 1")
         check(
+            self.target.norm_features is None or self.target.type in TEACHER_TARGETS,
+            "target.norm_features",
+            "normalizes a teacher's features: only for target.type maskdistill or milan",
+        )
+        check(
             self.target.teacher_cache is None or self.target.teacher is not None,
             "target.teacher_cache",
             "caches a teacher's features: set target.teacher (maskdistill or milan)",
@@ -603,6 +610,7 @@ def model_overrides(config: Config) -> dict[str, Any]:
         encoder_sees=m.encoder_sees,
         head=m.head,
         loss_on=config.target.loss_on,
+        norm_features=config.target.norm_features,
         mask_type=config.mask.type,
         mask_ratio=config.mask.ratio,
         mask_options=mask_options(config.mask),

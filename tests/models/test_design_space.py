@@ -205,3 +205,22 @@ def test_masks_in_beit_mode_are_the_masker_s() -> None:
         a = model(images, mask=spec).pred
         b = model(images, mask=MaskSpec.from_mask(spec.mask)).pred
     assert torch.allclose(a, b, atol=1e-6)  # BEiT's encoder depends on which patches are hidden, not their order
+
+
+def test_norm_features_switches_maskdistill_s_layernorm_only() -> None:
+    images = fmnist(2)
+    maskdistill = ["target.type=maskdistill", *TEACHER]
+    normalized = build_model(load_config(RECIPE, maskdistill)).target
+    raw = build_model(load_config(RECIPE, [*maskdistill, "target.norm_features=false"])).target
+    assert normalized.normalize and not raw.normalize and raw.loss == normalized.loss == "smooth_l1"
+    with torch.no_grad():
+        features = raw.targets(images)  # (B, L, 112) as the teacher gives them
+        expected = torch.nn.functional.layer_norm(features, (features.shape[-1],), eps=normalized.eps)
+        assert torch.allclose(normalized.targets(images), expected, atol=1e-5)
+    assert not features.mean(dim=-1).abs().lt(1e-3).all()  # the raw features are not already normalized
+    try:
+        load_config(RECIPE, ["target.norm_features=true"])
+    except ValueError as err:
+        assert "target.norm_features" in str(err)
+    else:
+        raise AssertionError("norm_features on pixels must be refused")

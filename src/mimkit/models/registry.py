@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = dict(
     encoder_sees="visible",  # "all": BEiT's encoder, every patch with the hidden ones as a mask embedding
     head=None,  # one of HEADS; None: default_head(target)
     loss_on="hidden",  # "all": the loss on every patch (MAE's ablation)
+    norm_features=None,  # teacher targets: LayerNorm the teacher's features per patch (None: maskdistill yes, milan no)
 )
 
 # Arguments of ConvMAE only: the depthwise kernel of the convolution blocks and multi-scale fusion.
@@ -227,6 +228,7 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         std=args["data_std"],
         tokenizer=args["tokenizer"],
         teacher_cache=args["teacher_cache"],
+        norm_features=args["norm_features"],
     )
     main_decoder: MAEDecoder | LinearHead
     if args["head"] == "linear":  # BEiT, MaskDistill, BEiT v2

@@ -43,6 +43,7 @@ def create_target(
     std: Sequence[float] | None = None,
     tokenizer: str | None = None,
     teacher_cache: str | None = None,
+    norm_features: bool | None = None,
 ) -> PixelTarget | FeatureTarget | TokenTarget:
     """A target of :data:`TARGETS` with its ``dim``: the values the decoder predicts per patch.
 
@@ -60,6 +61,8 @@ def create_target(
         mean, std: the normalization of the student's images (the teacher undoes it).
         tokenizer: vqkd only: a ``tokenizer.pt`` written by ``mimkit tokenizer-train`` (or its folder).
         teacher_cache: a directory keeping the teacher's features on disk (:class:`FeatureCache`).
+        norm_features: maskdistill and milan: LayerNorm without affine over each patch's teacher features;
+            None for the target's usual choice (maskdistill: on, MaskDistill's; milan: off).
 
     Raises:
         ValueError: unknown kind, a teacher missing or given where none is used.
@@ -73,6 +76,8 @@ def create_target(
     loss = loss or DEFAULT_LOSSES[kind]
     if (tokenizer is not None) != (kind == "vqkd"):
         raise ValueError(f"target {kind!r} {'needs a' if kind == 'vqkd' else 'takes no'} tokenizer")
+    if norm_features is not None and kind not in TEACHER_TARGETS:
+        raise ValueError(f"norm_features normalizes a teacher's features; target {kind!r} has none")
     target: PixelTarget | FeatureTarget | TokenTarget
     if kind == "vqkd":
         from mimkit.targets.vqkd import load_tokenizer
@@ -90,7 +95,8 @@ def create_target(
         if teacher_cache is not None:
             identity = dict(teacher=teacher, options=teacher_options or {}, grid=grid, mean=mean, std=std)
             cache = FeatureCache(teacher_cache, identity)
-        target = TeacherTarget(built, grid, loss=loss, normalize=kind == "maskdistill", cache=cache)
+        normalize = kind == "maskdistill" if norm_features is None else norm_features
+        target = TeacherTarget(built, grid, loss=loss, normalize=normalize, cache=cache)
     return target
 
 
