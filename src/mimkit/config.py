@@ -61,8 +61,9 @@ class ModelConfig:
 class MaskConfig:
     """Which patches are hidden."""
 
-    type: str = "random"
+    type: str = "random"  # on the encoder's patch grid (ConvMAE: stage 3, upsampled: its block-wise masking)
     ratio: float = 0.75
+    # fine_random (ConvMAE's ablation): the ratio hidden inside every patch on the stage-1 grid
     # block (BEiT): smallest rectangle in patches and its aspect-ratio range (max defaults to 1 / min)
     min_num_patches: int = 4
     min_aspect: float = 0.3
@@ -368,6 +369,10 @@ class Config:
             "needs an encoder with a class token (ViT), not ConvMAE",
         )
         check(self.target.cls_depth >= 1, "target.cls_depth", "must be >= 1")
+        if self.mask.type == "fine_random":  # hides parts of patches: only a pixel loss can score them
+            check(conv, "mask.type", "fine_random masks ConvMAE's stage-1 grid: use a convmae_* model.name")
+            check(self.target.type == "pixel", "mask.type", "fine_random scores hidden pixels: use target.type=pixel")
+            check(loss != "cosine", "target.loss", "fine_random scores single pixels: use mse, l1 or smooth_l1")
         check(
             self.target.norm_features is None or self.target.type in TEACHER_TARGETS,
             "target.norm_features",

@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimkit.analysis.complexity import (
+    conv_flops,
     count_parameters,
     decoder_flops,
     encoder_flops,
@@ -111,6 +112,9 @@ def test_convmae_flops_match_a_whole_pretraining_forward(fuse):
     assert info["num_visible"] == 4  # a 4x4 grid at ratio 0.75
     assert counted == 2 * info["pretrain_flops"]
     assert full == 2 * info["encoder_full_flops"]
-    # The convolution stages run on the whole image, masked or not: only stage 3 gets cheaper.
+    # The convolution stages run on the whole image, masked or not: only stage 3 gets cheaper. The fusion
+    # convolutions run only masked (the pretraining decoder's input).
     masked, unmasked = encoder_flops(model.encoder, 4), encoder_flops(model.encoder)
-    assert masked["patch_embed"] == unmasked["patch_embed"] and masked["mlp"] * 4 == unmasked["mlp"]
+    fusion = sum(conv_flops(conv, model.grid) for conv in model.encoder.fusion_layers())
+    assert (fusion > 0) == fuse and masked["mlp"] * 4 == unmasked["mlp"]
+    assert masked["patch_embed"] == unmasked["patch_embed"] + fusion

@@ -44,6 +44,14 @@ def test_conv_and_vit_keys_are_not_mixed() -> None:
         load_config(RECIPE, ["model.patch_sizes=[2,2]"])
     with pytest.raises(ConfigError, match="model.img_size"):
         load_config(RECIPE, ["model.patch_sizes=[2,2,4]", "model.img_size=24"])  # stride 16 does not divide 24
+    # the fine-grained masker hides parts of patches: ConvMAE only, scored pixel by pixel
+    assert load_config(RECIPE, ["mask.type=fine_random"]).mask.type == "fine_random"
+    with pytest.raises(ConfigError, match="mask.type: fine_random masks ConvMAE's stage-1 grid"):
+        load_config(None, ["mask.type=fine_random"])
+    with pytest.raises(ConfigError, match="target.loss: fine_random scores single pixels"):
+        load_config(RECIPE, ["mask.type=fine_random", "target.loss=cosine"])
+    with pytest.raises(ConfigError, match="mask.ratio"):
+        load_config(RECIPE, ["mask.type=fine_random", "mask.ratio=0.98"])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +118,7 @@ def test_photo_folder_recipe_pretrains_on_real_photos(tmp_path: Path) -> None:
         f"train.output_dir={tmp_path / 'run'}",
     ]  # fmt: skip
     config = load_config(recipe, overrides)
-    assert (config.model.name, config.mask.type, config.optim.warmup_epochs) == ("convmae_base", "block", 40)
+    assert (config.model.name, config.mask.type, config.optim.warmup_epochs) == ("convmae_base", "random", 40)
     summary = run_pretraining(config)
     assert summary["steps"] == 2 and summary["skipped_images"] == 0
     assert Path(summary["reconstruction"]).stat().st_size > 1000

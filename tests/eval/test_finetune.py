@@ -186,7 +186,7 @@ def test_classifier_features_are_the_encoders_own_for_vit_and_convmae(subset, ti
         for blocks in (None, 0, 1):
             model = Classifier(encoder, 10, pool="avg", trainable_blocks=blocks).eval()
             model.head = torch.nn.Identity()  # the pooled features the head sees
-            expected = encoder.forward_features(images, pool="avg")  # (8, D), fusion included
+            expected = encoder.forward_features(images, pool="avg")  # (8, D), no fusion downstream
             torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="no class token"):
         Classifier(convvit, 10, pool="cls")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimkit.masking import MaskSpec, RandomMasker, create_masker, num_hidden_patches
+from mimkit.masking import FineRandomMasker, MaskSpec, RandomMasker, create_masker, num_hidden_patches
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 0.9])
@@ -57,3 +57,49 @@ def test_bad_ratio_and_type() -> None:
         RandomMasker(1.0)
     with pytest.raises(ValueError, match="unknown mask.type"):
         create_masker("nope", 0.5)
+
+
+@pytest.mark.parametrize(("ratio", "factor"), [(0.75, 4), (0.5, 2), (0.9, 4), (0.6, 3)])
+def test_fine_masks_hide_the_ratio_inside_every_patch(ratio: float, factor: int) -> None:
+    grid = (3, 5)
+    spec = FineRandomMasker(ratio, factor=factor)(6, grid, generator=torch.Generator().manual_seed(0))
+    assert spec.fine_mask is not None and spec.fine_mask.shape == (6, 3 * factor, 5 * factor)
+    cells = spec.fine_mask.reshape(6, 3, factor, 5, factor).permute(0, 1, 3, 2, 4).reshape(6, 15, -1)  # (B, L, f*f)
+    hidden = round(ratio * factor * factor)
+    assert (cells.sum(-1) == hidden).all() and hidden < factor * factor  # every patch stays partly visible
+    assert not spec.mask.any() and spec.num_visible == 15  # so no patch is dropped
+    assert torch.equal(spec.ids_keep, torch.arange(15).expand(6, -1))
+    # the patch-grid view of the fine mask: nothing hidden at factor 1, the cells themselves at factor f
+    assert not spec.hidden_map(grid, 1).any()
+    assert torch.equal(spec.hidden_map(grid, factor)[:, 0], spec.fine_mask)
+    assert torch.equal(spec.hidden_map(grid, 2 * factor)[:, 0, ::2, ::2], spec.fine_mask)
+
+
+def test_fine_masks_are_seeded_independent_and_uniform() -> None:
+    masker = create_masker("fine_random", 0.75, factor=4)
+    a = masker(500, (2, 2), generator=torch.Generator().manual_seed(3))
+    b = masker(500, (2, 2), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.fine_mask, b.fine_mask)
+    assert len({tuple(row.flatten().tolist()) for row in a.fine_mask[:20]}) == 20
+    freq = a.fine_mask.float().mean(0)  # (8, 8): every cell hidden about 3/4 of the time
+    assert torch.allclose(freq, torch.full_like(freq, 0.75), atol=0.07)
+    assert len(a.rows(slice(0, 3)).fine_mask) == 3
+
+
+def test_fine_masks_refuse_a_ratio_that_hides_whole_patches() -> None:
+    with pytest.raises(ValueError, match="hides all 16 cells"):
+        FineRandomMasker(0.98, factor=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        FineRandomMasker(0.75, factor=1)
+
+
+def test_a_fine_mask_hides_a_patch_only_when_all_its_cells_are() -> None:
+    fine = torch.zeros(1, 4, 4, dtype=torch.bool)
+    fine[0, :2, :2] = True  # patch (0, 0) wholly hidden
+    fine[0, 2, 3] = True  # one cell of patch (1, 1)
+    spec = MaskSpec.from_fine_mask(fine, (2, 2))
+    assert spec.mask.tolist() == [[True, False, False, False]] and spec.ids_keep.tolist() == [[1, 2, 3]]
+    coarse = spec.hidden_map((2, 2), 1)[0, 0]  # a patch with any visible cell is visible
+    assert coarse.tolist() == [[True, False], [False, False]]
+    with pytest.raises(ValueError, match="does not refine"):
+        MaskSpec.from_fine_mask(torch.zeros(1, 4, 5, dtype=torch.bool), (2, 2))

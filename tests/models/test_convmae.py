@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,12 +97,26 @@ def spec_on(encoder: ConvViT, seed: int, batch: int = 3) -> MaskSpec:
     return BlockMasker(0.5)(batch, encoder.grid, generator=torch.Generator().manual_seed(seed))
 
 
+def test_stage3_random_masks_hide_exactly_the_pixels_of_hidden_tokens() -> None:
+    encoder = tiny(patch_sizes=(4, 2, 2), img_size=64).encoder  # ConvMAE's strides on a 4x4 grid
+    spec = RandomMasker(0.75)(5, encoder.grid, generator=torch.Generator().manual_seed(0))
+    assert spec.mask.sum(1).tolist() == [12] * 5
+    hidden_pixels = spec.hidden_map(encoder.grid, encoder.patch_size)  # (B, 1, 64, 64)
+    per_token = patchify(hidden_pixels.float(), encoder.patch_size)  # (B, L, 16*16)
+    assert torch.equal(per_token.amin(-1), spec.mask.float()) and torch.equal(per_token.amax(-1), spec.mask.float())
+    assert int(hidden_pixels.sum()) == 5 * 12 * 16 * 16
+    visible1, visible2 = encoder.visibility_maps(spec)  # stage 1 at stride 4, stage 2 at stride 8
+    assert torch.equal(visible1, 1.0 - hidden_pixels[:, :, ::4, ::4].float())
+    assert torch.equal(visible2, 1.0 - hidden_pixels[:, :, ::8, ::8].float())
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("patch_sizes", [(2, 2, 2), (1, 2, 2)])
-def test_hidden_pixels_never_reach_visible_outputs(images, fuse, patch_sizes) -> None:
+@pytest.mark.parametrize("masker", [RandomMasker(0.75), BlockMasker(0.5)], ids=["stage3_random", "beit_block"])
+def test_hidden_pixels_never_reach_visible_outputs(images, fuse, patch_sizes, masker) -> None:
     encoder = tiny(patch_sizes=patch_sizes, fuse=fuse).encoder.eval()
     batch = images[:4]
-    spec = spec_on(encoder, seed=3, batch=4)
+    spec = masker(4, encoder.grid, generator=torch.Generator().manual_seed(3))
     hidden_pixels = upsample_mask(spec.mask, encoder.grid, encoder.patch_size)  # (B, 1, 32, 32)
     assert 0 < hidden_pixels.float().mean() < 1
     changed = torch.where(hidden_pixels, torch.randn_like(batch) * 5.0, batch)
@@ -122,7 +138,7 @@ def test_hidden_pixels_never_reach_visible_outputs(images, fuse, patch_sizes) ->
 
 
 def test_no_hidden_patch_equals_the_unmasked_pass(images) -> None:
-    encoder = tiny().encoder.eval()
+    encoder = tiny(fuse=False).encoder.eval()
     spec = MaskSpec.from_mask(torch.zeros(4, encoder.num_patches, dtype=torch.bool))
     with torch.no_grad():
         masked, full = encoder(images[:4], spec), encoder(images[:4])
@@ -202,3 +218,129 @@ def test_self_guided_masking_and_utilization_run_on_convmae() -> None:
     assert spec.mask.sum(1).tolist() == [48] * 4
     utilization = model.utilization(images, spec)
     assert utilization.mask_per_layer.shape == utilization.visible_per_layer.shape and utilization.visible > 0
+
+
+@pytest.mark.parametrize("patch_sizes", [(1, 2, 2), (2, 2, 2)])
+def test_fine_masks_leave_every_token_partly_visible_and_leak_nothing(images, patch_sizes) -> None:
+    model = tiny(patch_sizes=patch_sizes, mask_type="fine_random", mask_ratio=0.75)
+    encoder = model.encoder.eval()
+    spec = model.make_mask(4, generator=torch.Generator().manual_seed(5))
+    assert spec.fine_mask is not None and spec.fine_mask.shape[-1] == 32 // patch_sizes[0]
+    # every stage-3 token keeps 4 of its 16 stage-1 cells, so the transformer sees all of them
+    cells = patchify(spec.fine_mask[:, None].float(), 4)  # (B, L, 16) stage-1 cells per token
+    assert (cells.sum(-1) == 12).all() and spec.num_visible == encoder.num_patches
+    visible1, visible2 = encoder.visibility_maps(spec)
+    assert torch.equal(visible1[:, 0], (~spec.fine_mask).float())
+    # a stage-2 cell is visible when any of its 2x2 stage-1 cells is
+    assert torch.equal(visible2, torch.nn.functional.max_pool2d(visible1, 2))
+    assert visible2.mean() > visible1.mean()
+    batch = images[:4]
+    hidden_pixels = spec.hidden_map(encoder.grid, encoder.patch_size)  # (B, 1, 32, 32)
+    assert float(hidden_pixels.float().mean()) == 0.75
+    changed = torch.where(hidden_pixels, torch.randn_like(batch) * 5.0, batch)
+    with torch.no_grad():
+        before, after = encoder(batch, spec), encoder(changed, spec)
+    assert before.tokens.shape == (4, encoder.num_patches, encoder.embed_dim)
+    assert torch.equal(before.tokens, after.tokens)
+    for map_before, map_after, visible in zip(
+        before.stage_features[:2], after.stage_features[:2], (visible1, visible2), strict=True
+    ):
+        assert torch.equal(map_before, map_after) and (map_before * (1 - visible) == 0).all()
+    with torch.no_grad():  # not vacuous: unmasked, the hidden pixels change the tokens
+        assert not torch.equal(encoder(batch).tokens, encoder(changed).tokens)
+
+
+def test_fine_mask_loss_is_taken_on_hidden_pixels_only(images) -> None:
+    model = tiny(patch_sizes=(1, 2, 2), mask_type="fine_random").eval()
+    target = model.target
+    batch = images[:4]
+    spec = model.make_mask(4, generator=torch.Generator().manual_seed(6))
+    hidden = target.hidden_values(batch, spec)  # (B, L, 16)
+    assert float(hidden.float().mean()) == 0.75
+    pred = torch.randn(4, model.encoder.num_patches, target.dim)
+    loss = target(batch, pred, spec)
+    expected = ((pred - target.targets(batch)) ** 2)[hidden].mean()
+    torch.testing.assert_close(loss, expected)
+    # predictions of visible pixels do not count, those of hidden pixels do
+    assert torch.equal(target(batch, torch.where(hidden, pred, pred + 3.0), spec), loss)
+    assert not torch.equal(target(batch, torch.where(hidden, pred + 3.0, pred), spec), loss)
+    # a stage-3 mask seen pixel by pixel gives the per-patch loss
+    coarse = RandomMasker(0.75)(4, model.grid, generator=torch.Generator().manual_seed(7))
+    per_pixel = ((pred - target.targets(batch)) ** 2)[target.hidden_values(batch, coarse)].mean()
+    torch.testing.assert_close(target(batch, pred, coarse), per_pixel)
+    # and training on it runs: every parameter but the decoder's mask token (no patch is dropped) learns
+    model.train()
+    model(batch, mask=spec).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad and name != "decoder.mask_token":
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_fine_masks_are_refused_where_they_cannot_be_scored() -> None:
+    with pytest.raises(ValueError, match="needs ConvMAE"):
+        create_model("vit_tiny", img_size=32, patch_size=4, in_chans=1, mask_type="fine_random")
+    with pytest.raises(ValueError, match="cosine"):
+        model = tiny(mask_type="fine_random", loss="cosine")
+        model(torch.randn(2, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+
+
+def perturb_fusion(encoder: ConvViT) -> None:
+    with torch.no_grad():
+        for module in encoder.fusion_layers():
+            for param in module.parameters():
+                param.add_(torch.randn_like(param))
+
+
+def test_fusion_feeds_only_the_pretraining_decoder(images) -> None:
+    from mimkit.detection import ConvMAEBackbone
+    from mimkit.eval.finetune import Classifier
+
+    torch.manual_seed(0)
+    model = tiny(patch_sizes=(1, 2, 2), depths=(1, 1, 2)).eval()
+    encoder = model.encoder
+    batch = images[:4]
+    spec = RandomMasker(0.75)(4, model.grid, generator=torch.Generator().manual_seed(0))
+    classifiers = [Classifier(encoder, 10).eval(), Classifier(encoder, 10, trainable_blocks=1).eval()]
+    backbone = ConvMAEBackbone(encoder)
+
+    def downstream() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [
+                encoder.forward_features(batch),
+                *encoder(batch).stage_features,
+                encoder.stem(batch),
+                *(classifier(batch) for classifier in classifiers),
+                *backbone(batch).values(),
+            ]
+
+    def pretraining() -> torch.Tensor:
+        with torch.no_grad():
+            return model(batch, mask=spec).pred
+
+    down, pred = downstream(), pretraining()
+    perturb_fusion(encoder)
+    for before, after in zip(down, downstream(), strict=True):
+        assert torch.equal(before, after)
+    assert not torch.allclose(pred, pretraining(), atol=1e-3)
+    for module in encoder.fusion_layers():  # frozen downstream, so every trained parameter gets a gradient
+        assert not any(param.requires_grad for param in module.parameters())
+
+
+def test_checkpoints_written_before_the_fusion_split_still_load(images) -> None:
+    """A checkpoint written by mimkit at commit c5b0b4c, when the fusion also ran downstream: it loads
+    strictly, reproduces its pretraining output exactly, and its downstream features are now the stage-3
+    tokens without the fusion."""
+    data = Path(__file__).parent / "data"
+    model = load_checkpoint(data / "convmae_fused_c5b0b4c.pt").eval()
+    saved = torch.load(data / "convmae_fused_c5b0b4c_outputs.pt", weights_only=True)
+    assert model.encoder.fuse and len(model.encoder.fusion_layers()) == 2
+    spec = MaskSpec.from_mask(saved["mask"])
+    with torch.no_grad():
+        out = model(saved["images"], mask=spec)
+        features = model.encoder.forward_features(saved["images"])
+    torch.testing.assert_close(out.pred, saved["pred"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss, saved["loss"], rtol=0, atol=1e-6)
+    assert not torch.allclose(features, saved["fused_features"], atol=1e-3)
+    perturb_fusion(model.encoder)
+    with torch.no_grad():
+        assert torch.equal(model.encoder.forward_features(saved["images"]), features)

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from mimkit.layers import Block
-from mimkit.masking import num_hidden_patches
+from mimkit.masking import FineRandomMasker, num_hidden_patches
 from mimkit.models import MAEDecoder, MaskedImageModel, VisionTransformer
 from mimkit.models.convvit import ConvViT
 
@@ -86,8 +86,9 @@ def encoder_flops(encoder: VisionTransformer | ConvViT, num_visible: int | None 
     """Forward FLOPs per image of a :class:`~mimkit.models.VisionTransformer` or a ConvMAE
     :class:`~mimkit.models.convvit.ConvViT`.
 
-    The patch embedding (a ConvViT's convolution stages, its stage-3 embedding and fusion convolutions)
-    always runs on the whole image; the blocks run on ``P + num_visible`` tokens (P prefix tokens).
+    The patch embedding (a ConvViT's convolution stages and its stage-3 embedding) always runs on the
+    whole image; the blocks run on ``P + num_visible`` tokens (P prefix tokens). A ConvViT's fusion
+    convolutions run only masked (pretraining), so they count only when ``num_visible`` is given.
 
     Args:
         encoder: the encoder.
@@ -98,6 +99,7 @@ def encoder_flops(encoder: VisionTransformer | ConvViT, num_visible: int | None 
         ``mlp`` and their ``total``.
     """
     num_patches = int(encoder.num_patches)
+    masked = num_visible is not None
     num_visible = num_patches if num_visible is None else num_visible
     if isinstance(encoder, ConvViT):
         height, width = encoder.img_size
@@ -110,7 +112,7 @@ def encoder_flops(encoder: VisionTransformer | ConvViT, num_visible: int | None 
             patch_embed += conv_flops(embed.proj, size) + sum(_convs_flops(block, size) for block in blocks)
         patch_embed += conv_flops(encoder.patch_embed3.proj, encoder.grid)
         patch_embed += linear_flops(encoder.patch_embed4, num_patches)
-        if encoder.fuse:
+        if encoder.fuse and masked:
             patch_embed += conv_flops(encoder.stage1_output_decode, encoder.grid)
             patch_embed += conv_flops(encoder.stage2_output_decode, encoder.grid)
         blocks = encoder.blocks3
@@ -169,6 +171,8 @@ def model_info(model: MaskedImageModel, mask_ratio: float | None = None) -> dict
     ratio = float(getattr(model.masker, "ratio", 0.0) if mask_ratio is None else mask_ratio)
     num_patches = int(encoder.num_patches)
     num_visible = num_patches - num_hidden_patches(num_patches, ratio)
+    if mask_ratio is None and isinstance(model.masker, FineRandomMasker):  # hides cells, never whole patches
+        num_visible = num_patches
     num_prefix = int(encoder.num_prefix_tokens)
     encoder_visible = encoder_flops(encoder, num_visible)["total"]
     decoder_total = decoder_flops(decoder, num_prefix + num_visible, num_patches)["total"]

@@ -46,7 +46,8 @@ def assemble_panels(images: Tensor, pred: Tensor, mask: Tensor, target: PixelTar
     Args:
         images: (B, C, H, W) normalized inputs.
         pred: (B, L, p*p*C) decoder predictions (normalized per patch when ``target.norm_pix``).
-        mask: (B, L) bool, True = hidden.
+        mask: (B, L) bool, True = hidden, or (B, L, p*p*C) per predicted value (a mask hiding parts of
+            patches, :meth:`~mimkit.targets.PixelTarget.hidden_values`).
         target: the model's :class:`~mimkit.targets.PixelTarget` (``patch_size``, ``to_pixels``).
         fill: (C,) value that hidden patches get in the ``masked`` panel.
 
@@ -60,7 +61,8 @@ def assemble_panels(images: Tensor, pred: Tensor, mask: Tensor, target: PixelTar
     grid = (height // patch_size, width // patch_size)
     patches = patchify(images, patch_size)  # (B, L, p*p*C)
     pixels = target.to_pixels(pred, images).to(images.dtype)  # (B, L, p*p*C)
-    hidden = mask.to(images.device).bool().unsqueeze(-1)  # (B, L, 1)
+    hidden = mask.to(images.device).bool()
+    hidden = hidden.unsqueeze(-1) if hidden.dim() == 2 else hidden  # (B, L, 1) or (B, L, p*p*C)
     fill_patch = fill.to(images).repeat(patch_size * patch_size)  # (p*p*C,) in patchify's (p, p, C) order
     masked = torch.where(hidden, fill_patch, patches)  # (B, L, p*p*C)
     pasted = torch.where(hidden, pixels, patches)
@@ -99,7 +101,8 @@ def reconstruct(
 
     Returns:
         ``original``, ``masked``, ``reconstruction``, ``pasted`` (each (B, C, H, W), see
-        :func:`assemble_panels`), ``mask`` (B, L) bool True = hidden, and ``norm_pix`` (0-d bool:
+        :func:`assemble_panels`), ``mask`` (B, L) bool True = hidden (per pixel, (B, H * W), for a mask
+        that hides parts of patches), and ``norm_pix`` (0-d bool:
         whether predictions were de-normalized with each original patch's mean and std).
     """
     target = model.target
@@ -113,8 +116,14 @@ def reconstruct(
         out = model(images, mask=mask, generator=generator)
     finally:
         model.train(was_training)
-    panels = assemble_panels(images, out.pred, out.mask, target, fill_value(images.shape[1], mean, std))
-    return {**panels, "mask": out.mask.bool(), "norm_pix": torch.tensor(target.norm_pix)}
+    fill = fill_value(images.shape[1], mean, std)
+    if out.spec.fine_mask is None:
+        panels = assemble_panels(images, out.pred, out.mask, target, fill)
+        return {**panels, "mask": out.mask.bool(), "norm_pix": torch.tensor(target.norm_pix)}
+    panels = assemble_panels(images, out.pred, target.hidden_values(images, out.spec), target, fill)
+    grid = (images.shape[-2] // target.patch_size, images.shape[-1] // target.patch_size)
+    hidden_pixels = out.spec.hidden_map(grid, target.patch_size).flatten(1)  # (B, H * W)
+    return {**panels, "mask": hidden_pixels, "norm_pix": torch.tensor(target.norm_pix)}
 
 
 def to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -178,8 +187,9 @@ def save_reconstruction_grid(
     # Hidden patches are drawn mid-grey whatever fill reconstruct() used, so they always stand out.
     panels[1][pixel_mask(mask, *panels[1].shape[1:3])] = 0.5
     hidden, total = int(mask[0].sum()), mask.shape[1]
+    unit = "pixels" if total == panels[1].shape[1] * panels[1].shape[2] else "patches"
     lines = [title] if title else []
-    lines.append(f"mask ratio {float(mask.float().mean()):.2f} ({hidden}/{total} patches hidden per image)")
+    lines.append(f"mask ratio {float(mask.float().mean()):.2f} ({hidden}/{total} {unit} hidden per image)")
     if norm_pix:
         lines.append("norm-pix predictions de-normalized with each original patch's mean and variance")
 

@@ -189,7 +189,9 @@ class MIMDetBackbone(nn.Module):
 
 
 class ConvMAEBackbone(nn.Module):
-    """ConvMAE's stage maps (strides p1, p1 p2, p1 p2 p3) and a max-pooled fourth level (twice the last stride).
+    """ConvMAE's stage maps E1, E2, E3 (strides p1, p1 p2, p1 p2 p3) and E4, E3 max-pooled (twice the last
+    stride), as ConvMAE's detection and segmentation models take them: the unmasked encoder, without the
+    multi-scale fusion of pretraining (its convolutions stay in the module, frozen, so checkpoints load).
 
     Args:
         encoder: the pretraining model's :class:`~mimkit.models.convvit.ConvViT`.
@@ -200,6 +202,8 @@ class ConvMAEBackbone(nn.Module):
         if not isinstance(encoder, ConvViT):
             raise ValueError(f"ConvMAEBackbone needs a ConvViT encoder, got {type(encoder).__name__}")
         self.encoder = encoder
+        for module in encoder.fusion_layers():  # they feed only the pretraining decoder
+            module.requires_grad_(False)
         p1, p2, p3 = encoder.patch_sizes
         self.channels = [*encoder.embed_dims, encoder.embed_dims[2]]
         self.strides = [p1, p1 * p2, p1 * p2 * p3, 2 * p1 * p2 * p3]

@@ -129,7 +129,8 @@ class Classifier(nn.Module):
 
     Args:
         encoder: the pretraining module's encoder: it has ``blocks``, ``norm``, ``embed_dim``,
-            ``num_prefix_tokens`` and ``stem(images) -> (tokens, residual)``.
+            ``num_prefix_tokens`` and ``stem(images) -> tokens``; a ConvViT's fusion convolutions (which
+            feed only its pretraining decoder) are frozen.
         num_classes: output classes.
         pool: ``"avg"`` (mean of patch tokens) or ``"cls"`` (class token; not for encoders without one),
             after the encoder's final norm.
@@ -168,6 +169,9 @@ class Classifier(nn.Module):
             encoder.requires_grad_(False)
             for module in self.trainable_modules():
                 module.requires_grad_(True)
+        if isinstance(encoder, ConvViT):  # the fusion feeds only the pretraining decoder: unused here
+            for module in encoder.fusion_layers():
+                module.requires_grad_(False)
         self.train(self.training)
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -193,14 +197,12 @@ class Classifier(nn.Module):
         encoder = self.encoder
         frozen = self.trainable_blocks is not None
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            x, residual = encoder.stem(images)  # (B, P + L, D), (B, L, D) or None
+            x = encoder.stem(images)  # (B, P + L, D)
             for block in encoder.blocks[: self.num_frozen_blocks]:
                 x, _ = block(x)
         for block in encoder.blocks[self.num_frozen_blocks :]:
             x, _ = block(x)
         prefix = encoder.num_prefix_tokens
-        if residual is not None:  # ConvMAE's multi-scale fusion, added before the final norm
-            x = torch.cat([x[:, :prefix], x[:, prefix:] + residual], dim=1)  # (B, P + L, D)
         with torch.no_grad() if self.trainable_blocks == 0 else contextlib.nullcontext():
             x = encoder.norm(x)  # (B, P + L, D)
         features = x[:, 0] if self.pool == "cls" else x[:, prefix:].mean(dim=1)  # (B, D)

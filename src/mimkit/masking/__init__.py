@@ -4,11 +4,12 @@ from mimkit.masking.block import BlockMasker
 from mimkit.masking.grid import GridMasker
 from mimkit.masking.guided import AttentionMasker, SelfGuidedMasker, informed_mask
 from mimkit.masking.ncut import choose_foreground, ncut_bipartition, ncut_eigenvector, patch_affinity
-from mimkit.masking.random import RandomMasker
+from mimkit.masking.random import FineRandomMasker, RandomMasker
 from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
 
 MASKERS = {
     "random": RandomMasker,
+    "fine_random": FineRandomMasker,
     "block": BlockMasker,
     "grid": GridMasker,
     "attention": AttentionMasker,
@@ -27,6 +28,7 @@ __all__ = [
     "MASKERS",
     "AttentionMasker",
     "BlockMasker",
+    "FineRandomMasker",
     "GridMasker",
     "MaskSpec",
     "Masker",

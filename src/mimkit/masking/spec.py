@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -31,15 +32,23 @@ def mae_num_visible(num_patches: int, ratio: float) -> int:
 class MaskSpec:
     """Which patches are hidden.
 
+    A mask is drawn on the encoder's patch grid. A multi-stage encoder (ConvMAE) may also take a mask
+    drawn on a finer grid, ``fine_mask``: it hides parts of patches. A patch is then hidden (``mask``,
+    dropped from the encoder's tokens) only when every one of its fine cells is, and the loss is taken
+    on the hidden cells (:meth:`hidden_map`) instead of whole patches.
+
     Attributes:
         ids_keep: (B, Lk) indices of visible patches, in the order the encoder sees them.
         ids_restore: (B, L) inverse permutation: position of patch ``l`` in ``[ids_keep, hidden]``.
         mask: (B, L) bool, True = hidden. Patch indices never count class/prefix tokens.
+        fine_mask: optional (B, grid_h * f, grid_w * f) bool, True = hidden, on a grid ``f`` times finer
+            than the patch grid; None when whole patches are hidden or shown.
     """
 
     ids_keep: Tensor
     ids_restore: Tensor
     mask: Tensor
+    fine_mask: Tensor | None = None
 
     @property
     def num_visible(self) -> int:
@@ -56,10 +65,47 @@ class MaskSpec:
 
     def rows(self, index: slice) -> MaskSpec:
         """The masks of a slice of the batch (e.g. a micro-batch under gradient accumulation)."""
-        return MaskSpec(self.ids_keep[index], self.ids_restore[index], self.mask[index])
+        fine = None if self.fine_mask is None else self.fine_mask[index]
+        return MaskSpec(self.ids_keep[index], self.ids_restore[index], self.mask[index], fine)
 
     def to(self, device: torch.device | str) -> MaskSpec:
-        return MaskSpec(self.ids_keep.to(device), self.ids_restore.to(device), self.mask.to(device))
+        fine = None if self.fine_mask is None else self.fine_mask.to(device)
+        return MaskSpec(self.ids_keep.to(device), self.ids_restore.to(device), self.mask.to(device), fine)
+
+    def hidden_map(self, grid: tuple[int, int], factor: int) -> Tensor:
+        """The hidden cells of a map ``factor`` times finer than the patch grid.
+
+        Without a fine mask, each patch's flag repeated over its ``factor x factor`` cells. With one, the
+        fine mask repeated to a finer map, or reduced to a coarser one where a cell is hidden only when
+        all the fine cells it covers are (a cell with any visible part is visible).
+
+        Args:
+            grid: (grid_h, grid_w) patch grid, ``grid_h * grid_w == L``.
+            factor: cells per patch side of the map wanted (1: the patch grid itself).
+
+        Returns:
+            (B, 1, grid_h * factor, grid_w * factor) bool, True = hidden.
+        """
+        grid_h, grid_w = grid
+        if self.mask.shape[1] != grid_h * grid_w:
+            raise ValueError(f"mask has {self.mask.shape[1]} patches, but grid {grid} has {grid_h * grid_w}")
+        if self.fine_mask is None:
+            hidden, cells = self.mask.reshape(-1, 1, grid_h, grid_w), 1  # (B, 1, h, w)
+        else:
+            hidden = self.fine_mask.unsqueeze(1)  # (B, 1, h * f, w * f)
+            cells = hidden.shape[-1] // grid_w
+            if hidden.shape[-2:] != (grid_h * cells, grid_w * cells):
+                raise ValueError(f"fine mask of shape {tuple(hidden.shape[-2:])} does not refine grid {grid}")
+        if factor < cells:
+            if cells % factor:
+                raise ValueError(f"factor {factor} does not divide the fine mask's {cells} cells per patch side")
+            window = cells // factor
+            visible = F.max_pool2d((~hidden).float(), window)  # (B, 1, h * factor, w * factor) 1 = any visible
+            return visible == 0
+        if factor % cells:
+            raise ValueError(f"factor {factor} is not a multiple of the fine mask's {cells} cells per patch side")
+        repeat = factor // cells
+        return hidden.repeat_interleave(repeat, dim=2).repeat_interleave(repeat, dim=3)  # (B, 1, h*f, w*f)
 
     @classmethod
     def unmasked(cls, batch: int, num_patches: int, device: torch.device | str | None = None) -> MaskSpec:
@@ -99,6 +145,20 @@ class MaskSpec:
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, then hidden
         ids_restore = torch.argsort(order, dim=1)
         return cls(ids_keep=order[:, :num_visible], ids_restore=ids_restore, mask=mask.bool())
+
+    @classmethod
+    def from_fine_mask(cls, fine_mask: Tensor, grid: tuple[int, int]) -> MaskSpec:
+        """Build a spec from a mask (B, grid_h * f, grid_w * f) on a grid ``f`` times finer than ``grid``:
+        a patch is hidden when all its ``f x f`` cells are (the same number of such patches in every row)."""
+        grid_h, grid_w = grid
+        cells = fine_mask.shape[-1] // grid_w
+        if fine_mask.dim() != 3 or fine_mask.shape[-2:] != (grid_h * cells, grid_w * cells) or cells < 1:
+            raise ValueError(f"fine mask of shape {tuple(fine_mask.shape)} does not refine grid {grid}")
+        blocks = fine_mask.reshape(-1, grid_h, cells, grid_w, cells)  # (B, h, f, w, f)
+        mask = blocks.all(dim=4).all(dim=2).flatten(1)  # (B, L) hidden where every cell is
+        spec = cls.from_mask(mask)
+        spec.fine_mask = fine_mask.bool()
+        return spec
 
 
 class Masker(Protocol):

@@ -18,7 +18,6 @@ from mimkit.layers import (
     resize_pos_embed,
     run_blocks,
     sincos_2d,
-    upsample_mask,
 )
 from mimkit.masking import MaskSpec
 from mimkit.models.vit import EncoderOutput
@@ -39,12 +38,17 @@ class ConvViT(nn.Module):
     the linear ``patch_embed4``, a fixed 2-D sin-cos ``pos_embed``, ``blocks3``, ``norm``) is a ViT on the
     grid of stride ``p1 * p2 * p3`` (:attr:`grid`, the grid masks are drawn on). There is no class token.
 
-    Given a mask, the stage-3 mask is upsampled to stages 2 and 1 and hidden positions are zeroed before
-    every convolution and at the end of each stage, so nothing computed from hidden pixels reaches a
-    visible output; stage 3 runs on the visible tokens only. With ``fuse``, the stage-1 and stage-2 maps
-    pass strided convolutions (``stage1_output_decode``, ``stage2_output_decode``) to the stage-3 grid and
-    width, and the visible ones are added to the stage-3 tokens after the last block and BEFORE the final
-    norm, as in the ConvMAE code. The same computation runs without a mask (evaluation), on all positions.
+    Given a mask, hidden positions are zeroed before every convolution and at the end of each stage, so
+    nothing computed from hidden pixels reaches a visible output; stage 3 runs on the visible tokens only.
+    A mask drawn on the stage-3 grid (ConvMAE's "block-wise" masking: each hidden token hides a block of
+    the input) is upsampled to stages 2 and 1; a mask drawn on the stage-1 grid (``MaskSpec.fine_mask``)
+    is used there as it is and a stage-2 cell is visible when any of its stage-1 cells is. With ``fuse``,
+    while pretraining (masked), the stage-1 and stage-2 maps pass strided convolutions
+    (``stage1_output_decode``, ``stage2_output_decode``) to the stage-3 grid and width, and the visible
+    ones are added to the stage-3 tokens after the last block and before the final norm: the multi-scale
+    decoder input of the ConvMAE code. Without a mask (evaluation, probes, fine-tuning, dense transfer)
+    the same stages run on all positions and the fusion is left out, as in ConvMAE's fine-tuning and
+    detection models, which use the stage maps themselves.
     Parameter names follow the ConvMAE code.
 
     Args:
@@ -57,7 +61,8 @@ class ConvViT(nn.Module):
         mlp_ratio: MLP hidden width / width, all stages.
         qkv_bias: bias on stage-3 qkv projections.
         kernel_size: side of the depthwise convolution of the convolution blocks.
-        fuse: add the stage-1 and stage-2 features to the output tokens (multi-scale fusion).
+        fuse: add the stage-1 and stage-2 features to the output tokens handed to the decoder while
+            pretraining (multi-scale fusion; never in the unmasked forward).
         drop_path_rate: stochastic depth, rising linearly over all blocks of all stages.
         norm_eps: LayerNorm epsilon.
         grad_checkpointing: recompute each transformer (stage-3) block's activations in the backward pass
@@ -123,6 +128,11 @@ class ConvViT(nn.Module):
             self.stage2_output_decode = nn.Conv2d(dim2, dim3, kernel_size=factor2, stride=factor2)
         self.apply(init_vit_weights)
 
+    def fusion_layers(self) -> list[nn.Module]:
+        """The multi-scale fusion convolutions (empty without ``fuse``): they feed only the pretraining
+        decoder, so downstream models freeze them (every trainable parameter then gets a gradient)."""
+        return [self.stage1_output_decode, self.stage2_output_decode] if self.fuse else []
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks (stage 3), where analyses and guided maskers look."""
@@ -149,17 +159,20 @@ class ConvViT(nn.Module):
             block.drop_path.drop_prob = rate  # type: ignore[union-attr]
 
     def visibility_maps(self, mask: MaskSpec) -> tuple[Tensor, Tensor]:
-        """The stage-3 mask upsampled to stages 1 and 2 as multipliers: each (B, 1, H_i, W_i), 1.0 = visible."""
+        """The mask at stages 1 and 2 as multipliers: each (B, 1, H_i, W_i), 1.0 = visible (see
+        :meth:`~mimkit.masking.MaskSpec.hidden_map`: the stage-3 mask upsampled, or the stage-1 mask and
+        its reduction to stage 2)."""
         visible = [
-            (~upsample_mask(mask.mask, self.grid, factor)).float()  # (B, 1, grid_h * f, grid_w * f)
+            (~mask.hidden_map(self.grid, factor)).float()  # (B, 1, grid_h * f, grid_w * f)
             for factor in self.stage_factors[:2]
         ]
         return visible[0], visible[1]
 
     def _embed(self, images: Tensor, mask: MaskSpec | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Stages 1 and 2 and the stage-3 embedding: the stage-1 map (B, C1, H1, W1), the stage-2 map
-        (B, C2, H2, W2), the tokens the first transformer block sees (B, N, D) and, with ``fuse``, the
-        multi-scale residual (B, N, D) added after the last block (else None); N = visible or all L."""
+        (B, C2, H2, W2), the tokens the first transformer block sees (B, N, D) and, with ``fuse`` and a
+        mask, the multi-scale residual (B, N, D) added after the last block (else None); N = visible or
+        all L."""
         if images.shape[-2:] != self.img_size:
             raise ValueError(
                 f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}; "
@@ -176,21 +189,20 @@ class ConvViT(nn.Module):
         x2 = masked(x2, visible2)
         x = self.patch_embed3(x2).flatten(2).transpose(1, 2)  # (B, L, D)
         x = self.patch_embed4(x) + self.pos_embed  # (B, L, D)
+        if mask is None:  # downstream: the stage maps themselves, no fusion
+            return x1, x2, x, None
+        x = mask.gather_visible(x)  # (B, Lk, D)
         fused: Tensor | None = None
-        if self.fuse:
+        if self.fuse:  # the pretraining decoder's multi-scale input
             fused = self.stage1_output_decode(x1).flatten(2).transpose(1, 2)  # (B, L, D)
             fused = fused + self.stage2_output_decode(x2).flatten(2).transpose(1, 2)  # (B, L, D)
-        if mask is not None:
-            x = mask.gather_visible(x)  # (B, Lk, D)
-            fused = None if fused is None else mask.gather_visible(fused)  # (B, Lk, D)
+            fused = mask.gather_visible(fused)  # (B, Lk, D)
         return x1, x2, x, fused
 
-    def stem(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def stem(self, images: Tensor) -> Tensor:
         """What runs before the transformer blocks, for callers that run the blocks themselves (partial
-        fine-tuning), on unmasked images: the tokens the first block sees (B, L, D) and the multi-scale
-        residual (B, L, D) to add after the last block (None without ``fuse``)."""
-        _, _, tokens, fused = self._embed(images, None)
-        return tokens, fused
+        fine-tuning), on unmasked images: the tokens the first block sees (B, L, D)."""
+        return self._embed(images, None)[2]
 
     def forward(
         self,
@@ -204,7 +216,8 @@ class ConvViT(nn.Module):
 
         Args:
             images: (B, C, H, W).
-            mask: which stage-3 patches are hidden; None runs on all positions (evaluation).
+            mask: which stage-3 patches (or stage-1 cells) are hidden; None runs on all positions without
+                the fusion (evaluation).
             return_attn: also return each stage-3 block's attention weights.
             return_hidden: also return each stage-3 block's output.
 

@@ -262,7 +262,14 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
             num_heads=args["num_heads"] if args["head"] == "linear" else args["decoder_num_heads"],
             mlp_ratio=args["mlp_ratio"],
         )
-    masker = create_masker(args["mask_type"], args["mask_ratio"], **(args["mask_options"] or {}))
+    mask_options = dict(args["mask_options"] or {})
+    if args["mask_type"] == "fine_random":  # drawn on the first convolution stage's grid
+        if not isinstance(encoder, ConvViT) or args["target"] != "pixel":
+            raise ValueError(
+                "mask_type 'fine_random' masks ConvMAE's stage-1 grid: it needs ConvMAE and a pixel target"
+            )
+        mask_options["factor"] = encoder.stage_factors[0]
+    masker = create_masker(args["mask_type"], args["mask_ratio"], **mask_options)
     check_grid = getattr(masker, "check_grid", None)
     if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
         check_grid(encoder.grid)

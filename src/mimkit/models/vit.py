@@ -128,11 +128,10 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
 
-    def stem(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def stem(self, images: Tensor) -> Tensor:
         """What runs before the blocks, for callers that run the blocks themselves (partial fine-tuning):
-        the tokens the first block sees (B, 1 + L, D) and the residual added to the patch tokens after the
-        last block (none for the ViT)."""
-        return self.embed_tokens(images), None
+        the tokens the first block sees (B, 1 + L, D)."""
+        return self.embed_tokens(images)
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         """Take images of another size (a multiple of the patch) from now on, for transfer at another

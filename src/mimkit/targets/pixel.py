@@ -81,7 +81,26 @@ class PixelTarget(nn.Module):
         _, mean, std = self.patch_stats(images)
         return pred * std + mean
 
+    def hidden_values(self, images: Tensor, mask: MaskSpec) -> Tensor:
+        """Which predicted values are hidden pixels: (B, L, p*p*C) bool, in the order of :meth:`targets`
+        (each pixel of a hidden cell of ``mask``, on its patch grid or a finer one, for every channel)."""
+        _, chans, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        hidden = mask.hidden_map(grid, self.patch_size)  # (B, 1, H, W) True = hidden pixel
+        per_pixel = patchify(hidden.to(images.dtype), self.patch_size)  # (B, L, p*p)
+        return per_pixel.repeat_interleave(chans, dim=-1).bool()  # (B, L, p*p*C), channels innermost
+
     def forward(self, images: Tensor, pred: Tensor, mask: MaskSpec) -> Tensor:
-        """Scalar loss averaged over hidden patches."""
-        per_patch = patch_loss(pred, self.targets(images), self.loss)  # (B, L)
-        return masked_mean(per_patch, mask.mask)
+        """Scalar loss averaged over hidden patches, or over hidden pixels when ``mask`` hides parts of
+        patches (``mask.fine_mask``, e.g. ConvMAE's fine-grained random masking)."""
+        if mask.fine_mask is None:
+            per_patch = patch_loss(pred, self.targets(images), self.loss)  # (B, L)
+            return masked_mean(per_patch, mask.mask)
+        if self.loss == "cosine":
+            raise ValueError(
+                "target.loss=cosine compares whole patches; a mask that hides parts of patches needs an "
+                "elementwise loss (mse, l1 or smooth_l1)"
+            )
+        weight = self.hidden_values(images, mask).to(pred.dtype)  # (B, L, p*p*C)
+        per_value = elementwise_loss(pred, self.targets(images), self.loss)  # (B, L, p*p*C)
+        return (per_value * weight).sum() / weight.sum().clamp_min(1.0)
