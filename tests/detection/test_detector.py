@@ -83,16 +83,18 @@ def test_detections_of_a_crowd_region_are_ignored_not_false_positives(shapes_roo
 
 @pytest.mark.slow
 def test_a_tiny_mimdet_mask_rcnn_overfits_four_images(tmp_path: Path, tiny_config) -> None:
-    """60 steps on 4 shapes images (32x32, 1-2 objects each), random init, token sampling 0.5 in training:
-    measured box and mask AP50 0.97 on those images (about 25 s on one CPU thread); the bar is 0.8."""
+    """100 steps on 4 shapes images (32x32, 1-2 objects each), random init, token sampling 0.5 in training:
+    measured box and mask AP50 1.00 on those images (about 40 s on one CPU thread); the bar is 0.8. The
+    randomly initialized ConvStem in front of the ViT needs more steps than the patch embedding did: at 60
+    steps it reached box AP50 0.77 (mask 0.95)."""
     root = generate_shapes(tmp_path / "four", 4, size=32, max_objects=2, seed=3)
     config = tiny_config
-    config.train.max_steps, config.train.lr = 60, 2e-3
+    config.train.max_steps, config.train.lr = 100, 2e-3
     torch.manual_seed(0)
     dataset = CocoDetection(root, img_size=32)
     detector = build_detection_model(pretrained_for(config), config, len(dataset.classes))
     summary = train_detector(detector, dataset, config, out_dir=tmp_path / "run", progress=False)
-    assert summary["steps"] == 60 and (tmp_path / "run" / "last.pt").is_file()
+    assert summary["steps"] == 100 and (tmp_path / "run" / "last.pt").is_file()
     results = coco_evaluate(dataset, predict(detector, dataset))
     assert results["box"]["AP50"] > 80.0, results
     assert results["mask"]["AP50"] > 80.0, results
