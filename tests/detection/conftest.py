@@ -28,7 +28,7 @@ def tiny_config() -> DetectConfig:
     e.name, e.img_size, e.patch_size, e.in_chans = "vit_tiny", 32, 8, 3
     e.depth, e.embed_dim, e.num_heads, e.decoder = 2, 64, 2, "micro"
     m = config.model
-    m.fpn_channels, m.stem_channels, m.box_head_dim = 32, (32, 64), 128
+    m.fpn_channels, m.box_head_dim = 32, 128  # the ConvStem's widths follow the encoder: 16, 32, 64
     t = config.train
     t.batch_size, t.warmup_steps, t.tensorboard, t.progress, t.layer_decay = 4, 10, False, False, 1.0
     config.data.hflip = False

@@ -209,3 +209,25 @@ def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
     state, _, _ = load_segmenter(tmp_path / "killed" / "last.pt")
     for key, value in full.items():
         assert torch.equal(state.state_dict()[key], value), key
+
+
+def test_a_mimdet_segmenter_of_the_layout_before_the_conv_stem_still_loads(shapes_root: Path, tmp_path: Path) -> None:
+    """A checkpoint without ``model.stem`` / ``model.p5_pool`` is the patch-embed layout with max pooling."""
+    from mimkit.detection.seg_train import run_seg_train
+
+    config = seg_config(None, ["model.backbone=mimdet", "model.stem=patch_embed", "model.p5_pool=max",
+                               "model.stem_channels=[64,128]", "train.max_steps=1", "train.batch_size=4",
+                               "train.tensorboard=false", "train.progress=false", "model.head_channels=16",
+                               f"data.train={shapes_root}", f"train.output_dir={tmp_path / 'run'}"])  # fmt: skip
+    for key, value in VIT.items():
+        setattr(config.encoder, key, value)
+    run_seg_train(config)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    for key in ("stem", "p5_pool"):
+        del state["config"]["model"][key]
+    torch.save(state, tmp_path / "old.pt")
+    new, _, _ = load_segmenter(tmp_path / "run" / "last.pt")
+    old, loaded, _ = load_segmenter(tmp_path / "old.pt")
+    assert (loaded.model.stem, loaded.model.p5_pool, loaded.model.stem_channels) == ("patch_embed", "max", (64, 128))
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(old(images), new(images), rtol=0, atol=0)

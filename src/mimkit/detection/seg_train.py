@@ -2,7 +2,7 @@
 
 The encoder comes from any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads; the backbone is
 ConvMAE's stages (``convmae``), a ViT with ViTDet's simple feature pyramid (``vit_pyramid``) or MIMDet's
-ConvStem + ViT (``mimdet``); the head is UperNet. Per-pixel cross-entropy (ignored pixels excluded),
+ConvStem into the ViT (``mimdet``); the head is UperNet. Per-pixel cross-entropy (ignored pixels excluded),
 AdamW with layer-wise lr decay on the encoder, warmup then cosine. A run writes ``last.pt``,
 ``config.yaml``, ``metrics.jsonl``, ``results.json`` (mIoU, per-class IoU, pixel accuracy) and
 ``overlays.png`` (image, ground truth, prediction).
@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.backbones import FILLS, ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.detection.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
 from mimkit.detection.evaluate import PALETTE
 from mimkit.detection.segmentation import (
     IGNORE_INDEX,
@@ -34,7 +34,17 @@ from mimkit.detection.segmentation import (
     confusion_matrix,
     iou_from_confusion,
 )
-from mimkit.detection.train import DetectTrainConfig, Pretrained, fit, open_run, pretrained_for, training_lines
+from mimkit.detection.train import (
+    STEM_CHANNELS_ONLY,
+    DetectTrainConfig,
+    Pretrained,
+    fit,
+    mimdet_body,
+    open_run,
+    pretrained_for,
+    training_lines,
+    with_legacy_defaults,
+)
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
@@ -53,7 +63,9 @@ class SegModelConfig:
     pyramid_channels: int = 64  # vit_pyramid: width of each level
     sample_ratio: float = 1.0  # mimdet: fraction of tokens seen in training
     fill: str = "decoder"
-    stem_channels: tuple[int, int] = (64, 128)
+    stem: str = "conv"  # mimdet: ConvStem as the ViT's input, or patch_embed (see DetectModelConfig)
+    stem_channels: tuple[int, int] | None = None  # mimdet, stem=patch_embed only
+    p5_pool: str = "avg"  # mimdet: avg or max
     drop_path: float = 0.0
     img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
     mean: tuple[float, ...] | None = None
@@ -93,6 +105,9 @@ class SegConfig:
             (m.backbone in SEG_BACKBONES, "model.backbone", f"must be one of {SEG_BACKBONES}"),
             (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1]"),
             (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (m.stem in STEMS, "model.stem", f"must be one of {STEMS}"),
+            (m.stem == "patch_embed" or m.stem_channels is None, "model.stem_channels", STEM_CHANNELS_ONLY),
+            (m.p5_pool in P5_POOLS, "model.p5_pool", f"must be one of {P5_POOLS}"),
             (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
             (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
             (self.data.num_classes is None or self.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
@@ -130,7 +145,7 @@ def build_segmenter(pretrained: Pretrained, config: SegConfig, num_classes: int)
         body = ViTPyramid(encoder, m.pyramid_channels)
     else:
         decoder = pretrained.model.decoder if isinstance(pretrained.model.decoder, MAEDecoder) else None
-        body = MIMDetBackbone(encoder, decoder, sample_ratio=m.sample_ratio, fill=m.fill, stem_channels=m.stem_channels)
+        body = mimdet_body(encoder, decoder, m)
     if m.drop_path > 0:
         encoder.set_drop_path_rate(m.drop_path)
     return Segmenter(body, num_classes, channels=m.head_channels, mean=pretrained.mean, std=pretrained.std)
@@ -359,7 +374,7 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, SegConfig, dict[str, An
     missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a seg-train checkpoint (no {', '.join(missing)})")
-    config = from_dict(SegConfig, state["config"]).validate()
+    config = from_dict(SegConfig, with_legacy_defaults(state["config"])).validate()
     pretrained = Pretrained(
         untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
     )

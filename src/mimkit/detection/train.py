@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.backbones import FILLS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
+from mimkit.detection.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
 from mimkit.detection.coco import CocoDetection
 from mimkit.detection.evaluate import coco_evaluate, predict, save_prediction_grid
 from mimkit.detection.maskrcnn import build_detector
@@ -35,11 +35,24 @@ from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
 
 if TYPE_CHECKING:
-    from mimkit.detection.seg_train import SegConfig
+    from mimkit.detection.seg_train import SegConfig, SegModelConfig
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("mimdet", "convmae")
+STEM_CHANNELS_ONLY = "sets the side stem of model.stem=patch_embed; the ConvStem's widths follow the encoder"
+# what a checkpoint's model section meant before it recorded these keys: the pretrained patch embedding
+# with a side stem, and a max-pooled 1/32 level
+LEGACY_MIMDET = {"stem": "patch_embed", "p5_pool": "max"}
+
+
+def with_legacy_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config (plain dict) with :data:`LEGACY_MIMDET` filled in where its model section lacks
+    ``stem``: checkpoints written before the ConvStem was the ViT's input load as they were trained."""
+    model = config.get("model")
+    if not isinstance(model, dict) or "stem" in model:
+        return config
+    return {**config, "model": {**LEGACY_MIMDET, **model}}
 
 
 @dataclass
@@ -51,7 +64,9 @@ class DetectModelConfig:
     random_init: bool = False  # the checkpoint's architecture untrained (the baseline)
     sample_ratio: float = 0.5  # MIMDet: fraction of patch tokens the ViT sees in training (1.0: all)
     fill: str = "decoder"  # MIMDet: unsampled positions of the 1/16 map from the MAE decoder or a mask_token
-    stem_channels: tuple[int, int] = (64, 128)
+    stem: str = "conv"  # MIMDet's ConvStem as the ViT's input; patch_embed: pretrained patch embedding + side stem
+    stem_channels: tuple[int, int] | None = None  # stem=patch_embed: side stem (C4, C8); None: the ConvStem's
+    p5_pool: str = "avg"  # MIMDet: 1/32 level by parameter-free 2x2 average (or max) pooling of the 1/16 one
     fpn_channels: int = 64
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64)
     box_head_dim: int = 256
@@ -124,6 +139,9 @@ class DetectConfig:
             (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}"),
             (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
             (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (m.stem in STEMS, "model.stem", f"must be one of {STEMS}"),
+            (m.stem == "patch_embed" or m.stem_channels is None, "model.stem_channels", STEM_CHANNELS_ONLY),
+            (m.p5_pool in P5_POOLS, "model.p5_pool", f"must be one of {P5_POOLS}"),
             (len(m.anchor_sizes) == 4, "model.anchor_sizes", "needs one size per pyramid level (4)"),
             (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
             (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
@@ -228,6 +246,27 @@ def pretrained_for(config: DetectConfig | SegConfig) -> Pretrained:
     )
 
 
+def mimdet_body(
+    encoder: VisionTransformer, decoder: MAEDecoder | None, m: DetectModelConfig | SegModelConfig
+) -> MIMDetBackbone:
+    """:class:`MIMDetBackbone` with a detection or segmentation config's ``model`` keys; a bad stem for this
+    encoder is a :class:`~mimkit.config.ConfigError` naming ``model.stem``."""
+    try:
+        return MIMDetBackbone(
+            encoder,
+            decoder,
+            sample_ratio=m.sample_ratio,
+            fill=m.fill,
+            stem=m.stem,
+            stem_channels=m.stem_channels,
+            p5_pool=m.p5_pool,
+        )
+    except ValueError as err:
+        if "model.stem" in str(err):
+            raise ConfigError(str(err)) from None
+        raise
+
+
 def build_detection_model(pretrained: Pretrained, config: DetectConfig, num_classes: int) -> nn.Module:
     """Mask R-CNN (or Faster R-CNN) on the backbone ``model.backbone`` around the pretrained encoder."""
     m = config.model
@@ -243,7 +282,7 @@ def build_detection_model(pretrained: Pretrained, config: DetectConfig, num_clas
         decoder = pretrained.model.decoder if isinstance(pretrained.model.decoder, MAEDecoder) else None
         if m.fill == "decoder" and decoder is None:
             raise ValueError("model.fill=decoder needs an MAE decoder in the checkpoint; set model.fill=mask_token")
-        body = MIMDetBackbone(encoder, decoder, sample_ratio=m.sample_ratio, fill=m.fill, stem_channels=m.stem_channels)
+        body = mimdet_body(encoder, decoder, m)
     if m.drop_path > 0:
         encoder.set_drop_path_rate(m.drop_path)
     height, width = body.img_size
@@ -503,7 +542,7 @@ def open_run(out_dir: Path, recipe: dict[str, Any], resume: bool) -> dict[str, A
     state = load_checkpoint_file(path)
     if "order" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a resumable checkpoint of this command")
-    differ = _recipe_changes(state["config"], recipe)
+    differ = _recipe_changes(with_legacy_defaults(state["config"]), recipe)
     if differ:
         raise ValueError(
             f"{path} was trained with another recipe ({differ}); resume with the run's own "
@@ -575,6 +614,7 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resu
         "pretrained": pretrained.source,
         "backbone": config.model.backbone,
         "sample_ratio": config.model.sample_ratio if config.model.backbone == "mimdet" else None,
+        "stem": config.model.stem if config.model.backbone == "mimdet" else None,
         "train": summary,
         "train_annotations": train_set.report.to_dict(),
         "parameters": sum(p.numel() for p in detector.parameters()),
@@ -613,7 +653,7 @@ def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, 
     missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a detect-train checkpoint (no {', '.join(missing)})")
-    config = from_dict(DetectConfig, state["config"]).validate()
+    config = from_dict(DetectConfig, with_legacy_defaults(state["config"])).validate()
     pretrained = Pretrained(
         untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
     )

@@ -118,7 +118,17 @@ class VisionTransformer(nn.Module):
         """The tokens the first block sees: (B, C, H, W) -> (B, 1 + N, D), class token first, then the
         N visible patches (all L without a mask, or BEiT-style with the hidden ones as the mask embedding), with
         positional embeddings added."""
-        x = self.patch_embed(images)  # (B, L, D)
+        return self.tokens_from_patches(self.patch_embed(images), mask)
+
+    def tokens_from_patches(self, patches: Tensor, mask: MaskSpec | None = None) -> Tensor:
+        """:meth:`embed_tokens` from patch embeddings made elsewhere (MIMDet's ConvStem in place of
+        ``patch_embed``): (B, L, D) in raster order -> (B, 1 + N, D)."""
+        if patches.shape[1:] != (self.num_patches, self.embed_dim):
+            raise ValueError(
+                f"expected patch embeddings of shape (B, {self.num_patches}, {self.embed_dim}), "
+                f"got {tuple(patches.shape)}"
+            )
+        x = patches
         if mask is not None and self.mask_token is not None:  # BEiT: hidden patches become [MASK], then positions
             hidden = mask.mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
             x = x * (1.0 - hidden) + self.mask_token.to(x.dtype) * hidden  # (B, L, D)
@@ -168,7 +178,21 @@ class VisionTransformer(nn.Module):
             return_attn: also return each block's attention weights.
             return_hidden: also return each block's output.
         """
-        x = self.embed_tokens(images, mask)  # (B, 1 + N, D)
+        return self.forward_patches(
+            self.patch_embed(images), mask, return_attn=return_attn, return_hidden=return_hidden
+        )
+
+    def forward_patches(
+        self,
+        patches: Tensor,
+        mask: MaskSpec | None = None,
+        *,
+        return_attn: bool = False,
+        return_hidden: bool = False,
+    ) -> EncoderOutput:
+        """:meth:`forward` on patch embeddings (B, L, D) made elsewhere instead of by ``patch_embed``
+        (MIMDet's ConvStem): position embeddings, the class token and the blocks as for images."""
+        x = self.tokens_from_patches(patches, mask)  # (B, 1 + N, D)
         out = EncoderOutput(tokens=x, num_prefix_tokens=1, grid=self.grid)
         x = run_blocks(
             self.blocks,
