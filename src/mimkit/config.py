@@ -76,9 +76,10 @@ class MaskConfig:
     trigger: str = "exploitation"
     trigger_patience: int = 1
     start_epoch: float | None = None
-    # which layer's features are clustered: decoder after a random-masked pass (practical) or encoder (ideal)
+    # which layer's features are clustered: encoder on all patches (ideal) or decoder after a random-masked
+    # pass (practical; on Fashion-MNIST its cut splits visible from mask tokens, not object from background)
     layer: int | None = None
-    setting: str = "practical"
+    setting: str = "ideal"
     # Ncut graph (weighted cosine similarities, or TokenCut's binarised at tau), object side, hint choice
     graph: str = "weighted"
     foreground: str = "border"

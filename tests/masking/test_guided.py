@@ -77,7 +77,7 @@ def test_guided_maskers_through_a_real_model(images) -> None:
         if kind == "self_guided":
             assert model.masker.guidance is None  # random until the switch: no extra pass
             model.masker.update(step=0, total_steps=10, epoch=0.0)
-            assert model.masker.guidance == "decoder_features"
+            assert model.masker.guidance == "encoder_features"  # the ideal setting by default
         with pytest.raises(ValueError, match="pass images="):
             model.make_mask(8, generator=generator())
         spec = model.make_mask(8, generator=generator(), images=images)

@@ -186,7 +186,10 @@ class SelfGuidedMasker:
             first step past it); with ``"exploitation"``, an optional earliest epoch.
         layer: which block's output features are clustered (Python index, -1 = last); None takes the middle
             block, ``depth // 2 - 1``.
-        setting: ``"practical"`` (decoder features) or ``"ideal"`` (encoder on all patches).
+        setting: ``"ideal"`` (encoder on all patches, the default) or ``"practical"`` (decoder features after a
+            random-masked pass). On Fashion-MNIST the practical cut of every decoder block separates the
+            pass's visible tokens from its mask tokens (IoU 0.21 with the object after 3 epochs), while every
+            encoder block from 0 to 11 cuts object from background (IoU 0.82 with the border rule).
         graph: ``"weighted"`` or ``"binary"`` Ncut graph.
         foreground: ``"border"``, ``"mean"`` or ``"eigenvector"`` object-side rule.
         tau: similarity threshold of the binary graph.
@@ -202,7 +205,7 @@ class SelfGuidedMasker:
         trigger_patience: int = 1,
         start_epoch: float | None = None,
         layer: int | None = None,
-        setting: str = "practical",
+        setting: str = "ideal",
         graph: str = "weighted",
         foreground: str = "border",
         tau: float = 0.2,
