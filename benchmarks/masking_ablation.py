@@ -24,10 +24,10 @@ VARIANTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
     "block": ["mask.type=block", "mask.min_num_patches=4"],
     "grid": ["mask.type=grid"],
-    # Self-Guided MAE as specified: switch when mask-token utilization passes visible-token utilization.
+    # Self-Guided MAE as specified: switch where the exploitation rate of mask tokens crosses above visible tokens'.
     "self_guided": ["mask.type=self_guided", "mask.trigger_every_steps=50"],
     # The same informed masking switched on at a fixed point (a quarter of the run), to see its effect
-    # even when the utilization trigger does not fire within a short budget.
+    # even when the exploitation trigger does not fire within a short budget.
     "self_guided_fixed": ["mask.type=self_guided", "mask.trigger=epoch", "mask.start_epoch=0.25"],
     "random_r0.5": ["mask.type=random", "mask.ratio=0.5"],
     "random_r0.25": ["mask.type=random", "mask.ratio=0.25"],
@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def pretrain(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    settings = [*overrides, f"train.epochs={args.epochs}", f"data.limit={args.limit}", "log.utilization=true"]
+    settings = [*overrides, f"train.epochs={args.epochs}", f"data.limit={args.limit}", "log.exploitation=true"]
     return ablation.pretrain(args.out / name, args.config, settings, progress=args.progress)
 
 
@@ -73,8 +73,8 @@ def main() -> None:
         knn, linear = probe(name, checkpoint, "knn", args), probe(name, checkpoint, "linear", args)
         records = read_metrics(args.out / name / "metrics.jsonl")
         switch = next((r["step"] for r in records if "self_guided/switch_step" in r), None)
-        utilization = [r for r in records if "utilization/mask" in r]
-        last = utilization[-1] if utilization else {}
+        exploitation = [r for r in records if "exploitation/mask" in r]
+        last = exploitation[-1] if exploitation else {}
         rows.append((name, summary, knn, linear, switch, last))
 
     print()
@@ -82,7 +82,7 @@ def main() -> None:
         f"Fashion-MNIST, ViT-Tiny/4, {args.epochs} epoch(s) of {args.limit} images; kNN and linear probe on "
         f"{args.train_limit} train / {args.test_limit} test images (top-1 %)"
     )
-    print("| masking | final loss | kNN | linear | switch step | utilization mask / visible (end) | minutes |")
+    print("| masking | final loss | kNN | linear | switch step | exploitation mask / visible (end) | minutes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     if rows:  # the same architecture untrained, for scale
         first, summary = rows[0][0], rows[0][1]
@@ -90,7 +90,7 @@ def main() -> None:
         knn, linear = (probe(first, checkpoint, protocol, args, random_init=True) for protocol in ("knn", "linear"))
         print(f"| no pretraining (random init) | - | {100 * knn:.2f} | {100 * linear:.2f} | - | - | - |")
     for name, summary, knn, linear, switch, last in rows:
-        util = f"{last['utilization/mask']:.2f} / {last['utilization/visible']:.2f}" if last else "-"
+        util = f"{last['exploitation/mask']:.2f} / {last['exploitation/visible']:.2f}" if last else "-"
         print(
             f"| {name} | {summary['final_loss']:.4f} | {100 * knn:.2f} | {100 * linear:.2f} | "
             f"{'-' if switch is None else switch} | {util} | {summary['train_seconds'] / 60:.1f} |"

@@ -111,9 +111,13 @@ def _analyze(args: argparse.Namespace) -> int:
         layer=args.layer,
         limit=args.limit,
         seed=args.seed,
+        graph=args.graph,
+        foreground=args.foreground,
     )
     print(format_relations(result["layers"], result.get("kl")))
-    written = ["relations.json", "maps.png"] + (["utilization.png"] if result["utilization_plot"] else [])
+    written = ["relations.json", "maps.png", "sides.png"] + (
+        ["exploitation.png"] if result["exploitation_plot"] else []
+    )
     print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
 
@@ -313,10 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_finetune)
 
-    p = commands.add_parser("analyze", help="token relations per layer, attention/cluster maps, utilization curves")
+    p = commands.add_parser(
+        "analyze", help="token relations per layer, attention/cluster maps, exploitation-rate curves"
+    )
     p.add_argument("--checkpoint", required=True, help="mimkit, MAE or HuggingFace checkpoint (file or directory)")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, type=Path, help="output folder (relations.json, maps.png, utilization.png)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder (relations.json, maps.png, sides.png, exploitation.png)"
+    )
     p.add_argument("--compare", default=None, help="second checkpoint: KL divergence of its relations per layer")
     p.add_argument(
         "--setting",
@@ -327,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=-1, help="index of the reported layer drawn in maps.png")
     p.add_argument("--limit", type=int, default=8, help="at most this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    p.add_argument("--graph", choices=["weighted", "binary"], default="weighted", help="Ncut graph")
+    p.add_argument(
+        "--foreground", choices=["border", "mean", "eigenvector"], default="border", help="object side in maps.png"
+    )
     p.set_defaults(func=_analyze)
 
     p = commands.add_parser("tokenizer-train", help="train a BEiT v2 VQ-KD visual tokenizer (codes as MIM targets)")

@@ -77,16 +77,22 @@ class MaskConfig:
     # self_guided (Self-Guided MAE): hints revealed from the hidden cluster, decaying linearly to the end
     hint_ratio: float = 0.1
     hint_ratio_end: float = 0.0
-    # switch to informed masks when mask-token utilization exceeds visible-token utilization, or at an epoch
-    trigger: str = "utilization"
+    # switch to informed masks when the decoder's exploitation rate of mask tokens rises above that of visible
+    # tokens (after having been below, for trigger_patience consecutive checks), or at an epoch
+    trigger: str = "exploitation"
+    trigger_patience: int = 1
     start_epoch: float | None = None
-    # which layer's features are clustered: decoder after a random-masked pass (practical) or encoder (ideal)
+    # which layer's features are clustered: encoder on all patches (ideal) or decoder after a random-masked
+    # pass (practical; on Fashion-MNIST its cut splits visible from mask tokens, not object from background)
     layer: int | None = None
-    setting: str = "practical"
+    setting: str = "ideal"
+    # Ncut graph (weighted cosine similarities, or TokenCut's binarised at tau), object side, hint choice
+    graph: str = "weighted"
     foreground: str = "border"
     tau: float = 0.2
-    # measure utilization on one batch every N steps; check the trigger every N steps (null: every epoch)
-    utilization_every_steps: int = 10
+    hint_choice: str = "random"
+    # measure the exploitation rate on one batch every N steps; check the trigger every N steps (null: every epoch)
+    exploitation_every_steps: int = 10
     trigger_every_steps: int | None = None
 
 
@@ -186,9 +192,9 @@ class LogConfig:
 
     every_steps: int = 20
     tensorboard: bool = True
-    # measure the decoder's mask-token utilization (mask.utilization_every_steps) with any masker; self_guided
-    # measures it anyway until its trigger fires
-    utilization: bool = False
+    # measure the decoder's exploitation rate of visible and mask tokens (mask.exploitation_every_steps) with
+    # any masker; self_guided measures it anyway until its trigger fires
+    exploitation: bool = False
 
 
 @dataclass
@@ -342,7 +348,15 @@ class Config:
             "a patch of a single pixel value has no variance to normalize by; set target.norm_pix=false or use "
             "a larger model.patch_size",
         )
-        check(self.mask.utilization_every_steps >= 1, "mask.utilization_every_steps", "must be >= 1")
+        check(self.mask.exploitation_every_steps >= 1, "mask.exploitation_every_steps", "must be >= 1")
+        check(self.mask.trigger_patience >= 1, "mask.trigger_patience", "must be >= 1 (consecutive checks)")
+        for key, value, choices in (
+            ("mask.trigger", self.mask.trigger, ("exploitation", "epoch")),
+            ("mask.graph", self.mask.graph, ("weighted", "binary")),
+            ("mask.foreground", self.mask.foreground, ("border", "mean", "eigenvector")),
+            ("mask.hint_choice", self.mask.hint_choice, ("random", "similarity")),
+        ):
+            check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
         every = self.mask.trigger_every_steps
         check(every is None or every >= 1, "mask.trigger_every_steps", "must be >= 1 (or null)")
         check(

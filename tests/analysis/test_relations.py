@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.analysis.maps import plot_utilization, save_relation_maps
+from mimkit.analysis.exploitation import exploitation_rate
+from mimkit.analysis.maps import crossing_step, plot_exploitation, save_relation_maps
 from mimkit.analysis.relations import (
     attention_nmi,
     cluster_gap,
@@ -20,7 +21,6 @@ from mimkit.analysis.relations import (
     similarity_variance,
     token_relations,
 )
-from mimkit.analysis.utilization import mask_token_utilization
 from mimkit.cli import main
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist, resize_uint8
 from mimkit.data.folder import BadImageWarning
@@ -205,31 +205,26 @@ def decoder_attentions(model: MaskedImageModel, images: torch.Tensor, seed: int 
     return dec.attentions, spec.mask
 
 
-def test_utilization_of_a_decoder_blind_to_mask_tokens_is_zero(model, images) -> None:
+def test_exploitation_rate_of_a_real_decoder_and_of_one_blind_to_mask_tokens(model, images) -> None:
     attentions, mask = decoder_attentions(model, images)
-    real = mask_token_utilization(attentions, mask)
-    assert real.mask > 0 and real.visible > 0
+    real = exploitation_rate(attentions, mask)
+    assert 0 < real.mask < 1 and real.visible + real.mask == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(real.per_layer.sum(dim=1), torch.ones(2, 2), atol=1e-6)  # V + M shares of each set
     keys = torch.cat([torch.zeros(6, 1, dtype=torch.bool), mask], dim=1)  # (B, 1 + L): mask-token keys
     blind = []
     for attn in attentions:  # (B, heads, 1 + L, 1 + L)
         zeroed = attn.masked_fill(keys[:, None, None, :], 0.0)
         blind.append(zeroed / zeroed.sum(-1, keepdim=True))  # rows renormalized over the other keys
-    utilization = mask_token_utilization(blind, mask)
-    assert utilization.mask == 0.0
-    assert torch.equal(utilization.mask_per_layer, torch.zeros(2))
-    assert utilization.visible > real.visible  # the weight moved to the visible tokens
-    uniform = [torch.full_like(attn, 1.0 / attn.shape[-1]) for attn in attentions]
-    even = mask_token_utilization(uniform, mask)
-    assert even.mask == pytest.approx(1.0, abs=1e-5)
-    assert even.visible == pytest.approx(1.0, abs=1e-5)
+    rate = exploitation_rate(blind, mask)
+    assert rate.mask == 0.0 and rate.visible == pytest.approx(1.0)
 
 
-def log_utilization(run_dir: Path, images: torch.Tensor, switch: bool = True) -> None:
-    """A ``metrics.jsonl`` with real decoder utilization of two differently seeded models."""
+def log_exploitation(run_dir: Path, images: torch.Tensor, switch: bool = True) -> None:
+    """A ``metrics.jsonl`` with the real decoder exploitation rate of two differently seeded models."""
     logger = MetricsLogger(run_dir, tensorboard=False)
     for step, seed in ((10, 0), (20, 1)):
         attentions, mask = decoder_attentions(small_model(seed), images, seed)
-        logger.log(step, {"loss": 1.0, **mask_token_utilization(attentions, mask).as_metrics()})
+        logger.log(step, {"loss": 1.0, **exploitation_rate(attentions, mask).as_metrics()})
     if switch:
         logger.log(20, {"self_guided/switch_step": 20})
     logger.log(30, {"loss": 0.5})
@@ -242,16 +237,28 @@ def is_png(path: Path) -> tuple[int, int]:
         return img.size
 
 
-def test_plot_utilization_and_its_errors(images, tmp_path: Path) -> None:
-    log_utilization(tmp_path, images)
-    assert sum("utilization/mask" in record for record in read_metrics(tmp_path / "metrics.jsonl")) == 2
-    assert is_png(plot_utilization(tmp_path / "metrics.jsonl", tmp_path / "u.png")) == (600, 360)
+def test_plot_exploitation_and_its_errors(images, tmp_path: Path) -> None:
+    log_exploitation(tmp_path, images)
+    assert sum("exploitation/mask" in record for record in read_metrics(tmp_path / "metrics.jsonl")) == 2
+    assert is_png(plot_exploitation(tmp_path / "metrics.jsonl", tmp_path / "u.png")) == (600, 360)
     (tmp_path / "plain.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    with pytest.raises(ValueError, match="no record with utilization/mask"):
-        plot_utilization(tmp_path / "plain.jsonl", tmp_path / "v.png")
+    with pytest.raises(ValueError, match="no record with exploitation/visible"):
+        plot_exploitation(tmp_path / "plain.jsonl", tmp_path / "v.png")
     assert not (tmp_path / "v.png").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        plot_utilization(tmp_path / "missing.jsonl", tmp_path / "v.png")
+        plot_exploitation(tmp_path / "missing.jsonl", tmp_path / "v.png")
+
+
+def test_crossing_step_needs_the_mask_curve_to_come_from_below() -> None:
+    def records(*pairs: tuple[float, float]) -> list[dict[str, float]]:
+        return [
+            {"step": 10 * (index + 1), "exploitation/visible": v, "exploitation/mask": m}
+            for index, (v, m) in enumerate(pairs)
+        ]
+
+    assert crossing_step(records((0.4, 0.6), (0.3, 0.7))) is None  # above from the start
+    assert crossing_step(records((0.6, 0.4), (0.55, 0.45), (0.45, 0.55))) == 30
+    assert crossing_step(records((0.4, 0.6), (0.6, 0.4), (0.4, 0.6))) == 30
 
 
 def test_save_relation_maps_draws_one_row_per_image(model, images, tmp_path: Path) -> None:
@@ -277,7 +284,7 @@ def test_analyze_command_end_to_end(fmnist, images, tmp_path: Path, capsys) -> N
         Image.fromarray(fmnist[index, 0].numpy(), "L").save(folder / f"{index}.png")
     checkpoint = save_checkpoint_as(small_model(0), run_dir / "last.pt", "mimkit")
     other = save_checkpoint_as(small_model(1), tmp_path / "other.pt", "mimkit")
-    log_utilization(run_dir, images)
+    log_exploitation(run_dir, images)
     argv = ["analyze", "--checkpoint", checkpoint, "--images", folder, "--out", out, "--compare", other, "--limit", "3"]
     assert main([str(arg) for arg in argv]) == 0
     printed = capsys.readouterr().out
@@ -292,7 +299,9 @@ def test_analyze_command_end_to_end(fmnist, images, tmp_path: Path, capsys) -> N
     assert [row["layer"] for row in result["kl"]] == names
     assert all(row["attention_kl"] > 0 for row in result["kl"])
     assert is_png(out / "maps.png")[0] == 4 * 160
-    assert is_png(out / "utilization.png") == (600, 360)
+    assert is_png(out / "exploitation.png") == (600, 360)
+    assert is_png(out / "sides.png")[0] == 4 * 160  # the image and the three object-side rules
+    assert set(result["object_share"]) == {"border", "mean", "eigenvector"}
 
     ideal = tmp_path / "ideal"
     argv = ["analyze", "--checkpoint", checkpoint, "--images", folder, "--out", ideal, "--setting", "ideal"]

@@ -77,7 +77,7 @@ def test_guided_maskers_through_a_real_model(images) -> None:
         if kind == "self_guided":
             assert model.masker.guidance is None  # random until the switch: no extra pass
             model.masker.update(step=0, total_steps=10, epoch=0.0)
-            assert model.masker.guidance == "decoder_features"
+            assert model.masker.guidance == "encoder_features"  # the ideal setting by default
         with pytest.raises(ValueError, match="pass images="):
             model.make_mask(8, generator=generator())
         spec = model.make_mask(8, generator=generator(), images=images)
@@ -89,9 +89,14 @@ def test_guided_maskers_through_a_real_model(images) -> None:
 
 def test_self_guided_hides_the_ncut_foreground_of_real_features(images) -> None:
     torch.manual_seed(0)
-    model = create_model("vit_tiny", **TINY, mask_type="self_guided", mask_options={"setting": "ideal"})
+    model = create_model(
+        "vit_tiny",
+        **TINY,
+        mask_type="self_guided",
+        mask_options={"setting": "ideal", "trigger": "epoch", "start_epoch": 0},
+    )
     masker = model.masker
-    masker.update(step=0, total_steps=100, epoch=0.0, utilization=(1.2, 1.0))  # mask tokens used more: switch
+    assert masker.update(step=0, total_steps=100, epoch=0.0)
     assert masker.informed and masker.switch_step == 0 and masker.guidance == "encoder_features"
     features = model.guidance(images, "encoder_features")  # (8, 64, 64)
     assert features.shape == (8, 64, 64)
@@ -104,24 +109,85 @@ def test_self_guided_hides_the_ncut_foreground_of_real_features(images) -> None:
     assert torch.equal((spec.mask & foreground).sum(1).float(), budget_in_foreground)
 
 
+def test_similarity_ranked_hints_are_the_object_patches_nearest_the_mean(images) -> None:
+    torch.manual_seed(0)
+    options = {"setting": "ideal", "trigger": "epoch", "start_epoch": 0, "hint_ratio": 0.3}
+    model = create_model("vit_tiny", **TINY, mask_type="self_guided", mask_options=options)
+    features = model.guidance(images, "encoder_features")  # (8, 64, 64)
+    from mimkit.masking import choose_foreground, ncut_bipartition
+    from mimkit.masking.ncut import similarity_to_mean
+
+    foreground = choose_foreground(ncut_bipartition(features), GRID)  # (8, 64)
+    similarity = similarity_to_mean(features)  # (8, 64)
+    masks = {}
+    for choice in ("random", "similarity"):
+        masker = SelfGuidedMasker(
+            0.75, hint_ratio=0.3, trigger="epoch", start_epoch=0, setting="ideal", hint_choice=choice
+        )
+        masker.update(step=0, total_steps=10, epoch=0.0)
+        masks[choice] = masker(8, GRID, generator=generator(), context={"encoder_features": features}).mask
+    for row in range(8):
+        hints = foreground[row] & ~masks["similarity"][row]
+        assert hints.sum() == round(float(foreground[row].sum()) * 0.3)
+        hidden_object = foreground[row] & masks["similarity"][row]
+        if hints.any() and hidden_object.any():  # every hint is nearer the mean patch than every hidden object patch
+            assert similarity[row][hints].min() >= similarity[row][hidden_object].max()
+    assert torch.equal(masks["random"].sum(1), masks["similarity"].sum(1))  # exactly 48 hidden either way
+    assert not torch.equal(masks["random"], masks["similarity"])
+
+
 def test_self_guided_is_random_masking_until_the_switch() -> None:
     masker = SelfGuidedMasker(0.75)
-    assert not masker.informed and masker.wants_utilization
+    assert not masker.informed and masker.wants_exploitation
     ours = masker(4, GRID, generator=generator(3))
     assert torch.equal(ours.mask, RandomMasker(0.75)(4, GRID, generator=generator(3)).mask)
 
 
-def test_trigger_by_utilization_and_by_epoch() -> None:
-    masker = SelfGuidedMasker(0.75, start_epoch=2)
-    assert not masker.update(step=10, total_steps=100, epoch=1.0, utilization=(2.0, 1.0))  # before start_epoch
-    assert not masker.update(step=20, total_steps=100, epoch=2.0, utilization=(0.9, 1.0))  # mask tokens used less
-    assert not masker.update(step=21, total_steps=100, epoch=2.1)  # nothing measured
-    assert masker.update(step=30, total_steps=100, epoch=3.0, utilization=(1.1, 1.0))
-    assert masker.switch_step == 30 and not masker.wants_utilization
-    assert not masker.update(step=40, total_steps=100, epoch=4.0, utilization=(2.0, 1.0))  # switches once
+def checks(masker: SelfGuidedMasker, mask_shares: list[float], epochs: list[float] | None = None) -> list[bool]:
+    """Feed one check per value of ``Rhat_{M->O}`` (visible share ``1 - value``); what each returned."""
+    epochs = epochs or [float(index) for index in range(len(mask_shares))]
+    return [
+        masker.update(step=10 * (index + 1), total_steps=1000, epoch=epoch, exploitation=(1.0 - share, share))
+        for index, (share, epoch) in enumerate(zip(mask_shares, epochs, strict=True))
+    ]
+
+
+def test_trigger_ignores_a_curve_that_starts_above_and_stays_above() -> None:
+    masker = SelfGuidedMasker(0.75)
+    assert checks(masker, [0.6, 0.7, 0.8, 0.55, 0.9]) == [False] * 5
+    assert masker.switch_step is None and len(masker.curve) == 5 and masker.wants_exploitation
+
+
+def test_trigger_fires_once_where_the_curve_crosses_from_below() -> None:
+    masker = SelfGuidedMasker(0.75)
+    assert checks(masker, [0.3, 0.4, 0.45, 0.6, 0.7, 0.4, 0.8]) == [False, False, False, True, False, False, False]
+    assert masker.switch_step == 40 and not masker.wants_exploitation
+    assert masker.curve[-1] == [40.0, 3.0, pytest.approx(0.4), 0.6]  # checks stop being recorded at the switch
+    starts_above = SelfGuidedMasker(0.75)
+    assert checks(starts_above, [0.6, 0.4, 0.7]) == [False, False, True]  # it fires after it has dipped
+    assert not SelfGuidedMasker(0.75).update(step=5, total_steps=10, epoch=0.5)  # no check, nothing measured
+
+
+def test_trigger_respects_patience_and_the_earliest_epoch() -> None:
+    patient = SelfGuidedMasker(0.75, trigger_patience=3)
+    # a 2-check excursion above does not count; the 3rd consecutive check of the next one fires
+    assert checks(patient, [0.3, 0.6, 0.7, 0.4, 0.6, 0.6, 0.6, 0.6]) == [False] * 6 + [True, False]
+    assert patient.switch_step == 70
+    late = SelfGuidedMasker(0.75, start_epoch=4)
+    fired = checks(late, [0.3, 0.6, 0.7, 0.8, 0.9, 0.9], epochs=[0, 1, 2, 3, 4, 5])
+    assert fired == [False, False, False, False, True, False] and late.switch_step == 50
     by_epoch = SelfGuidedMasker(0.75, trigger="epoch", start_epoch=1)
-    assert not by_epoch.update(step=9, total_steps=50, epoch=0.9, utilization=(5.0, 1.0))
+    assert not by_epoch.update(step=9, total_steps=50, epoch=0.9, exploitation=(0.1, 0.9))
     assert by_epoch.update(step=10, total_steps=50, epoch=1.0) and by_epoch.switch_step == 10
+
+
+def test_trigger_state_round_trips_mid_streak() -> None:
+    masker = SelfGuidedMasker(0.75, trigger_patience=2)
+    checks(masker, [0.3, 0.6])
+    restored = SelfGuidedMasker(0.75, trigger_patience=2)
+    restored.load_state_dict(masker.state_dict())
+    assert restored.curve == masker.curve and restored.streak == 1 and restored.seen_below
+    assert restored.update(step=30, total_steps=1000, epoch=2.0, exploitation=(0.3, 0.7))
 
 
 def test_hint_ratio_decays_linearly_and_state_round_trips() -> None:
@@ -143,6 +209,16 @@ def test_bad_options_are_clear() -> None:
         SelfGuidedMasker(trigger="epoch")
     with pytest.raises(ValueError, match="hint_ratio"):
         SelfGuidedMasker(hint_ratio=0.1, hint_ratio_end=0.2)
+    for option, value in (
+        ("trigger", "utilization"),
+        ("graph", "knn"),
+        ("foreground", "smaller"),
+        ("hint_choice", "x"),
+    ):
+        with pytest.raises(ValueError, match=option):
+            SelfGuidedMasker(**{option: value})
+    with pytest.raises(ValueError, match="trigger_patience"):
+        SelfGuidedMasker(trigger_patience=0)
     with pytest.raises(ValueError, match="mode"):
         AttentionMasker(mode="sometimes")
     with pytest.raises(ValueError, match="needs context"):

@@ -3,7 +3,7 @@ import torch
 
 from mimkit.layers.patch_embed import patchify
 from mimkit.masking import choose_foreground, ncut_bipartition, ncut_eigenvector, patch_affinity
-from mimkit.masking.ncut import border_patches
+from mimkit.masking.ncut import FOREGROUND_RULES, border_patches, ncut_split, similarity_to_mean
 
 GRID = (8, 8)
 PATCH = 4
@@ -23,6 +23,8 @@ def two_texture_image(layout: str, seed: int = 0, noise: float = 0.5) -> tuple[t
         truth = patch_cols < 3  # 24 of 64 patches
     elif layout == "center":
         truth = (patch_rows >= 2) & (patch_rows < 6) & (patch_cols >= 2) & (patch_cols < 6)  # 4x4 square
+    elif layout == "edges":
+        truth = (patch_cols == 0) | (patch_cols == GRID[1] - 1)  # 16 patches, every one on the border
     else:
         raise ValueError(layout)
     pixel_truth = truth.repeat_interleave(PATCH, 0).repeat_interleave(PATCH, 1)  # (32, 32)
@@ -31,18 +33,62 @@ def two_texture_image(layout: str, seed: int = 0, noise: float = 0.5) -> tuple[t
     return image[None, None], truth.reshape(-1)
 
 
+@pytest.mark.parametrize("binarize", [False, True], ids=["weighted", "binary"])
 @pytest.mark.parametrize("layout", ["left", "center"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ncut_separates_two_textures(layout: str, seed: int) -> None:
+def test_ncut_separates_two_textures(layout: str, seed: int, binarize: bool) -> None:
     image, truth = two_texture_image(layout, seed)
     features = patchify(image, PATCH)  # (1, 64, 16) raw pixels
-    partition = ncut_bipartition(features)[0]  # (64,)
+    partition = ncut_bipartition(features, binarize=binarize)[0]  # (64,)
     agreement = (partition == truth).float().mean().item()
     assert max(agreement, 1 - agreement) >= 0.95  # up to label swap
     foreground = choose_foreground(partition[None], GRID)[0]
     if layout == "center":
         assert (foreground == truth).float().mean().item() >= 0.95
-        assert torch.equal(choose_foreground(partition[None], GRID, how="smaller")[0], foreground)
+
+
+def object_sides(layout: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The object side under each rule for a synthetic object-on-background image, and the truth."""
+    image, truth = two_texture_image(layout, seed)
+    features = patchify(image, PATCH)  # (1, 64, 16)
+    partition, eigenvector = ncut_split(patch_affinity(features))
+    sides = {
+        rule: choose_foreground(partition, GRID, how=rule, features=features, eigenvector=eigenvector)[0]
+        for rule in FOREGROUND_RULES
+    }
+    return sides, truth
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_three_side_rules_find_a_centred_object(seed: int) -> None:
+    sides, truth = object_sides("center", seed)
+    for rule, side in sides.items():
+        assert (side == truth).float().mean().item() >= 0.95, rule
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_side_rules_on_an_object_along_the_border(seed: int) -> None:
+    # The object (two edge columns, a quarter of the image) lies on the border: the border rule takes the
+    # background for the object, the mean-patch and eigenvector rules still find the minority texture.
+    sides, truth = object_sides("edges", seed)
+    assert (sides["border"] == ~truth).float().mean().item() >= 0.95
+    for rule in ("mean", "eigenvector"):
+        assert (sides[rule] == truth).float().mean().item() >= 0.95, rule
+
+
+def test_mean_rule_follows_similarity_to_the_mean_patch() -> None:
+    features = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(7))
+    partition = ncut_bipartition(features)
+    object_side = choose_foreground(partition, GRID, how="mean", features=features)
+    similarity = similarity_to_mean(features)  # (2, 64)
+    for row in range(2):
+        inside = similarity[row][object_side[row]].mean()
+        outside = similarity[row][~object_side[row]].mean()
+        assert inside < outside
+    with pytest.raises(ValueError, match="needs the"):
+        choose_foreground(partition, GRID, how="mean")
+    with pytest.raises(ValueError, match="eigenvector"):
+        choose_foreground(partition, GRID, how="eigenvector")
 
 
 def test_pure_noise_is_not_separated_like_textures() -> None:
@@ -54,14 +100,15 @@ def test_pure_noise_is_not_separated_like_textures() -> None:
     assert max(agreement, 1 - agreement) < 0.95
 
 
-def test_choose_foreground_border_vs_smaller() -> None:
+def test_choose_foreground_border_rule_on_either_label() -> None:
     border = border_patches(GRID)
     assert border.sum() == 28 and not border.view(GRID)[1:-1, 1:-1].any()
     interior = ~border  # 36 patches, the larger side, touching no border
+    eigenvector = torch.where(border, 2.0, -1.0)[None]  # largest |y| on the border side
     for partition in (interior, border):  # either label of the same cut
         batch = partition[None]
         assert torch.equal(choose_foreground(batch, GRID, how="border")[0], interior)
-        assert torch.equal(choose_foreground(batch, GRID, how="smaller")[0], border)
+        assert torch.equal(choose_foreground(batch, GRID, how="eigenvector", eigenvector=eigenvector)[0], border)
 
 
 def test_choose_foreground_tie_on_border_goes_to_smaller_side() -> None:
@@ -130,10 +177,10 @@ def test_float32_solver_agrees_with_float64() -> None:
 
 def test_affinity_options() -> None:
     features = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]]])  # (1, 4, 2)
-    binary = patch_affinity(features, tau=0.5, eps=1e-3)
+    binary = patch_affinity(features, tau=0.5, eps=1e-3, binarize=True)
     expected = torch.tensor([[1, 1, 1e-3, 1e-3], [1, 1, 1e-3, 1e-3], [1e-3, 1e-3, 1, 1e-3], [1e-3, 1e-3, 1e-3, 1]])
     torch.testing.assert_close(binary[0], expected)
-    soft = patch_affinity(features, binarize=False, eps=1e-3)
+    soft = patch_affinity(features, eps=1e-3)  # the default: the fully connected weighted graph
     assert soft[0, 0, 3] == pytest.approx(1e-3) and soft[0, 0, 1] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
 
 

@@ -200,7 +200,7 @@ def test_checkpoint_round_trip(images, tmp_path) -> None:
         assert torch.equal(model.encoder(images[:4]).tokens, loaded.encoder(images[:4]).tokens)
 
 
-def test_self_guided_masking_and_utilization_run_on_convmae() -> None:
+def test_self_guided_masking_and_exploitation_rate_run_on_convmae() -> None:
     torch.manual_seed(0)
     images = torch.randn(4, 1, 32, 32)
     model = create_model(
@@ -216,8 +216,9 @@ def test_self_guided_masking_and_utilization_run_on_convmae() -> None:
     assert features.shape[:2] == (4, 64)  # every patch, no class slot dropped by mistake
     spec = model.make_mask(4, generator=torch.Generator().manual_seed(0), images=images)
     assert spec.mask.sum(1).tolist() == [48] * 4
-    utilization = model.utilization(images, spec)
-    assert utilization.mask_per_layer.shape == utilization.visible_per_layer.shape and utilization.visible > 0
+    rate = model.exploitation(images, spec)
+    assert rate.per_layer.shape[1:] == (2, 2) and rate.visible > 0
+    assert abs(rate.visible + rate.mask - 1.0) < 1e-6
 
 
 @pytest.mark.parametrize("patch_sizes", [(1, 2, 2), (2, 2, 2)])

@@ -1,4 +1,4 @@
-"""Pictures of token relations: attention maps, Ncut bipartitions, informed masks, and utilization curves.
+"""Pictures of token relations: attention maps, Ncut bipartitions, informed masks, and exploitation-rate curves.
 
 All figures use matplotlib's Agg canvas (no display needed) and are written atomically as PNG, so a
 failed save never replaces a good picture.
@@ -21,10 +21,17 @@ from mimkit.analysis.reconstruct import pixel_mask, to_display
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.engine.logging import read_metrics
 
-__all__ = ["MAP_COLUMNS", "plot_utilization", "save_relation_maps", "utilization_records"]
+__all__ = [
+    "MAP_COLUMNS",
+    "crossing_step",
+    "exploitation_records",
+    "plot_exploitation",
+    "save_foreground_rules",
+    "save_relation_maps",
+]
 
 MAP_COLUMNS = ("image", "class-token attention", "Ncut foreground", "informed mask")
-UTILIZATION_KEYS = ("utilization/mask", "utilization/visible")
+EXPLOITATION_KEYS = ("exploitation/visible", "exploitation/mask")
 SWITCH_KEY = "self_guided/switch_step"
 FOREGROUND_TINT = (1.0, 0.25, 0.1)  # red-orange: stands out on gray and on most photos
 
@@ -118,13 +125,25 @@ def save_relation_maps(
     return path
 
 
-def utilization_records(metrics_path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` that hold both ``utilization/mask`` and ``utilization/visible``.
+def exploitation_records(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` that hold both ``exploitation/visible`` and ``exploitation/mask``.
 
     Raises:
         FileNotFoundError: the file does not exist.
     """
-    return [record for record in _read_records(metrics_path) if all(key in record for key in UTILIZATION_KEYS)]
+    return [record for record in _read_records(metrics_path) if all(key in record for key in EXPLOITATION_KEYS)]
+
+
+def crossing_step(records: Sequence[dict[str, Any]]) -> float | None:
+    """Step of the first record where ``exploitation/mask`` rises above ``exploitation/visible`` after an
+    earlier record at or below it (the paper's crossing), or None when the curves never cross that way."""
+    seen_below = False
+    for record in records:
+        above = float(record[EXPLOITATION_KEYS[1]]) > float(record[EXPLOITATION_KEYS[0]])
+        if above and seen_below:
+            return float(record["step"])
+        seen_below = seen_below or not above
+    return None
 
 
 def _read_records(metrics_path: str | Path) -> list[dict[str, Any]]:
@@ -145,12 +164,13 @@ def _switch_step(records: Sequence[dict[str, Any]]) -> float | None:
     return None
 
 
-def plot_utilization(metrics_path: str | Path, out_png: str | Path, *, dpi: int = 100) -> Path:
-    """Plot a run's mask-token and visible-token utilization against the step.
+def plot_exploitation(metrics_path: str | Path, out_png: str | Path, *, dpi: int = 100) -> Path:
+    """Plot a run's exploitation rate of visible and mask tokens against the step.
 
-    Draws ``utilization/mask`` and ``utilization/visible`` of every record that has both (see
-    :mod:`mimkit.analysis.utilization`) and, when a record holds ``self_guided/switch_step``, a
-    vertical line where Self-Guided MAE switched to informed masking.
+    Draws ``exploitation/visible`` (``Rhat_{V->O}``) and ``exploitation/mask`` (``Rhat_{M->O}``) of every
+    record that has both (see :mod:`mimkit.analysis.exploitation`), marks the first crossing of the mask
+    curve above the visible one (:func:`crossing_step`) and, when a record holds
+    ``self_guided/switch_step``, a vertical line where Self-Guided MAE switched to informed masking.
 
     Args:
         metrics_path: a run's ``metrics.jsonl``.
@@ -162,30 +182,96 @@ def plot_utilization(metrics_path: str | Path, out_png: str | Path, *, dpi: int 
 
     Raises:
         FileNotFoundError: ``metrics_path`` does not exist.
-        ValueError: no record holds the utilization keys.
+        ValueError: no record holds the exploitation keys.
     """
     out_png = Path(out_png)
     all_records = _read_records(metrics_path)
-    records = [record for record in all_records if all(key in record for key in UTILIZATION_KEYS)]
+    records = [record for record in all_records if all(key in record for key in EXPLOITATION_KEYS)]
     if not records:
         raise ValueError(
-            f"{metrics_path} has no record with {' and '.join(UTILIZATION_KEYS)}; log mask-token utilization "
-            "during pretraining (mimkit.analysis.utilization.mask_token_utilization(...).as_metrics())"
+            f"{metrics_path} has no record with {' and '.join(EXPLOITATION_KEYS)}; log the exploitation rate "
+            "during pretraining (log.exploitation=true)"
         )
     steps = [float(record["step"]) for record in records]
     figure = Figure(figsize=(6.0, 3.6), dpi=dpi)
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    ax.plot(steps, [float(record[UTILIZATION_KEYS[0]]) for record in records], label="mask tokens", color="C3")
-    ax.plot(steps, [float(record[UTILIZATION_KEYS[1]]) for record in records], label="visible tokens", color="C0")
+    ax.plot(steps, [float(r[EXPLOITATION_KEYS[0]]) for r in records], label="visible tokens (R V->O)", color="C0")
+    ax.plot(steps, [float(r[EXPLOITATION_KEYS[1]]) for r in records], label="mask tokens (R M->O)", color="C3")
+    crossing = crossing_step(records)
+    if crossing is not None:
+        ax.axvline(crossing, color="C2", linestyle=":", linewidth=1.2, label=f"curves cross at step {crossing:g}")
     switch = _switch_step(all_records)
     if switch is not None:
         ax.axvline(switch, color="0.3", linestyle="--", linewidth=1.0, label=f"informed masking from step {switch:g}")
     ax.set_xlabel("step")
-    ax.set_ylabel("cumulative utilization")
-    ax.set_title("decoder utilization of mask and visible tokens", fontsize=9)
+    ax.set_ylabel("exploitation rate (rolled out)")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title("decoder exploitation rate of visible and mask tokens", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     figure.tight_layout()
     atomic_write(out_png, lambda handle: figure.savefig(handle, format="png", dpi=dpi))
     return out_png
+
+
+def save_foreground_rules(
+    images: Tensor,
+    foregrounds: dict[str, Tensor],
+    path: str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    title: str | None = None,
+    cell_inches: float = 1.6,
+    dpi: int = 100,
+) -> Path:
+    """Save a PNG grid, one row per image: the image, then its object side under each rule, tinted.
+
+    Args:
+        images: (B, C, H, W) normalized images, C in (1, 3).
+        foregrounds: rule name -> (B, L) bool object side (see :func:`~mimkit.masking.choose_foreground`).
+        path: where the PNG goes.
+        mean: per-channel normalization mean of ``images``.
+        std: per-channel normalization std.
+        title: figure title.
+        cell_inches: size of one image cell.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    batch, chans, height, width = images.shape
+    if chans not in (1, 3):
+        raise ValueError(f"can only draw 1- or 3-channel images, got {chans} channels")
+    for name, value in foregrounds.items():
+        if value.ndim != 2 or value.shape[0] != batch:
+            raise ValueError(f"foreground {name!r} must be ({batch}, L), got shape {tuple(value.shape)}")
+    pixels = _as_rgb(to_display(images, mean, std))  # (B, H, W, 3)
+    tint = torch.tensor(FOREGROUND_TINT)
+    panels = [pixels] + [
+        torch.where(pixel_mask(side, height, width)[..., None], 0.45 * pixels + 0.55 * tint, pixels)  # (B, H, W, 3)
+        for side in foregrounds.values()
+    ]
+    names = ["image"] + [f"object side: {name}" for name in foregrounds]
+    header = 0.1 + 0.17 * ((1 if title else 0) + 1) + 0.1
+    figure_h = batch * cell_inches * height / width * 1.05 + header
+    figure = Figure(figsize=(len(panels) * cell_inches, figure_h), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(batch, len(panels), squeeze=False)
+    for row in range(batch):
+        for col, panel in enumerate(panels):
+            ax = axes[row][col]
+            ax.imshow(panel[row].numpy(), interpolation="nearest", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(names[col], fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=8, y=1.0 - 0.1 / figure_h, va="top")
+    figure.subplots_adjust(
+        left=0.02, right=0.98, bottom=0.05 / figure_h, top=1.0 - header / figure_h, wspace=0.05, hspace=0.05
+    )
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi))
+    return path

@@ -32,7 +32,7 @@ from torch import Tensor
 from mimkit.analysis.reconstruct import load_model_images
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.masking import MaskSpec, informed_mask, num_hidden_patches
-from mimkit.masking.ncut import choose_foreground, ncut_bipartition
+from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_bipartition, ncut_split, patch_affinity
 from mimkit.models import MaskedImageModel, load_checkpoint
 
 __all__ = [
@@ -437,14 +437,17 @@ def analyze_files(
     layer: int = -1,
     limit: int = 8,
     seed: int = 0,
+    graph: Literal["weighted", "binary"] = "weighted",
+    foreground: Literal["border", "mean", "eigenvector"] = "border",
 ) -> dict[str, Any]:
     """Token relations of a checkpoint on image files, written to a folder (``mimkit analyze``).
 
     Writes ``out/relations.json`` (the per-layer :func:`relation_summary`, and :func:`relation_kl`
     against ``compare`` when given; strict JSON with NaN as null), ``out/maps.png`` (image, class-token attention, Ncut
     bipartition and informed mask of layer ``layer``, see
-    :func:`~mimkit.analysis.maps.save_relation_maps`) and, when the checkpoint's folder holds a
-    ``metrics.jsonl`` with utilization records, ``out/utilization.png``.
+    :func:`~mimkit.analysis.maps.save_relation_maps`), ``out/sides.png`` (the object side of the same
+    cut under each rule of :func:`~mimkit.masking.ncut.choose_foreground`, side by side) and, when the
+    checkpoint's folder holds a ``metrics.jsonl`` with exploitation-rate records, ``out/exploitation.png``.
 
     Args:
         checkpoint: anything :func:`~mimkit.models.load.load_checkpoint` reads.
@@ -455,6 +458,8 @@ def analyze_files(
         layer: index into the reported layers of the layer to draw (-1: the last).
         limit: at most this many images.
         seed: seed of the mask and of the random part of the informed mask.
+        graph: Ncut graph, ``"weighted"`` (cosine similarities) or ``"binary"`` (TokenCut's).
+        foreground: the object-side rule of ``maps.png``.
 
     Returns:
         The content of ``relations.json``.
@@ -464,7 +469,7 @@ def analyze_files(
         ValueError: bad arguments, no readable image, or a ``compare`` model of another architecture.
         CheckpointError: a checkpoint cannot be loaded.
     """
-    from mimkit.analysis.maps import plot_utilization, save_relation_maps, utilization_records
+    from mimkit.analysis.maps import exploitation_records, plot_exploitation, save_foreground_rules, save_relation_maps
 
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose 'practical' or 'ideal'")
@@ -497,11 +502,26 @@ def analyze_files(
     drawn = relations[layer]
     num_patches = model.grid[0] * model.grid[1]
     attention_map = _on_grid(drawn.cls_attention, drawn.patch_index, num_patches, 0.0)  # (B, L)
-    partition = _on_grid(ncut_bipartition(drawn.features), drawn.patch_index, num_patches, False)  # (B, L)
-    foreground = choose_foreground(partition, model.grid)  # (B, L)
+    if foreground not in FOREGROUND_RULES:
+        raise ValueError(f"unknown foreground rule {foreground!r}; choose one of {FOREGROUND_RULES}")
+    cut, eigenvector = ncut_split(patch_affinity(drawn.features.float(), binarize=graph == "binary"))  # (B, N)
+    partition = _on_grid(cut, drawn.patch_index, num_patches, False)  # (B, L)
+    eigenvector = _on_grid(eigenvector.float(), drawn.patch_index, num_patches, 0.0)  # (B, L)
+    features = drawn.features.float()  # (B, N, D)
+    if features.shape[1] != num_patches:  # some patches absent from this layer: place them on the grid
+        placed = features.new_zeros(features.shape[0], num_patches, features.shape[2])  # (B, L, D)
+        features = placed.scatter(1, drawn.patch_index[..., None].expand(-1, -1, features.shape[2]), features)
+    sides = {
+        rule: choose_foreground(partition, model.grid, how=rule, features=features, eigenvector=eigenvector)  # type: ignore[arg-type]
+        for rule in FOREGROUND_RULES
+    }
+    result["foreground_rule"] = foreground
+    result["graph"] = graph
+    result["object_share"] = {rule: float(side.float().mean()) for rule, side in sides.items()}
+    foreground_side = sides[foreground]  # (B, L)
     ratio = float(getattr(model.masker, "ratio", 0.75))
-    num_hidden = num_hidden_patches(foreground.shape[1], ratio)
-    informed = informed_mask(foreground, num_hidden, num_hints=0, generator=generator)  # (B, L)
+    num_hidden = num_hidden_patches(num_patches, ratio)
+    informed = informed_mask(foreground_side, num_hidden, num_hints=0, generator=generator)  # (B, L)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(checkpoint).name}: {drawn.name} ({setting} setting)"
     prefix = model.encoder.num_prefix_tokens if drawn.name.startswith("encoder") else model.decoder.num_prefix_tokens
@@ -509,7 +529,7 @@ def analyze_files(
     save_relation_maps(
         batch,
         attention_map,
-        foreground,
+        foreground_side,
         informed,
         out / "maps.png",
         mean=mean,
@@ -517,10 +537,11 @@ def analyze_files(
         title=title,
         attention_label=label,
     )
+    save_foreground_rules(batch, sides, out / "sides.png", mean=mean, std=std, title=f"{title}, {graph} graph")
     metrics = Path(checkpoint).parent / "metrics.jsonl"
-    result["utilization_plot"] = None
-    if metrics.is_file() and utilization_records(metrics):
-        result["utilization_plot"] = str(plot_utilization(metrics, out / "utilization.png"))
+    result["exploitation_plot"] = None
+    if metrics.is_file() and exploitation_records(metrics):
+        result["exploitation_plot"] = str(plot_exploitation(metrics, out / "exploitation.png"))
     text = json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
     atomic_write(out / "relations.json", lambda handle: handle.write(text.encode()))
     return result

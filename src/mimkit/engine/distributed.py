@@ -170,7 +170,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def unsharded(model: torch.nn.Module) -> Iterator[None]:
     """Gather the root unit's weights of a sharded model while code calls its submodules directly (mask
-    guidance, utilization, the online probe's encoder pass); a no-op for other models."""
+    guidance, exploitation rate, the online probe's encoder pass); a no-op for other models."""
     if not is_sharded(model):
         yield
         return

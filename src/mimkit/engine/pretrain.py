@@ -218,9 +218,9 @@ class Pretrainer:
         self.probe_running = torch.zeros(3, device=self.device)
         if cfg.eval.online_probe:
             self._build_online_probe()
-        # mask-token utilization measured since the trigger's last check / the last log: (mask, visible, count)
-        self.utilization_trigger = torch.zeros(3)
-        self.utilization_log = torch.zeros(3)
+        # exploitation rate measured since the trigger's last check / the last log: (visible, mask, count)
+        self.exploitation_trigger = torch.zeros(3)
+        self.exploitation_log = torch.zeros(3)
         self.step = 0
         self.last_loss = math.nan  # mean loss over the last logging interval
         if resume_path is not None:
@@ -337,8 +337,8 @@ class Pretrainer:
         load_masker = getattr(self.model.masker, "load_state_dict", None)
         if masker_state is not None and load_masker is not None:
             load_masker(masker_state["state"])
-            self.utilization_trigger = torch.tensor(masker_state["utilization_trigger"], dtype=torch.float32)
-            self.utilization_log = torch.tensor(masker_state["utilization_log"], dtype=torch.float32)
+            self.exploitation_trigger = torch.tensor(masker_state["exploitation_trigger"], dtype=torch.float32)
+            self.exploitation_log = torch.tensor(masker_state["exploitation_log"], dtype=torch.float32)
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -389,8 +389,8 @@ class Pretrainer:
         if masker_state is not None:
             state["masker"] = {
                 "state": masker_state(),
-                "utilization_trigger": self.utilization_trigger.tolist(),
-                "utilization_log": self.utilization_log.tolist(),
+                "exploitation_trigger": self.exploitation_trigger.tolist(),
+                "exploitation_log": self.exploitation_log.tolist(),
             }
         if self.online_probe is not None and self.probe_optimizer is not None:
             state["online_probe"] = {
@@ -460,12 +460,12 @@ class Pretrainer:
         self._update_masker()
         with distributed.unsharded(self.model):
             mask = self._make_mask(images, part).to(self.device)
-        if self._measures_utilization() and step % cfg.mask.utilization_every_steps == 0:
+        if self._measures_exploitation() and step % cfg.mask.exploitation_every_steps == 0:
             with distributed.unsharded(self.model):
-                utilization = self.model.utilization(images, mask)
-            measured = distributed.all_reduce(torch.tensor([utilization.mask, utilization.visible, 1.0]))
-            self.utilization_trigger += measured
-            self.utilization_log += measured
+                rate = self.model.exploitation(images, mask)
+            measured = distributed.all_reduce(torch.tensor([rate.visible, rate.mask, 1.0]))
+            self.exploitation_trigger += measured
+            self.exploitation_log += measured
         torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # drop path and other global randomness
         accum = cfg.optim.accum_steps
         micro = batch // accum
@@ -501,25 +501,25 @@ class Pretrainer:
             )
         return self.model.make_mask(batch, generator=step_generator(seed, step, 1, self.place.rank), images=images)
 
-    def _measures_utilization(self) -> bool:
-        return bool(getattr(self.model.masker, "wants_utilization", False)) or self.config.log.utilization
+    def _measures_exploitation(self) -> bool:
+        return bool(getattr(self.model.masker, "wants_exploitation", False)) or self.config.log.exploitation
 
     def _update_masker(self) -> None:
-        """Tell a stateful masker (e.g. self-guided) where training stands, with the mask-token utilization
+        """Tell a stateful masker (e.g. self-guided) where training stands, with the exploitation rate
         measured since the last check at each check point (every ``mask.trigger_every_steps`` steps, else at
         every epoch start); logs the step at which it switches to informed masks."""
         update = getattr(self.model.masker, "update", None)
         if update is None:
             return
         every = self.config.mask.trigger_every_steps or self.steps_per_epoch
-        utilization = None
+        exploitation = None
         if self.step > 0 and self.step % every == 0:
-            mask_sum, visible_sum, count = self.utilization_trigger.tolist()
+            visible_sum, mask_sum, count = self.exploitation_trigger.tolist()
             if count:
-                utilization = (mask_sum / count, visible_sum / count)
-            self.utilization_trigger.zero_()
+                exploitation = (visible_sum / count, mask_sum / count)
+            self.exploitation_trigger.zero_()
         epoch = self.step / self.steps_per_epoch
-        if update(step=self.step, total_steps=self.schedule_steps, epoch=epoch, utilization=utilization):
+        if update(step=self.step, total_steps=self.schedule_steps, epoch=epoch, exploitation=exploitation):
             log.info("informed masking starts at step %d (epoch %.2f)", self.step, epoch)
             self.logger.log(self.step, {"self_guided/switch_step": self.step, "self_guided/switch_epoch": epoch})
 
@@ -618,11 +618,11 @@ class Pretrainer:
                                 metrics["probe/loss"] = probe_loss / probe_seen
                                 metrics["probe/acc"] = probe_correct / probe_seen
                             self.probe_running.zero_()
-                        mask_sum, visible_sum, count = self.utilization_log.tolist()
+                        visible_sum, mask_sum, count = self.exploitation_log.tolist()
                         if count:
-                            metrics["utilization/mask"] = mask_sum / count
-                            metrics["utilization/visible"] = visible_sum / count
-                            self.utilization_log.zero_()
+                            metrics["exploitation/visible"] = visible_sum / count
+                            metrics["exploitation/mask"] = mask_sum / count
+                            self.exploitation_log.zero_()
                         self.logger.log(self.step, metrics)
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()

@@ -159,6 +159,8 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
     }
     if trainer.place.distributed:
         summary["world_size"] = trainer.place.world_size
+    if config.mask.type == "self_guided":
+        summary["self_guided_switch_step"] = trainer.model.masker.switch_step  # type: ignore[attr-defined]
     if not trainer.place.is_main:
         return summary
     model = trainer.evaluation_model()

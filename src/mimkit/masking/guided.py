@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mimkit.masking.ncut import choose_foreground, ncut_bipartition
+from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_split, patch_affinity, similarity_to_mean
 from mimkit.masking.random import RandomMasker
 from mimkit.masking.spec import MaskSpec, num_hidden_patches
 
 ATTENTION_MODES = ("hide", "keep")
-FOREGROUND = ("border", "smaller")
-TRIGGERS = ("utilization", "epoch")
+TRIGGERS = ("exploitation", "epoch")
 SETTINGS = ("practical", "ideal")
+GRAPHS = ("weighted", "binary")
+HINT_CHOICES = ("random", "similarity")
 
 
 def _context_tensor(context: Any, key: str, batch: int, masker: str) -> Tensor:
@@ -106,19 +107,26 @@ class AttentionMasker:
 
 
 def informed_mask(
-    foreground: Tensor, num_hidden: int, num_hints: Tensor | int, generator: torch.Generator | None = None
+    foreground: Tensor,
+    num_hidden: int,
+    num_hints: Tensor | int,
+    generator: torch.Generator | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
     """Self-Guided MAE's informed mask from a foreground cluster.
 
-    Per image: ``num_hints`` random foreground patches stay visible as hints, the other foreground
-    patches are hidden first (in random order when there are more than ``num_hidden``), and any
-    remaining budget hides random background patches; exactly ``num_hidden`` patches are hidden.
+    Per image: ``num_hints`` foreground patches stay visible as hints, the other foreground patches are
+    hidden first, and any remaining budget hides random background patches; exactly ``num_hidden``
+    patches are hidden. Without ``scores`` the hints and the hiding order inside the foreground are
+    random; with ``scores`` the foreground is ranked by them: the highest-scored patches are hidden first
+    and the lowest-scored become the hints.
 
     Args:
         foreground: (B, L) bool, the cluster to hide.
         num_hidden: patches hidden per image.
         num_hints: hints per image, an int or (B,) ints (at most the foreground size).
         generator: source of the random choices.
+        scores: optional (B, L) ranking of the foreground patches (higher: hidden first).
 
     Returns:
         (B, L) bool mask, True = hidden.
@@ -127,11 +135,17 @@ def informed_mask(
     if not 0 <= num_hidden <= length:
         raise ValueError(f"num_hidden must lie in [0, {length}], got {num_hidden}")
     noise = torch.rand(batch, length, generator=generator).to(foreground.device)  # (B, L) in [0, 1)
+    order = noise
+    if scores is not None:
+        if scores.shape != foreground.shape:
+            raise ValueError(f"scores must be {tuple(foreground.shape)}, got {tuple(scores.shape)}")
+        order = torch.argsort(torch.argsort(scores.float(), dim=1), dim=1).float() / length  # (B, L) in [0, 1)
     hints = torch.as_tensor(num_hints, device=foreground.device).expand(batch)  # (B,)
-    # Rank the foreground at random; its first num_hints patches are the hints.
-    fg_rank = torch.argsort(torch.argsort(torch.where(foreground, noise, 2.0), dim=1), dim=1)  # (B, L)
+    # The first num_hints foreground patches in ascending order are the hints.
+    fg_rank = torch.argsort(torch.argsort(torch.where(foreground, order, 2.0), dim=1), dim=1)  # (B, L)
     is_hint = foreground & (fg_rank < hints[:, None])  # (B, L)
-    priority = noise + 2.0 * (foreground & ~is_hint).float() - 2.0 * is_hint.float()  # hidden first: high
+    inside = torch.where(foreground, order, noise)  # (B, L)
+    priority = inside + 2.0 * (foreground & ~is_hint).float() - 2.0 * is_hint.float()  # hidden first: high
     mask = torch.zeros(batch, length, dtype=torch.bool, device=foreground.device)
     return mask.scatter_(1, priority.topk(num_hidden, dim=1).indices, True)
 
@@ -140,32 +154,46 @@ class SelfGuidedMasker:
     """Self-Guided MAE's masker (Shin et al., NeurIPS 2024): random masks until the model has learned to
     cluster patches, then informed masks from its own patch clustering, in the same run.
 
-    Before the switch it is MAE's random masker. The switch happens when cumulative mask-token
-    utilization of the decoder exceeds visible-token utilization (``trigger="utilization"``, measured by
-    the training loop and passed to :meth:`update`) or at ``start_epoch`` (``trigger="epoch"``). After
-    it, every batch is bipartitioned by a normalized cut on the cosine similarity of one layer's patch
-    features (``guidance``: decoder features of a random-masked forward pass, the practical setting, or
-    encoder features on all patches, the ideal one); the foreground cluster (``foreground="border"``:
-    the side touching the image border least) is hidden first, a decaying ratio of it is revealed as
-    hint tokens, and random patches fill the rest of the budget (:func:`informed_mask`).
+    Before the switch it is MAE's random masker. With ``trigger="exploitation"`` the training loop
+    measures the decoder's exploitation rate (:mod:`mimkit.analysis.exploitation`) and passes
+    ``(Rhat_{V->O}, Rhat_{M->O})`` to :meth:`update` at each check; the switch fires where the paper's
+    curves cross: ``Rhat_{M->O}`` above ``Rhat_{V->O}`` for ``trigger_patience`` consecutive checks,
+    after having been at or below it at an earlier check (a curve that starts above does not fire until
+    it has dipped), and not before ``start_epoch`` when given. ``trigger="epoch"`` switches at a fixed
+    ``start_epoch`` instead. Every check is kept in :attr:`curve`, which the checkpoint holds.
+
+    After the switch every batch is bipartitioned by a normalized cut of one layer's patch features
+    (``guidance``: decoder features of a random-masked forward pass, the practical setting, or encoder
+    features on all patches, the ideal one) on the article's fully connected cosine-similarity graph
+    (``graph="weighted"``) or TokenCut's binarised one (``"binary"``). The object side
+    (``foreground``, see :func:`~mimkit.masking.ncut.choose_foreground`) is hidden first, a ratio of it
+    stays visible as hint tokens, and random patches fill the rest of the budget (:func:`informed_mask`).
+    ``hint_choice="random"`` picks hints and hiding order at random; ``"similarity"`` ranks the object
+    patches by their cosine similarity to the mean patch: the least similar (most object-like) are hidden
+    first, the most similar become the hints.
 
     The hint ratio falls linearly from ``hint_ratio`` at the switch to ``hint_ratio_end`` at the end of
-    training, a pure function of (step, switch step, total steps), so a resume continues it exactly.
+    training (mimkit's schedule; the article does not give one), a pure function of (step, switch step,
+    total steps), so a resume continues it exactly.
 
     Args:
         ratio: fraction of patches hidden.
         hint_ratio: fraction of the foreground cluster revealed as hints right after the switch.
         hint_ratio_end: the fraction at the end of training.
-        trigger: ``"utilization"`` or ``"epoch"``.
+        trigger: ``"exploitation"`` or ``"epoch"``.
+        trigger_patience: consecutive checks with mask tokens exploited more that the switch needs.
         start_epoch: the switch epoch with ``trigger="epoch"`` (fractional values switch mid-epoch, at the
-            first step past it); with ``"utilization"``, an optional earliest epoch.
+            first step past it); with ``"exploitation"``, an optional earliest epoch.
         layer: which block's output features are clustered (Python index, -1 = last); None takes the middle
-            block, ``depth // 2 - 1`` (on the demo run the 4-block decoder's second block splits object
-            from background, intra- minus inter-cluster similarity 0.44, while its last block, which
-            specializes in pixels, shows no clusters: 0.00; see ``mimkit analyze``).
-        setting: ``"practical"`` (decoder features) or ``"ideal"`` (encoder on all patches).
-        foreground: ``"border"`` or ``"smaller"`` (see :func:`~mimkit.masking.ncut.choose_foreground`).
-        tau: similarity threshold of the Ncut affinity graph.
+            block, ``depth // 2 - 1``.
+        setting: ``"ideal"`` (encoder on all patches, the default) or ``"practical"`` (decoder features after a
+            random-masked pass). On Fashion-MNIST the practical cut of every decoder block separates the
+            pass's visible tokens from its mask tokens (IoU 0.21 with the object after 3 epochs), while every
+            encoder block from 0 to 11 cuts object from background (IoU 0.82 with the border rule).
+        graph: ``"weighted"`` or ``"binary"`` Ncut graph.
+        foreground: ``"border"``, ``"mean"`` or ``"eigenvector"`` object-side rule.
+        tau: similarity threshold of the binary graph.
+        hint_choice: ``"random"`` or ``"similarity"``.
     """
 
     def __init__(
@@ -173,31 +201,44 @@ class SelfGuidedMasker:
         ratio: float = 0.75,
         hint_ratio: float = 0.1,
         hint_ratio_end: float = 0.0,
-        trigger: str = "utilization",
+        trigger: str = "exploitation",
+        trigger_patience: int = 1,
         start_epoch: float | None = None,
         layer: int | None = None,
-        setting: str = "practical",
+        setting: str = "ideal",
+        graph: str = "weighted",
         foreground: str = "border",
         tau: float = 0.2,
+        hint_choice: str = "random",
     ) -> None:
         num_hidden_patches(1, ratio)
         if not 0 <= hint_ratio_end <= hint_ratio < 1:
             raise ValueError(f"need 0 <= hint_ratio_end <= hint_ratio < 1, got {hint_ratio_end} and {hint_ratio}")
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+        if trigger_patience < 1:
+            raise ValueError(f"trigger_patience must be >= 1, got {trigger_patience}")
         if trigger == "epoch" and start_epoch is None:
             raise ValueError("trigger 'epoch' needs start_epoch")
         if start_epoch is not None and start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
-        if foreground not in FOREGROUND:
-            raise ValueError(f"foreground must be one of {FOREGROUND}, got {foreground!r}")
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+        if foreground not in FOREGROUND_RULES:
+            raise ValueError(f"foreground must be one of {FOREGROUND_RULES}, got {foreground!r}")
+        if hint_choice not in HINT_CHOICES:
+            raise ValueError(f"hint_choice must be one of {HINT_CHOICES}, got {hint_choice!r}")
         self.ratio, self.hint_ratio, self.hint_ratio_end = ratio, hint_ratio, hint_ratio_end
-        self.trigger, self.start_epoch, self.layer, self.setting = trigger, start_epoch, layer, setting
-        self.foreground, self.tau = foreground, tau
+        self.trigger, self.trigger_patience, self.start_epoch = trigger, trigger_patience, start_epoch
+        self.layer, self.setting, self.graph, self.foreground = layer, setting, graph, foreground
+        self.tau, self.hint_choice = tau, hint_choice
         self.random = RandomMasker(ratio)
         self.switch_step: int | None = None
+        self.seen_below = False  # a check had mask tokens exploited no more than visible ones
+        self.streak = 0  # consecutive checks since then with mask tokens exploited more
+        self.curve: list[list[float]] = []  # every check: [step, epoch, Rhat_{V->O}, Rhat_{M->O}]
         self.step, self.total_steps = 0, 1
 
     @property
@@ -213,9 +254,9 @@ class SelfGuidedMasker:
         return "decoder_features" if self.setting == "practical" else "encoder_features"
 
     @property
-    def wants_utilization(self) -> bool:
-        """The training loop measures mask-token utilization while the trigger waits for it."""
-        return not self.informed and self.trigger == "utilization"
+    def wants_exploitation(self) -> bool:
+        """The training loop measures the exploitation rate while the trigger waits for it."""
+        return not self.informed and self.trigger == "exploitation"
 
     def current_hint_ratio(self) -> float:
         """The hint ratio at the current step (``hint_ratio`` at the switch, linear to ``hint_ratio_end``)."""
@@ -226,7 +267,7 @@ class SelfGuidedMasker:
         return self.hint_ratio + (self.hint_ratio_end - self.hint_ratio) * progress
 
     def update(
-        self, *, step: int, total_steps: int, epoch: float, utilization: tuple[float, float] | None = None
+        self, *, step: int, total_steps: int, epoch: float, exploitation: tuple[float, float] | None = None
     ) -> bool:
         """Tell the masker where training stands; returns True when informed masking starts now.
 
@@ -234,8 +275,8 @@ class SelfGuidedMasker:
             step: optimizer steps done.
             total_steps: steps of the whole run.
             epoch: epochs done (fractional).
-            utilization: (cumulative mask-token, cumulative visible-token) utilization measured since the
-                last call, or None when nothing was measured.
+            exploitation: ``(Rhat_{V->O}, Rhat_{M->O})`` measured since the last check, or None when this is
+                no check (nothing measured).
         """
         self.step, self.total_steps = step, max(1, total_steps)
         if self.informed:
@@ -243,8 +284,16 @@ class SelfGuidedMasker:
         early = self.start_epoch is not None and epoch < self.start_epoch
         if self.trigger == "epoch":
             fire = not early
+        elif exploitation is None:
+            fire = False
         else:
-            fire = utilization is not None and not early and utilization[0] > utilization[1]
+            visible, mask = exploitation
+            self.curve.append([float(step), float(epoch), float(visible), float(mask)])
+            if mask > visible:
+                self.streak += int(self.seen_below)
+            else:
+                self.seen_below, self.streak = True, 0
+            fire = self.streak >= self.trigger_patience and not early
         if fire:
             self.switch_step = step
         return fire
@@ -259,25 +308,42 @@ class SelfGuidedMasker:
     ) -> MaskSpec:
         if not self.informed:
             return self.random(batch, grid, generator=generator)
-        features = _context_tensor(context, str(self.guidance), batch, "self-guided masking")  # (B, L, D)
+        features = _context_tensor(context, str(self.guidance), batch, "self-guided masking").float()  # (B, L, D)
         num_patches = grid[0] * grid[1]
-        partition = ncut_bipartition(features.float(), tau=self.tau)  # (B, L) bool
-        foreground = choose_foreground(partition, grid, how=self.foreground)  # type: ignore[arg-type]  # (B, L)
+        affinity = patch_affinity(features, tau=self.tau, binarize=self.graph == "binary")  # (B, L, L)
+        partition, eigenvector = ncut_split(affinity)  # (B, L) bool, (B, L)
+        foreground = choose_foreground(
+            partition,
+            grid,
+            how=self.foreground,  # type: ignore[arg-type]
+            features=features,
+            eigenvector=eigenvector,
+        )  # (B, L)
+        scores = -similarity_to_mean(features) if self.hint_choice == "similarity" else None  # (B, L)
         num_hints = torch.round(foreground.sum(dim=1) * self.current_hint_ratio()).long()  # (B,)
-        mask = informed_mask(foreground, num_hidden_patches(num_patches, self.ratio), num_hints, generator)
-        return MaskSpec.from_mask(mask)
+        num_hidden = num_hidden_patches(num_patches, self.ratio)
+        return MaskSpec.from_mask(informed_mask(foreground, num_hidden, num_hints, generator, scores=scores))
 
     def state_dict(self) -> dict[str, Any]:
-        """The switch, for a checkpoint (the hint schedule follows from it)."""
-        return {"switch_step": self.switch_step}
+        """The switch and the trigger's curve, for a checkpoint (the hint schedule follows from the switch)."""
+        return {
+            "switch_step": self.switch_step,
+            "seen_below": self.seen_below,
+            "streak": self.streak,
+            "curve": [list(point) for point in self.curve],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         switch = state.get("switch_step")
         self.switch_step = None if switch is None else int(switch)
+        self.seen_below = bool(state.get("seen_below", False))
+        self.streak = int(state.get("streak", 0))
+        self.curve = [[float(value) for value in point] for point in state.get("curve", [])]
 
     def __repr__(self) -> str:
         return (
             f"SelfGuidedMasker(ratio={self.ratio}, hint_ratio={self.hint_ratio}->{self.hint_ratio_end}, "
-            f"trigger={self.trigger!r}, start_epoch={self.start_epoch}, layer={self.layer}, "
-            f"setting={self.setting!r}, foreground={self.foreground!r}, switch_step={self.switch_step})"
+            f"trigger={self.trigger!r}, trigger_patience={self.trigger_patience}, start_epoch={self.start_epoch}, "
+            f"layer={self.layer}, setting={self.setting!r}, graph={self.graph!r}, foreground={self.foreground!r}, "
+            f"hint_choice={self.hint_choice!r}, switch_step={self.switch_step})"
         )

@@ -2,8 +2,9 @@
 
 Self-Guided MAE (Shin et al., NeurIPS 2024) observes that MAE learns to cluster patches early in
 pretraining; it then bipartitions the model's own patch similarities with a normalized cut
-(Shi & Malik, 2000) and hides the object side. The affinity follows TokenCut (Wang et al., 2022):
-cosine similarities of L2-normalized features, binarized at ``tau``.
+(Shi & Malik, 2000) and hides the object side. The graph is the article's fully connected one: cosine
+similarities of L2-normalized patch features as edge weights, negatives clamped to a small ``eps``.
+TokenCut's (Wang et al., 2022) graph, the similarities binarized at ``tau``, is an option.
 
 Everything is batched (``torch.linalg.eigh`` on a (B, L, L) stack), free of Python loops over the
 batch and of host synchronisation, so it runs unchanged on CPU and CUDA.
@@ -17,7 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["border_patches", "choose_foreground", "ncut_bipartition", "ncut_eigenvector", "patch_affinity"]
+__all__ = [
+    "FOREGROUND_RULES",
+    "border_patches",
+    "choose_foreground",
+    "ncut_bipartition",
+    "ncut_eigenvector",
+    "ncut_split",
+    "patch_affinity",
+    "similarity_to_mean",
+]
+
+FOREGROUND_RULES = ("border", "mean", "eigenvector")
 
 
 def _check_features(features: Tensor) -> None:
@@ -39,15 +51,15 @@ def _check_affinity(affinity: Tensor) -> None:
         raise ValueError(f"a bipartition needs at least 2 patches, got L={affinity.shape[1]}")
 
 
-def patch_affinity(features: Tensor, *, tau: float = 0.2, eps: float = 1e-5, binarize: bool = True) -> Tensor:
+def patch_affinity(features: Tensor, *, tau: float = 0.2, eps: float = 1e-5, binarize: bool = False) -> Tensor:
     """Patch-to-patch affinity graph of a batch of images.
 
-    With ``binarize=True`` (the default, as in TokenCut) the cosine similarity of L2-normalized
-    features is thresholded: entries above ``tau`` become 1 and all others ``eps``. The binary graph
-    makes the cut depend on *which* patches are alike rather than on how alike, which is robust to
-    the feature scale drift of a model in training. With ``binarize=False`` the raw similarities are
-    kept and clamped to ``>= eps`` (negative similarities would break the degree matrix). ``eps > 0``
-    keeps the graph connected, so every degree is positive and the eigenproblem well posed.
+    With ``binarize=False`` (the default, Self-Guided MAE's fully connected graph) the edge weights are
+    the cosine similarities of L2-normalized features, clamped to ``>= eps`` (negative similarities
+    would break the degree matrix). With ``binarize=True`` (TokenCut) they are thresholded: entries
+    above ``tau`` become 1 and all others ``eps``, so the cut depends on *which* patches are alike
+    rather than on how alike. ``eps > 0`` keeps the graph connected, so every degree is positive and
+    the eigenproblem well posed.
 
     Args:
         features: (B, L, D) patch features (e.g. decoder tokens without prefix tokens).
@@ -106,7 +118,7 @@ def ncut_bipartition(
     affinity: Tensor | None = None,
     tau: float = 0.2,
     eps: float = 1e-5,
-    binarize: bool = True,
+    binarize: bool = False,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Split each image's patches in two with a normalized cut.
@@ -122,18 +134,24 @@ def ncut_bipartition(
         affinity: (B, L, L) precomputed affinity instead of ``features`` (give exactly one).
         tau: threshold of :func:`patch_affinity` (features only).
         eps: weight of absent edges of :func:`patch_affinity` (features only).
-        binarize: binarize the affinity at ``tau`` (features only).
+        binarize: binarize the affinity at ``tau``, TokenCut's graph (features only).
         dtype: eigensolver dtype, see :func:`ncut_eigenvector`.
 
     Returns:
-        (B, L) bool partition.
+        (B, L) bool partition (:func:`ncut_split` also returns the eigenvector).
     """
     if features is not None and affinity is None:
         affinity = patch_affinity(features, tau=tau, eps=eps, binarize=binarize)
     elif features is not None or affinity is None:
         raise ValueError("give exactly one of features (B, L, D) or affinity= (B, L, L)")
+    return ncut_split(affinity, dtype=dtype)[0]
+
+
+def ncut_split(affinity: Tensor, *, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """:func:`ncut_bipartition` of a precomputed (B, L, L) affinity, returning ``(partition, y)``: the
+    (B, L) bool partition ``y > mean(y)`` and the (B, L) eigenvector ``y`` it was cut from."""
     _, y = ncut_eigenvector(affinity, dtype=dtype)  # (B, L)
-    return y > y.mean(-1, keepdim=True)
+    return y > y.mean(-1, keepdim=True), y
 
 
 def border_patches(grid: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
@@ -145,17 +163,44 @@ def border_patches(grid: tuple[int, int], device: torch.device | str | None = No
     return border.reshape(-1)
 
 
-def choose_foreground(partition: Tensor, grid: tuple[int, int], how: Literal["border", "smaller"] = "border") -> Tensor:
-    """Pick the object side of each bipartition.
+def similarity_to_mean(features: Tensor) -> Tensor:
+    """(B, L) cosine similarity of every patch feature to the image's mean patch feature (the article's
+    Fig. 2b: background patches are the majority and lie near the mean, object patches far from it).
 
-    ``how="border"`` (default, object-centric): the side touching fewer border patches of the grid is
-    the object, since backgrounds surround objects; ties go to the smaller side. ``how="smaller"``:
-    the side with fewer patches is the object. Remaining ties keep the ``True`` side of ``partition``.
+    Args:
+        features: (B, L, D) patch features.
+    """
+    _check_features(features)
+    unit = F.normalize(features.float(), dim=-1)  # (B, L, D)
+    mean = F.normalize(unit.mean(dim=1, keepdim=True), dim=-1)  # (B, 1, D)
+    return (unit * mean).sum(-1)  # (B, L)
+
+
+def choose_foreground(
+    partition: Tensor,
+    grid: tuple[int, int],
+    how: Literal["border", "mean", "eigenvector"] = "border",
+    *,
+    features: Tensor | None = None,
+    eigenvector: Tensor | None = None,
+) -> Tensor:
+    """Pick the object side of each bipartition (the article does not say how; three rules).
+
+    - ``"border"`` (object-centric): the side touching fewer border patches of the grid is the object,
+      since backgrounds surround objects; ties go to the smaller side.
+    - ``"mean"``: the side whose patches are on average less similar to the mean patch (needs
+      ``features``): the background is the majority and lies near the mean.
+    - ``"eigenvector"`` (TokenCut): the side holding the entry of largest ``|y|`` of the Ncut
+      eigenvector (needs ``eigenvector``; :func:`ncut_bipartition` puts it on the ``True`` side).
+
+    Remaining ties keep the ``True`` side of ``partition``.
 
     Args:
         partition: (B, L) bool, e.g. from :func:`ncut_bipartition`, patches in raster order.
         grid: (grid_h, grid_w) patch grid with ``grid_h * grid_w == L``.
-        how: ``"border"`` or ``"smaller"``.
+        how: ``"border"``, ``"mean"`` or ``"eigenvector"``.
+        features: (B, L, D) the features that were cut, for ``"mean"``.
+        eigenvector: (B, L) the Ncut eigenvector, for ``"eigenvector"``.
 
     Returns:
         (B, L) bool, True = object (foreground) patch.
@@ -164,14 +209,25 @@ def choose_foreground(partition: Tensor, grid: tuple[int, int], how: Literal["bo
         raise ValueError(f"partition must be a (B, L) bool tensor, got {partition.dtype} {tuple(partition.shape)}")
     if grid[0] * grid[1] != partition.shape[1]:
         raise ValueError(f"grid {grid} holds {grid[0] * grid[1]} patches but partition has L={partition.shape[1]}")
-    if how not in ("border", "smaller"):
-        raise ValueError(f"unknown how={how!r}; choose 'border' or 'smaller'")
+    if how not in FOREGROUND_RULES:
+        raise ValueError(f"unknown how={how!r}; choose one of {FOREGROUND_RULES}")
     size_true = partition.sum(-1)  # (B,)
     size_false = partition.shape[1] - size_true
-    flip = size_false < size_true  # (B,) the False side is smaller
     if how == "border":
         border = border_patches(grid, partition.device)  # (L,)
         border_true = (partition & border).sum(-1)  # (B,)
         border_false = (~partition & border).sum(-1)
-        flip = torch.where(border_true == border_false, flip, border_false < border_true)
+        flip = torch.where(border_true == border_false, size_false < size_true, border_false < border_true)
+    elif how == "mean":
+        if features is None or features.shape[:2] != partition.shape:
+            raise ValueError("how='mean' needs the (B, L, D) features that were cut")
+        similarity = similarity_to_mean(features)  # (B, L)
+        mean_true = (similarity * partition).sum(-1) / size_true.clamp_min(1)  # (B,)
+        mean_false = (similarity * ~partition).sum(-1) / size_false.clamp_min(1)
+        flip = mean_false < mean_true  # the False side lies farther from the mean patch
+    else:
+        if eigenvector is None or eigenvector.shape != partition.shape:
+            raise ValueError("how='eigenvector' needs the (B, L) Ncut eigenvector")
+        anchor = eigenvector.abs().argmax(-1, keepdim=True)  # (B, 1)
+        flip = ~partition.gather(-1, anchor)[:, 0]  # (B,) the largest |y| entry lies on the False side
     return partition ^ flip[:, None]

@@ -13,7 +13,7 @@ from mimkit.models.mae_decoder import DecoderOutput
 from mimkit.models.vit import EncoderOutput
 
 if TYPE_CHECKING:
-    from mimkit.analysis.utilization import Utilization
+    from mimkit.analysis.exploitation import ExploitationRate
     from mimkit.config import Config
 
 
@@ -161,10 +161,10 @@ class MaskedImageModel(nn.Module):
         raise ValueError(f"unknown masker guidance {kind!r}")
 
     @torch.no_grad()
-    def utilization(self, images: Tensor, mask: MaskSpec) -> Utilization:
-        """Mask-token versus visible-token utilization of the decoder on a batch and its mask (eval mode,
-        no gradients); see :func:`~mimkit.analysis.utilization.mask_token_utilization`."""
-        from mimkit.analysis.utilization import mask_token_utilization
+    def exploitation(self, images: Tensor, mask: MaskSpec) -> ExploitationRate:
+        """Exploitation rate of visible and mask tokens by the decoder on a batch and its mask (eval mode,
+        no gradients); see :func:`~mimkit.analysis.exploitation.exploitation_rate`."""
+        from mimkit.analysis.exploitation import exploitation_rate
 
         was_training = self.training
         self.eval()
@@ -174,7 +174,7 @@ class MaskedImageModel(nn.Module):
         finally:
             self.train(was_training)
         prefix = int(getattr(self.decoder, "num_prefix_tokens", 1))
-        return mask_token_utilization(dec.attentions, mask.mask, num_prefix_tokens=prefix)
+        return exploitation_rate(dec.attentions, mask.mask, num_prefix_tokens=prefix)
 
     def decoder_mask(self, mask: MaskSpec) -> MaskSpec:
         """The mask the decoder is handed: ``mask``, or the one hiding nothing after a BEiT-style encoder (its

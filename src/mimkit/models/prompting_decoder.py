@@ -37,8 +37,8 @@ class PromptingDecoder(MAEDecoder):
         """Predict every patch: visible ones from their unchanged prompts, hidden ones from mask tokens."""
         if return_attn:
             raise ValueError(
-                "the prompting decoder has no square attention map (only mask tokens query); analyses and "
-                "utilization that need decoder attention take an MAE decoder"
+                "the prompting decoder has no square attention map (only mask tokens query); analyses that need "
+                "decoder attention, such as the exploitation rate, take an MAE decoder"
             )
         prefix, visible, mask_tokens = self.embed_tokens(enc, mask)
         num_prefix, num_visible = self.num_prefix_tokens, visible.shape[1]
