@@ -135,6 +135,11 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     num_workers: int = 2
     limit: int | None = None
+    # folders and shards: shorter side of images cached in memory (None: img_size / sqrt(crop_scale[0]), 501 px
+    # at 224, so the smallest crops keep full resolution; smaller originals are kept as they are)
+    cache_size: int | None = None
+    # evaluation view (kNN, probes, pictures): shorter side resized to img_size / eval_crop_ratio, center crop
+    eval_crop_ratio: float = 0.875
 
 
 @dataclass
@@ -345,6 +350,8 @@ class Config:
         for key in ("crop_scale", "crop_ratio"):
             low, high = getattr(self.data, key)
             check(0 < low <= high, f"data.{key}", f"must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        check(0 < self.data.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must lie in (0, 1] (MAE: 0.875)")
+        check(self.data.cache_size is None or self.data.cache_size > 0, "data.cache_size", "must be positive")
         for key in ("mean", "std"):
             stats = getattr(self.data, key)
             check(

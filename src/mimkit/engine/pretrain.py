@@ -153,8 +153,7 @@ class Pretrainer:
     """
 
     def __init__(self, config: Config, resume: bool | str = False) -> None:
-        from mimkit.data import build_loader, build_training_dataset
-        from mimkit.data.transforms import MAEAugment
+        from mimkit.data import build_loader, build_training_dataset, training_transform
 
         self.config = config
         cfg = config
@@ -174,17 +173,10 @@ class Pretrainer:
         torch.manual_seed(cfg.train.seed)
         world = self.place.world_size
         self.dataset = build_training_dataset(
-            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world
+            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world, seed=cfg.train.seed
         )
         self.mean, self.std = cfg.normalization()
-        self.augment = MAEAugment(
-            cfg.model.img_size,
-            scale=cfg.data.crop_scale,
-            ratio=cfg.data.crop_ratio,
-            hflip=cfg.data.hflip,
-            mean=self.mean,
-            std=self.std,
-        )
+        self.augment = training_transform(cfg.data, cfg.model.img_size, self.dataset, self.mean, self.std)
         self.loader = build_loader(
             self.dataset,
             batch_size=cfg.train.batch_size,
