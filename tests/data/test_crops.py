@@ -266,3 +266,30 @@ def test_loader_workers_give_the_same_crops_per_epoch(tmp_path: Path) -> None:
     first = next(iter(main))[0]
     main.set_epoch(1)
     assert not torch.equal(first, next(iter(main))[0])
+
+
+def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path) -> None:
+    from torchvision import transforms
+
+    from mimkit.data import load_image
+
+    portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")  # 512x600
+    portrait.save(tmp_path / "portrait.png")
+    mae_eval = transforms.Compose(
+        [
+            transforms.Resize(int(64 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(64),
+        ]
+    )
+    reference = np.asarray(mae_eval(portrait)).transpose(2, 0, 1)  # (3, 64, 64)
+    ours = load_image(tmp_path / "portrait.png", 3, 64, crop_ratio=0.875)
+    whole = load_image(tmp_path / "portrait.png", 3, 64)  # the whole central square, as before
+    assert psnr(ours, reference) > 30  # one resampling instead of two
+    assert psnr(ours, reference) > psnr(whole, reference) + 5
+    folder = tmp_path / "split" / "portrait"
+    folder.mkdir(parents=True)
+    portrait.save(folder / "a.png")
+    squares = ImageFolderDataset(tmp_path / "split", 64, in_memory=True, crop_ratio=0.875)
+    np.testing.assert_array_equal(squares.images[0].numpy(), ours)
+    with pytest.raises(ValueError, match="data.eval_crop_ratio"):
+        ImageFolderDataset(tmp_path / "split", 64, crop_ratio=1.5)

@@ -190,14 +190,21 @@ def eval_resize_size(size: int, crop_ratio: float) -> int:
 
 
 def _resize_square(img: Image.Image, size: int, crop_ratio: float = 1.0) -> Image.Image:
-    """MAE's evaluation view in one resampling: the shorter side resized to ``size / crop_ratio``, then the
-    central ``size x size`` square (bicubic, antialiased). ``crop_ratio`` 1 keeps the whole central square."""
+    """MAE's evaluation view in one resampling: the shorter side resized to ``int(size / crop_ratio)`` (the
+    longer to ``int`` of its share, as torchvision's ``Resize``), then the central ``size x size`` square with
+    ``CenterCrop``'s rounding, taken as the matching box of the original (bicubic, antialiased).
+    ``crop_ratio`` 1 keeps the whole central square."""
     width, height = img.size
-    side = min(width, height) * size / eval_resize_size(size, crop_ratio)  # the crop in original pixels
-    left, top = (width - side) / 2, (height - side) / 2
-    if side == size and left == 0 and top == 0:
+    short = eval_resize_size(size, crop_ratio)
+    if width <= height:
+        resized_w, resized_h = short, int(short * height / width)
+    else:
+        resized_w, resized_h = int(short * width / height), short
+    left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)  # on the resized grid
+    scale_x, scale_y = width / resized_w, height / resized_h
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    if (width, height) == (size, size):
         return img
-    box = (left, top, left + side, top + side)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
