@@ -182,6 +182,8 @@ class LogConfig:
 
     every_steps: int = 20
     tensorboard: bool = True
+    # reconstructions of held-aside images (PNG + TensorBoard) every N steps; null: about ten per run, 0: none
+    images_every_steps: int | None = None
     # measure the decoder's mask-token utilization (mask.utilization_every_steps) with any masker; self_guided
     # measures it anyway until its trigger fires
     utilization: bool = False
@@ -362,6 +364,8 @@ class Config:
         check(all(s > 0 for s in self.data.std or ()), "data.std", f"must be positive, got {self.data.std}")
         check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
         check(self.eval.online_probe_lr > 0, "eval.online_probe_lr", f"must be > 0, got {self.eval.online_probe_lr}")
+        every = self.log.images_every_steps
+        check(every is None or every >= 0, "log.images_every_steps", "must be >= 0 (0: no pictures) or null")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.train.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")

@@ -72,3 +72,36 @@ def test_photo_run_resumes_exactly_with_per_sample_crops(tmp_path: Path, photo_f
     full.loader.set_epoch(0)
     assert not torch.equal(images, next(iter(full.loader))[0])
     assert np.isfinite(resumed.last_loss)
+
+
+def test_reconstructions_are_logged_at_the_configured_steps(tmp_path: Path, photo_folder: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ("data.num_workers=0", "train.max_steps=7", "eval.num_images=4")
+    shown = Pretrainer(
+        photo_config(photo_folder, tmp_path / "shown", *common, "log.tensorboard=true", "eval.reconstruct=true",
+                     "log.images_every_steps=3")
+    )  # fmt: skip
+    shown.fit()
+    assert sorted(p.name for p in (tmp_path / "shown").glob("reconstruction_step*.png")) == [
+        "reconstruction_step3.png",
+        "reconstruction_step6.png",
+    ]
+    events = EventAccumulator(str(tmp_path / "shown" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("reconstruction")
+    assert [event.step for event in images] == [3, 6]
+    assert images[0].width > 100 and images[0].height > 100
+    picture = np.asarray(Image.open(tmp_path / "shown" / "reconstruction_step3.png"))
+    assert picture.std() > 10  # a picture, not a blank canvas
+    costs = [event.value for event in events.Scalars("time/reconstruction_s")]
+    assert len(costs) == 2 and all(0 < cost < 60 for cost in costs)
+    # off the training path: the same weights as a run without pictures
+    plain = Pretrainer(photo_config(photo_folder, tmp_path / "plain", *common, "log.images_every_steps=0"))
+    plain.fit()
+    assert plain.previews is None
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, shown.model.state_dict()[key]), key
+    # unset: about ten pictures per run
+    default = photo_config(photo_folder, tmp_path / "d", "train.epochs=20", "eval.reconstruct=true")
+    assert Pretrainer(default).preview_steps == 8  # 80 steps

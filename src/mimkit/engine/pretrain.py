@@ -38,6 +38,7 @@ from mimkit.engine.checkpoint import (
 )
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
+from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.linear import LinearProbe
 from mimkit.models import MaskedImageModel, create_model
@@ -245,6 +246,12 @@ class Pretrainer:
             self.logger = MetricsLogger(
                 self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
             )
+        # reconstructions of held-aside images while training (pixel targets; a sharded model is not whole here)
+        self.previews: ReconstructionPreviews | None = None
+        self.preview_steps = preview_every(cfg, self.total_steps)
+        shows = cfg.eval.reconstruct and cfg.target.type == "pixel" and not self.sharded
+        if self.place.is_main and self.preview_steps and shows:
+            self.previews = ReconstructionPreviews(cfg, self.out_dir, self.device, self.mean, self.std)
 
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under DistributedDataParallel: rank 0's weights are broadcast, gradients averaged.
@@ -619,6 +626,9 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
+                    if self.previews is not None and self.step % self.preview_steps == 0:
+                        self.previews(self.model, self.step, self.logger)
+                        last_log_time += self.previews.seconds[-1]  # img/s counts training time only
                     save_steps = cfg.train.save_every_steps
                     epochs_done = self.step // self.steps_per_epoch
                     if self.place.distributed:  # every rank stops at the same step
