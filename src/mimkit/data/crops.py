@@ -38,6 +38,7 @@ from mimkit.data.folder import (
     BadImageError,
     _check_pixel_count,
     _to_channels,
+    load_image,
     map_items,
     report_skipped,
 )
@@ -441,6 +442,17 @@ class CropDataset(torch.utils.data.Dataset):
         box = self.draw(index, epoch)(orig_w, orig_h)
         out = _resize_box(img, box, (width / orig_w, height / orig_h), self.img_size)
         return out, CropRecord(name, orig_w, orig_h, box)
+
+    def original(self, index: int) -> np.ndarray:
+        """Sample ``index``'s whole original image, (C, H, W) uint8 (for pictures of the crops).
+
+        Raises:
+            BadImageError: its file cannot be decoded.
+        """
+        name, source = self.base.source(int(self._keep[index]))
+        if isinstance(source, bytes):
+            return load_image(name, self.in_chans, data=source)
+        return load_image(source, self.in_chans)
 
     def _label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
