@@ -35,6 +35,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_batch(args: argparse.Namespace) -> int:
+    from mimkit.analysis.show_batch import show_batch
+
+    config = load_config(args.config, args.overrides)
+    records = show_batch(config, args.out, boxes=args.boxes, limit=args.limit)
+    print(f"wrote {args.out} ({len(records)} crops)" + (f" and {args.boxes}" if args.boxes else ""))
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from mimkit.models.load import convert_checkpoint
 
@@ -251,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.add_argument("--limit", type=int, default=16, help="at most this many images")
     p.set_defaults(func=_reconstruct)
+
+    p = commands.add_parser("show-batch", help="picture of one augmented training batch beside its crop boxes")
+    p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--boxes", type=Path, default=None, help="also write each crop's file, size, box and flip as JSON")
+    p.add_argument("--limit", type=int, default=None, help="draw only the first N samples of the batch")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as data.root=/photos train.batch_size=16")
+    p.set_defaults(func=_show_batch)
 
     p = commands.add_parser("convert", help="convert weights between mimkit, MAE and HuggingFace layouts")
     p.add_argument("--to", required=True, choices=["mimkit", "mae", "hf"])

@@ -150,6 +150,11 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     num_workers: int = 2
     limit: int | None = None
+    # folders and shards: shorter side of images cached in memory (None: img_size / sqrt(crop_scale[0]), 501 px
+    # at 224, so the smallest crops keep full resolution; smaller originals are kept as they are)
+    cache_size: int | None = None
+    # evaluation view (kNN, probes, pictures): shorter side resized to img_size / eval_crop_ratio, center crop
+    eval_crop_ratio: float = 0.875
 
 
 @dataclass
@@ -192,6 +197,8 @@ class LogConfig:
 
     every_steps: int = 20
     tensorboard: bool = True
+    # reconstructions of held-aside images (PNG + TensorBoard) every N steps; null: about ten per run, 0: none
+    images_every_steps: int | None = None
     # measure the decoder's exploitation rate of visible and mask tokens (mask.exploitation_every_steps) with
     # any masker; self_guided measures it anyway until its trigger fires
     exploitation: bool = False
@@ -309,8 +316,8 @@ class Config:
         check(head != "prompting" or sees == "visible", "model.head", "prompting needs model.encoder_sees=visible")
         decoder_tokens = sees == "visible" and head == "mae"  # visible tokens + the decoder's mask tokens
         check(
-            decoder_tokens or (self.mask.type != "self_guided" and not self.log.utilization),
-            "mask.type" if self.mask.type == "self_guided" else "log.utilization",
+            decoder_tokens or (self.mask.type != "self_guided" and not self.log.exploitation),
+            "mask.type" if self.mask.type == "self_guided" else "log.exploitation",
             "measures how the decoder uses its mask tokens: it needs model.encoder_sees=visible and model.head=mae",
         )
         try:
@@ -419,6 +426,8 @@ class Config:
         for key in ("crop_scale", "crop_ratio"):
             low, high = getattr(self.data, key)
             check(0 < low <= high, f"data.{key}", f"must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        check(0 < self.data.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must lie in (0, 1] (MAE: 0.875)")
+        check(self.data.cache_size is None or self.data.cache_size > 0, "data.cache_size", "must be positive")
         for key in ("mean", "std"):
             stats = getattr(self.data, key)
             check(
@@ -429,6 +438,8 @@ class Config:
         check(all(s > 0 for s in self.data.std or ()), "data.std", f"must be positive, got {self.data.std}")
         check(self.eval.knn_pool in ("cls", "avg"), "eval.knn_pool", "must be 'cls' or 'avg'")
         check(self.eval.online_probe_lr > 0, "eval.online_probe_lr", f"must be > 0, got {self.eval.online_probe_lr}")
+        every = self.log.images_every_steps
+        check(every is None or every >= 0, "log.images_every_steps", "must be >= 0 (0: no pictures) or null")
         check(self.train.epochs >= 1, "train.epochs", "must be >= 1")
         check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.train.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")

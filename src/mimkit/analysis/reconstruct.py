@@ -12,7 +12,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mimkit.data.folder import BadImageError, BadImageWarning, load_image, scan_image_folder
+from mimkit.data.folder import (
+    DEFAULT_EVAL_CROP_RATIO,
+    BadImageError,
+    BadImageWarning,
+    load_image,
+    scan_image_folder,
+)
 from mimkit.data.transforms import EvalTransform, default_normalization
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.layers import patchify, unpatchify
@@ -246,7 +252,8 @@ def load_model_images(
 
     Args:
         model: the model (its ``config`` gives ``in_chans`` and ``img_size``; its ``run_config`` the
-            normalization, else that of ``"folder"`` data).
+            normalization and evaluation crop ratio, else those of ``"folder"`` data: ImageNet's statistics and
+            MAE's 0.875, the shorter side resized to ``img_size / 0.875`` before the central square).
         images: image files and/or folders (searched recursively, in sorted order).
         limit: keep at most this many readable images.
 
@@ -265,9 +272,11 @@ def load_model_images(
     decoded: list[np.ndarray] = []
     used: list[Path] = []
     skipped: list[BadImageError] = []
+    run_config = getattr(model, "run_config", None)
+    crop_ratio = DEFAULT_EVAL_CROP_RATIO if run_config is None else run_config.data.eval_crop_ratio
     for path in paths:
         try:
-            decoded.append(load_image(path, in_chans=in_chans, size=img_size))  # (C, S, S) uint8
+            decoded.append(load_image(path, in_chans=in_chans, size=img_size, crop_ratio=crop_ratio))  # (C, S, S)
         except BadImageError as error:
             skipped.append(error)
             warnings.warn(f"skipped unreadable image {error.path} ({error.reason})", BadImageWarning, stacklevel=2)
@@ -278,7 +287,6 @@ def load_model_images(
     if not decoded:
         first = "; ".join(f"{error.path}: {error.reason}" for error in skipped[:3])
         raise ValueError(f"none of the {len(paths)} image files could be read ({first or 'no image files found'})")
-    run_config = getattr(model, "run_config", None)
     if run_config is not None:
         mean, std = run_config.normalization()
     else:

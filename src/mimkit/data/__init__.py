@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mimkit.data.crops import CropDataset, CropRecord
 from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist
 from mimkit.data.folder import BadImageError, BadImageWarning, ImageFolderDataset, load_image, scan_image_folder
 from mimkit.data.loader import EpochDataLoader, ImageDataset, TensorBatchLoader, build_loader
 from mimkit.data.shards import TarShardDataset
-from mimkit.data.transforms import EvalTransform, MAEAugment, default_normalization, denormalize
+from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize, default_normalization, denormalize
 
 DATASETS = ("fashion_mnist", "folder", "shards")
 
@@ -18,12 +19,15 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "BadImageError",
     "BadImageWarning",
+    "CropDataset",
+    "CropRecord",
     "EpochDataLoader",
     "EvalTransform",
     "FashionMNIST",
     "ImageDataset",
     "ImageFolderDataset",
     "MAEAugment",
+    "Normalize",
     "TarShardDataset",
     "TensorBatchLoader",
     "build_dataset",
@@ -35,6 +39,7 @@ __all__ = [
     "load_image",
     "resolve_folder_split",
     "scan_image_folder",
+    "training_transform",
 ]
 
 
@@ -79,8 +84,9 @@ def build_dataset(
     limit: int | None = None,
     progress: bool | None = None,
     num_workers: int = 2,
+    crop_ratio: float = 1.0,
 ) -> FashionMNIST | ImageFolderDataset | TarShardDataset:
-    """A data set by name, as uint8 squares of side ``img_size``.
+    """A data set by name, as uint8 squares of side ``img_size`` (the evaluation view).
 
     Args:
         dataset: ``"fashion_mnist"``, ``"folder"`` or ``"shards"``.
@@ -96,6 +102,8 @@ def build_dataset(
             folders).
         progress: decoding progress bar for folders (None: only on a terminal).
         num_workers: decoding threads for folders.
+        crop_ratio: folders and shards: the shorter side is resized to ``img_size / crop_ratio`` before the
+            central square is cut (MAE's evaluation: 0.875); Fashion-MNIST keeps its whole square.
 
     Returns:
         A :class:`FashionMNIST` or :class:`ImageFolderDataset` (both follow :class:`ImageDataset`).
@@ -125,6 +133,7 @@ def build_dataset(
             limit=limit,
             progress=progress,
             num_workers=num_workers,
+            crop_ratio=crop_ratio,
         )
     if dataset == "shards":
         if root is None:
@@ -142,29 +151,54 @@ def build_dataset(
             limit=limit,
             progress=progress,
             num_workers=num_workers,
+            crop_ratio=crop_ratio,
         )
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
 def build_training_dataset(
-    data: Any, img_size: int, in_chans: int, batch_size: int, world_size: int = 1
-) -> FashionMNIST | ImageFolderDataset | TarShardDataset:
-    """The training split a run's ``data`` section names (its ``dataset``, ``root``, ``in_memory``,
-    ``limit``), refused when it cannot fill one batch of ``batch_size`` on each of ``world_size`` ranks.
+    data: Any, img_size: int, in_chans: int, batch_size: int, world_size: int = 1, seed: int = 0
+) -> FashionMNIST | CropDataset:
+    """The training split a run's ``data`` section names, refused when it cannot fill one batch of
+    ``batch_size`` on each of ``world_size`` ranks.
+
+    Folders and shards give a :class:`~mimkit.data.crops.CropDataset`: random-resized crops of the original
+    images (``data.crop_scale``, ``data.crop_ratio``, ``data.hflip``) drawn per ``(seed, epoch, index)``,
+    streamed from the files or cut from the in-memory cache (``data.in_memory``, ``data.cache_size``).
+    Fashion-MNIST stays a tensor of 28-pixel squares, augmented per batch by :class:`MAEAugment`.
 
     Raises:
-        ValueError: too few images for one batch (with what to do), or bad arguments.
+        ValueError: too few images for one batch (with what to do), a cache over the memory budget, or bad
+            arguments.
         FileNotFoundError: missing data.
     """
-    dataset = build_dataset(
-        data.dataset,
-        root=data.root,
-        split="train",
-        img_size=img_size,
-        in_chans=in_chans,
-        in_memory=data.in_memory,
-        limit=data.limit,
-    )
+    dataset: FashionMNIST | CropDataset
+    if data.dataset == "fashion_mnist":
+        dataset = FashionMNIST(data.root, "train", img_size=img_size, in_chans=in_chans, limit=data.limit)
+    else:
+        base = build_dataset(
+            data.dataset,
+            root=data.root,
+            split="train",
+            img_size=img_size,
+            in_chans=in_chans,
+            in_memory=False,
+            limit=data.limit,
+            num_workers=data.num_workers,
+        )
+        assert isinstance(base, (ImageFolderDataset, TarShardDataset))
+        dataset = CropDataset(
+            base,
+            img_size,
+            in_chans,
+            scale=data.crop_scale,
+            ratio=data.crop_ratio,
+            hflip=data.hflip,
+            seed=seed,
+            in_memory=data.in_memory,
+            cache_size=data.cache_size,
+            num_workers=data.num_workers,
+        )
     if len(dataset) < batch_size * world_size:
         ranks = f" x {world_size} ranks" if world_size > 1 else ""
         raise ValueError(
@@ -172,3 +206,14 @@ def build_training_dataset(
             "lower the batch size or add images"
         )
     return dataset
+
+
+def training_transform(
+    data: Any, img_size: int, dataset: Any, mean: tuple[float, ...], std: tuple[float, ...]
+) -> MAEAugment | Normalize:
+    """What the training loop applies to each uint8 batch: normalization alone for a
+    :class:`~mimkit.data.crops.CropDataset` (its samples are crops already), else :class:`MAEAugment` with
+    the ``data`` section's crop scale, ratio and flip."""
+    if isinstance(dataset, CropDataset):
+        return Normalize(mean=mean, std=std)
+    return MAEAugment(img_size, scale=data.crop_scale, ratio=data.crop_ratio, hflip=data.hflip, mean=mean, std=std)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_EVAL_CROP_RATIO = 0.875  # MAE's evaluation view: shorter side to 224 / 0.875 = 256, center 224
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of decoded uint8 pixels held in memory by default
 MAX_NAMED_WARNINGS = 20  # bad files named one warning each; the rest go to the log
 _DECODE_BLOCK = 1024  # images submitted to the thread pool at a time (bounds pending futures)
@@ -182,29 +183,49 @@ def _to_channels(img: Image.Image, in_chans: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def _resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` and center-crop to a square (bilinear, antialiased)."""
+def eval_resize_size(size: int, crop_ratio: float) -> int:
+    """The shorter side an evaluation view is resized to before its center crop: ``int(size / crop_ratio)``
+    (MAE's ``Resize(int(224 / 0.875))`` = 256 for 224)."""
+    return size if crop_ratio >= 1 else int(size / crop_ratio)
+
+
+def _resize_square(img: Image.Image, size: int, crop_ratio: float = 1.0) -> Image.Image:
+    """MAE's evaluation view in one resampling: the shorter side resized to ``int(size / crop_ratio)`` (the
+    longer to ``int`` of its share, as torchvision's ``Resize``), then the central ``size x size`` square with
+    ``CenterCrop``'s rounding, taken as the matching box of the original (bicubic, antialiased).
+    ``crop_ratio`` 1 keeps the whole central square."""
     width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    if side == size and left == 0 and top == 0:
+    short = eval_resize_size(size, crop_ratio)
+    if width <= height:
+        resized_w, resized_h = short, int(short * height / width)
+    else:
+        resized_w, resized_h = int(short * width / height), short
+    left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)  # on the resized grid
+    scale_x, scale_y = width / resized_w, height / resized_h
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    if (width, height) == (size, size):
         return img
-    box = (left, top, left + side, top + side)
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
 def load_image(
-    path: str | Path, in_chans: int = 3, size: int | None = None, *, data: bytes | None = None
+    path: str | Path,
+    in_chans: int = 3,
+    size: int | None = None,
+    *,
+    data: bytes | None = None,
+    crop_ratio: float = 1.0,
 ) -> np.ndarray:
     """Decode one image file to uint8, whatever its mode (conventions in the module docstring).
 
     Args:
         path: the image file (with ``data``: only its name, for errors).
         in_chans: 1 for luminance, 3 for RGB.
-        size: if given, resize so the shorter side is ``size`` and center-crop to ``size x size``
-            (bilinear, antialiased; JPEGs are decoded at a reduced DCT scale first when that is still
-            at least ``size``, which is much faster for large photos).
+        size: if given, resize so the shorter side is ``size / crop_ratio`` and center-crop to ``size x size``
+            (bicubic, antialiased; JPEGs are decoded at a reduced DCT scale first when that is still
+            at least the resized side, which is much faster for large photos).
         data: the file's bytes, when they come from elsewhere (e.g. a tar shard).
+        crop_ratio: MAE's evaluation crop ratio (0.875: resize to 256, center 224); 1 keeps the central square.
 
     Returns:
         (in_chans, H, W) uint8 array, or (in_chans, size, size) when ``size`` is given.
@@ -222,11 +243,12 @@ def load_image(
             _check_pixel_count(opened)
             if size is not None and opened.format == "JPEG":
                 # Decoding at 1/2, 1/4 or 1/8 scale keeps both sides >= size; libjpeg can also emit luma directly.
-                opened.draft("L" if in_chans == 1 and opened.mode == "RGB" else None, (size, size))
+                resized = eval_resize_size(size, crop_ratio)
+                opened.draft("L" if in_chans == 1 and opened.mode == "RGB" else None, (resized, resized))
             ImageOps.exif_transpose(opened, in_place=True)  # loads the pixels
             img = _to_channels(opened, in_chans)
             if size is not None:
-                img = _resize_square(img, size)
+                img = _resize_square(img, size, crop_ratio)
             pixels = np.asarray(img)  # (H, W) or (H, W, 3)
     except MemoryError:
         raise
@@ -295,6 +317,12 @@ def check_image_args(in_chans: int, img_size: int, limit: int | None) -> None:
         raise ValueError(f"img_size must be positive, got {img_size}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
+
+
+def check_crop_ratio(crop_ratio: float) -> None:
+    """The evaluation crop ratio lies in (0, 1]."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"data.eval_crop_ratio must lie in (0, 1], got {crop_ratio}")
 
 
 def decode_in_memory(
@@ -370,6 +398,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         num_workers: decoding threads at construction.
         validate: ``"header"`` or ``"full"``, the construction-time check for on-the-fly datasets.
         memory_budget: bytes for the ``in_memory=None`` decision.
+        crop_ratio: the evaluation view's crop ratio (``data.eval_crop_ratio``, MAE: 0.875); 1 stores the
+            whole central square.
 
     Attributes:
         images: (N, in_chans, img_size, img_size) uint8 when in memory, else None.
@@ -394,8 +424,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         num_workers: int = 2,
         validate: str = "header",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        crop_ratio: float = 1.0,
     ) -> None:
         check_image_args(in_chans, img_size, limit)
+        check_crop_ratio(crop_ratio)
+        self.crop_ratio = crop_ratio
         if validate not in ("header", "full"):
             raise ValueError(f"validate must be 'header' or 'full', got {validate!r}")
         self.root = Path(root)
@@ -413,7 +446,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         keep = np.zeros(len(paths), dtype=bool)
         self.images: Tensor | None = None
         if self.in_memory:
-            decode = partial(load_image, in_chans=in_chans, size=img_size)
+            decode = partial(load_image, in_chans=in_chans, size=img_size, crop_ratio=crop_ratio)
             self.images, keep, self.skipped = decode_in_memory(
                 decode,
                 paths,
@@ -425,7 +458,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             check: Callable[[Path], object] = check_image_header
             if validate == "full":
-                check = partial(load_image, in_chans=in_chans, size=img_size)
+                check = partial(load_image, in_chans=in_chans, size=img_size, crop_ratio=crop_ratio)
             checks = map_items(check, paths, num_workers=num_workers, progress=show, desc=f"check {self.root}")
             for index, outcome in enumerate(checks):
                 if isinstance(outcome, BadImageError):
@@ -456,6 +489,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
 
+    def name(self, index: int) -> str:
+        """Image ``index``'s file, as text."""
+        return str(self.paths[index])
+
+    def source(self, index: int, private: bool = False) -> tuple[str, Path]:
+        """(name, file) of image ``index``, for :class:`~mimkit.data.crops.CropDataset` (``private``: no
+        shared state to avoid here)."""
+        return str(self.paths[index]), self.paths[index]
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """The (C, S, S) uint8 image and its label (-1 when unlabelled)."""
         if self.images is not None:
@@ -467,7 +509,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if candidate in self._failed:
                 continue
             try:
-                pixels = load_image(self.paths[candidate], self.in_chans, self.img_size)
+                pixels = load_image(self.paths[candidate], self.in_chans, self.img_size, crop_ratio=self.crop_ratio)
             except BadImageError as error:
                 self._failed.add(candidate)
                 log.warning("unreadable image %s (%s); using the next image in its place", error.path, error.reason)

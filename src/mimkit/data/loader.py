@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mimkit.data.crops import CropDataset
+
 
 class ImageDataset(Protocol):
     """What loaders, training and evaluation read from a data set.
@@ -60,6 +62,8 @@ class EpochBatchSampler:
         shuffle: False keeps index order.
         drop_last: see above.
         rank, world_size: this process's shard.
+        keyed: yield ``(index, epoch)`` keys instead of indices, for data sets whose samples depend on the
+            epoch (:class:`~mimkit.data.crops.CropDataset` draws each crop from ``(seed, epoch, index)``).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class EpochBatchSampler:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        keyed: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -89,6 +94,7 @@ class EpochBatchSampler:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.keyed = keyed
         self.epoch = 0
         self.start_batch = 0  # read (and reset) by DataLoader iteration, see EpochDataLoader.iter_from
 
@@ -118,9 +124,12 @@ class EpochBatchSampler:
         ranks_batches = range(self.rank, self._num_global_batches(), self.world_size)[start_batch:]
         return [order[index * self.batch_size : (index + 1) * self.batch_size] for index in ranks_batches]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         # Built eagerly so that ``start_batch`` is read when iteration starts, not at the first batch.
-        return iter([batch.tolist() for batch in self.batches(self.start_batch)])
+        batches = [batch.tolist() for batch in self.batches(self.start_batch)]
+        if self.keyed:
+            return iter([[(index, self.epoch) for index in batch] for batch in batches])
+        return iter(batches)
 
 
 class TensorBatchLoader:
@@ -224,7 +233,8 @@ def build_loader(
     order: dict[str, Any] = dict(seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size)
     if getattr(dataset, "images", None) is not None:
         return TensorBatchLoader(cast(ImageDataset, dataset), batch_size, **order)
-    sampler = EpochBatchSampler(len(cast(ImageDataset, dataset)), batch_size, **order)
+    keyed = isinstance(dataset, CropDataset)  # its crops are drawn per (seed, epoch, index)
+    sampler = EpochBatchSampler(len(cast(ImageDataset, dataset)), batch_size, keyed=keyed, **order)
     return EpochDataLoader(
         cast(Dataset, dataset),
         batch_sampler=cast(Sampler[list[int]], sampler),

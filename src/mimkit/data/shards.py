@@ -36,6 +36,7 @@ from mimkit.data.folder import (
     DEFAULT_MEMORY_BUDGET,
     IMAGE_EXTENSIONS,
     BadImageError,
+    check_crop_ratio,
     check_image_args,
     decode_in_memory,
     load_image,
@@ -207,6 +208,7 @@ class TarShardDataset(torch.utils.data.Dataset):
         progress: tqdm bar while decoding (None: only on a terminal).
         num_workers: decoding threads at construction.
         memory_budget: bytes for the ``in_memory=None`` decision.
+        crop_ratio: the evaluation view's crop ratio (see :class:`~mimkit.data.folder.ImageFolderDataset`).
 
     Attributes:
         shards: the shard files; ``members``: where each kept image lies; ``images``, ``labels``,
@@ -228,8 +230,11 @@ class TarShardDataset(torch.utils.data.Dataset):
         progress: bool | None = None,
         num_workers: int = 2,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        crop_ratio: float = 1.0,
     ) -> None:
         check_image_args(in_chans, img_size, limit)
+        check_crop_ratio(crop_ratio)
+        self.crop_ratio = crop_ratio
         self.root = str(root)
         self.img_size, self.in_chans = img_size, in_chans
         self.shards = resolve_shards(root, split)
@@ -298,10 +303,33 @@ class TarShardDataset(torch.utils.data.Dataset):
                 data = _read(handles, self.shards, member)
         except OSError as error:
             raise BadImageError(member.name, f"{type(error).__name__}: {error}") from error
-        return load_image(member.name, self.in_chans, self.img_size, data=data)
+        return load_image(member.name, self.in_chans, self.img_size, data=data, crop_ratio=self.crop_ratio)
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def name(self, index: int) -> str:
+        """Image ``index``'s shard member, as ``shard/member``."""
+        return self.members[index].name
+
+    def source(self, index: int, private: bool = False) -> tuple[str, bytes]:
+        """(name, bytes) of image ``index``, for :class:`~mimkit.data.crops.CropDataset`; ``private`` opens
+        the shard for this read only (safe from several threads).
+
+        Raises:
+            BadImageError: the shard cannot be read.
+        """
+        if os.getpid() != self._pid:  # a forked loader worker: open its own file handles
+            self._handles, self._pid = {}, os.getpid()
+        member = self.members[index]
+        try:
+            if not private:
+                return member.name, _read(self._handles, self.shards, member)
+            with self.shards[member.shard].open("rb") as handle:
+                handle.seek(member.offset)
+                return member.name, handle.read(member.size)
+        except OSError as error:
+            raise BadImageError(member.name, f"{type(error).__name__}: {error}") from error
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """The (C, S, S) uint8 image and its label (-1 when unlabelled)."""

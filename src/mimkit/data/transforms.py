@@ -230,6 +230,29 @@ class MAEAugment:
         )
 
 
+class Normalize:
+    """Normalization of a uint8 batch whose crops were already made per sample (by
+    :class:`~mimkit.data.crops.CropDataset`); takes the arguments of :class:`MAEAugment` and ignores the
+    random ones, so the training loop calls either the same way.
+
+    Args:
+        mean, std: per-channel normalization of pixels in [0, 1].
+    """
+
+    def __init__(self, mean: Sequence[float] = GRAY_MEAN, std: Sequence[float] = GRAY_STD) -> None:
+        self.mean, self.std = _channel_stats(mean, std)
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, *, part: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Args: images (B, C, H, W) uint8. Returns: (B, C, H, W) float32 normalized on their device."""
+        _check_channels(images, self.mean)
+        return _normalize_uint8_scale(images.float(), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})"
+
+
 class EvalTransform:
     """Deterministic evaluation transform: center square, resize (bilinear, antialiased), normalize.
 

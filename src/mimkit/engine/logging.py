@@ -44,6 +44,11 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
 
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        """A (H, W, 3) uint8 picture to TensorBoard (nothing without it)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -54,6 +59,9 @@ class NullLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Drop the record."""
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        """Drop the picture."""
 
     def close(self) -> None:
         """Nothing to close."""

@@ -38,6 +38,7 @@ from mimkit.engine.checkpoint import (
 )
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
+from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.linear import LinearProbe
 from mimkit.models import MaskedImageModel, create_model
@@ -153,8 +154,7 @@ class Pretrainer:
     """
 
     def __init__(self, config: Config, resume: bool | str = False) -> None:
-        from mimkit.data import build_loader, build_training_dataset
-        from mimkit.data.transforms import MAEAugment
+        from mimkit.data import build_loader, build_training_dataset, training_transform
 
         self.config = config
         cfg = config
@@ -174,17 +174,10 @@ class Pretrainer:
         torch.manual_seed(cfg.train.seed)
         world = self.place.world_size
         self.dataset = build_training_dataset(
-            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world
+            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world, seed=cfg.train.seed
         )
         self.mean, self.std = cfg.normalization()
-        self.augment = MAEAugment(
-            cfg.model.img_size,
-            scale=cfg.data.crop_scale,
-            ratio=cfg.data.crop_ratio,
-            hflip=cfg.data.hflip,
-            mean=self.mean,
-            std=self.std,
-        )
+        self.augment = training_transform(cfg.data, cfg.model.img_size, self.dataset, self.mean, self.std)
         self.loader = build_loader(
             self.dataset,
             batch_size=cfg.train.batch_size,
@@ -253,6 +246,12 @@ class Pretrainer:
             self.logger = MetricsLogger(
                 self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
             )
+        # reconstructions of held-aside images while training (pixel targets; a sharded model is not whole here)
+        self.previews: ReconstructionPreviews | None = None
+        self.preview_steps = preview_every(cfg, self.total_steps)
+        shows = cfg.eval.reconstruct and cfg.target.type == "pixel" and not self.sharded
+        if self.place.is_main and self.preview_steps and shows:
+            self.previews = ReconstructionPreviews(cfg, self.out_dir, self.device, self.mean, self.std)
 
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under DistributedDataParallel: rank 0's weights are broadcast, gradients averaged.
@@ -627,6 +626,9 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
+                    if self.previews is not None and self.step % self.preview_steps == 0:
+                        self.previews(self.model, self.step, self.logger)
+                        last_log_time += self.previews.seconds[-1]  # img/s counts training time only
                     save_steps = cfg.train.save_every_steps
                     epochs_done = self.step // self.steps_per_epoch
                     if self.place.distributed:  # every rank stops at the same step

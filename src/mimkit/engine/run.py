@@ -29,6 +29,7 @@ def eval_split(config: Config, split: str, limit: int | None) -> Any:
         in_memory=True,
         limit=limit,
         num_workers=config.data.num_workers,
+        crop_ratio=config.data.eval_crop_ratio,
     )
     if data.images is None:  # in_memory=True decodes everything up front
         raise RuntimeError(f"the {split} split of {config.data.dataset} was not decoded into memory")

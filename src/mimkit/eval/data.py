@@ -101,6 +101,7 @@ def load_labelled_split(
     in_chans: int,
     limit: int | None = None,
     progress: bool = True,
+    crop_ratio: float = 1.0,
 ) -> LabelledSplit:
     """A labelled split held in memory as uint8 (Fashion-MNIST or a folder with class subfolders).
 
@@ -112,6 +113,8 @@ def load_labelled_split(
         limit: keep only this many images (the first ones of Fashion-MNIST, evenly spaced files of a
             folder, so every class keeps its share).
         progress: decoding progress bar for folders.
+        crop_ratio: folders: MAE's evaluation view, the shorter side resized to ``img_size / crop_ratio``
+            then the central square (:attr:`EvalModel.eval_crop_ratio`); Fashion-MNIST keeps its square.
 
     Raises:
         ValueError: unlabelled data or a non-positive limit.
@@ -130,6 +133,7 @@ def load_labelled_split(
         in_memory=True,
         limit=limit,
         progress=progress,
+        crop_ratio=crop_ratio,
     )
     if data.images is None or data.labels is None:
         raise ValueError(f"the {split} split of {folder or dataset} has no labelled images in memory")
@@ -149,6 +153,8 @@ class EvalModel:
         config: the model's ``create_model`` arguments (``name``, ``img_size``, ...).
         mean, std: per-channel normalization the encoder was trained with.
         img_size, in_chans: its input.
+        eval_crop_ratio: the pretraining run's ``data.eval_crop_ratio`` (MAE's 0.875 when the checkpoint has no
+            run config) for folders of photos; 1.0 for Fashion-MNIST, whose pictures fill the frame.
     """
 
     encoder: nn.Module
@@ -157,6 +163,7 @@ class EvalModel:
     std: tuple[float, ...]
     img_size: int
     in_chans: int
+    eval_crop_ratio: float = 1.0
 
 
 def untrained_model(config: dict[str, Any], seed: int) -> Any:
@@ -179,6 +186,7 @@ def load_eval_model(checkpoint: str | Path, *, random_init: bool = False, seed: 
     Raises:
         CheckpointError: unreadable checkpoint.
     """
+    from mimkit.data.folder import DEFAULT_EVAL_CROP_RATIO
     from mimkit.data.transforms import default_normalization
     from mimkit.models.load import load_checkpoint
 
@@ -186,8 +194,10 @@ def load_eval_model(checkpoint: str | Path, *, random_init: bool = False, seed: 
     config = dict(model.config)
     run_config = getattr(model, "run_config", None)
     in_chans, img_size = int(config["in_chans"]), int(config["img_size"])
+    crop_ratio = DEFAULT_EVAL_CROP_RATIO
     if run_config is not None:
         mean, std = run_config.normalization()
+        crop_ratio = run_config.data.eval_crop_ratio
     else:
         mean, std = default_normalization(in_chans, dataset)
     if random_init:
@@ -199,4 +209,5 @@ def load_eval_model(checkpoint: str | Path, *, random_init: bool = False, seed: 
         std=tuple(std),
         img_size=img_size,
         in_chans=in_chans,
+        eval_crop_ratio=1.0 if dataset == "fashion_mnist" else crop_ratio,
     )

@@ -517,6 +517,8 @@ def run_finetune(
             in_chans=model.in_chans,
             limit=config.train_limit if split == "train" else config.test_limit,
             progress=progress,
+            # training squares keep the whole central square for the random crops; the test view is MAE's
+            crop_ratio=1.0 if split == "train" else model.eval_crop_ratio,
         )
         for split in ("train", "test")
     }

@@ -81,6 +81,7 @@ class _Features:
         self.encoder = model.encoder.to(device)
         self.mean, self.std = model.mean, model.std
         self.img_size, self.in_chans = model.img_size, model.in_chans
+        self.crop_ratio = model.eval_crop_ratio
         self.key_base = {
             "version": CACHE_VERSION,
             "checkpoint": checkpoint_digest(checkpoint),
@@ -89,6 +90,7 @@ class _Features:
             "data": self.dataset if self.folder is None else str(self.folder),
             "img_size": self.img_size,
             "in_chans": self.in_chans,
+            "eval_crop_ratio": self.crop_ratio,
             "mean": list(self.mean),
             "std": list(self.std),
         }
@@ -112,6 +114,7 @@ class _Features:
                 in_chans=self.in_chans,
                 limit=self.limits[split],
                 progress=self.progress,
+                crop_ratio=self.crop_ratio,
             )
         return self._images[split]
 

@@ -618,6 +618,7 @@ class TokenizerDataConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     num_workers: int = 2
+    cache_size: int | None = None  # folders and shards: shorter side of cached images (see DataConfig)
 
 
 @dataclass
@@ -849,7 +850,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     """
     from tqdm.auto import tqdm
 
-    from mimkit.data import EvalTransform, MAEAugment, build_loader, build_training_dataset
+    from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.optim import build_optimizer
     from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
@@ -868,17 +869,10 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
     batch_size = cfg.train.batch_size
-    dataset = build_training_dataset(cfg.data, cfg.model.img_size, cfg.model.in_chans, batch_size)
+    dataset = build_training_dataset(cfg.data, cfg.model.img_size, cfg.model.in_chans, batch_size, seed=cfg.train.seed)
     mean, std = cfg.normalization()
     tokenizer = build_tokenizer(cfg).to(device)
-    augment = MAEAugment(
-        cfg.model.img_size,
-        scale=cfg.data.crop_scale,
-        ratio=cfg.data.crop_ratio,
-        hflip=cfg.data.hflip,
-        mean=mean,
-        std=std,
-    )
+    augment = training_transform(cfg.data, cfg.model.img_size, dataset, mean, std)
     loader = build_loader(
         dataset, batch_size=batch_size, seed=cfg.train.seed, drop_last=True, num_workers=cfg.data.num_workers
     )
