@@ -224,3 +224,17 @@ def test_norm_features_switches_maskdistill_s_layernorm_only() -> None:
         assert "target.norm_features" in str(err)
     else:
         raise AssertionError("norm_features on pixels must be refused")
+
+
+def test_mimdet_drops_the_tokens_it_does_not_sample_from_a_beit_encoder() -> None:
+    from mimkit.detection.backbones import MIMDetBackbone
+
+    model = beit_model()
+    backbone = MIMDetBackbone(model.encoder, None, sample_ratio=0.5, fill="mask_token", stem="patch_embed").train()
+    assert not any(key.endswith("encoder.mask_token") for key in backbone.state_dict())
+    lengths = []
+    hook = backbone.encoder.blocks[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    maps = backbone(fmnist(2), generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert lengths == [1 + 32]  # the class token and half of the 64 patches: the others are dropped
+    assert len(maps) == 4 and all(torch.isfinite(m).all() for m in maps.values())

@@ -233,6 +233,7 @@ class MIMDetBackbone(nn.Module):
             )
         if not 0.0 < sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must lie in (0, 1], got {sample_ratio}")
+        encoder.drop_mask_token()  # sampled-out tokens are dropped, never replaced by a pretraining mask embedding
         self.encoder = encoder
         self.decoder = decoder if fill == "decoder" else None
         if self.decoder is not None:

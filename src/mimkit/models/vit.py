@@ -143,6 +143,14 @@ class VisionTransformer(nn.Module):
         the tokens the first block sees (B, 1 + L, D)."""
         return self.embed_tokens(images)
 
+    def drop_mask_token(self) -> None:
+        """Forget BEiT's mask embedding for downstream use: masked calls then drop the hidden tokens as MAE's
+        encoder does (MIMDet's token sampling), and the state dict is the plain ViT's."""
+        if self.mask_token is not None:
+            del self.mask_token
+            self.mask_token = None
+        self.encoder_sees = "visible"
+
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         """Take images of another size (a multiple of the patch) from now on, for transfer at another
         resolution: the patch grid changes and the position table follows it
