@@ -194,7 +194,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Path:
     left.set_title("random masking: Rhat V->O and M->O", fontsize=9)
     left.legend(fontsize=7)
     right.set_xlabel("epoch")
-    right.set_ylabel("kNN top-1 %")
+    right.set_ylabel("kNN top-1")
     right.set_title("random vs self-guided (dashed: switch)", fontsize=9)
     right.legend(fontsize=7)
     figure.tight_layout()
@@ -212,10 +212,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=2000, help="pretraining images (the first ones)")
     parser.add_argument("--fallback-epoch", type=int, default=4, help="switch epoch when the curves never cross")
     parser.add_argument("--foreground", default="border", help="object-side rule of the self-guided run")
-    parser.add_argument("--knn-every", type=int, default=2)
+    parser.add_argument("--knn-every", type=int, default=4)
     parser.add_argument("--knn-train", type=int, default=1000)
     parser.add_argument("--knn-test", type=int, default=500)
-    parser.add_argument("--linear-train", type=int, default=2000)
+    parser.add_argument("--linear-train", type=int, default=1000)
+    parser.add_argument("--linear-epoch", type=int, default=None, help="checkpoint of the linear probe (default: last)")
     parser.add_argument("--linear-test", type=int, default=500)
     parser.add_argument("--skip-photos", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -237,9 +238,13 @@ def main() -> None:
         # up to the switch the self-guided run is the random run
         row["knn_guided"] = {**{e: a for e, a in row["knn_random"].items() if e <= switch}, **row["knn_guided"]}
         for name, run in (("random", random_dir), ("guided", guided_dir)):
-            final = run / f"epoch_{args.epochs:04d}.pt"
+            epoch = args.linear_epoch or args.epochs
             row[f"linear_{name}"] = ablation.probe(
-                run / "linear", final, "linear", train_limit=args.linear_train, test_limit=args.linear_test
+                run / f"linear{epoch}",
+                run / f"epoch_{epoch:04d}.pt",
+                "linear",
+                train_limit=args.linear_train,
+                test_limit=args.linear_test,
             )
         rows.append(row)
     sides = None if args.skip_photos else photo_sides(args.out)
@@ -258,13 +263,14 @@ def main() -> None:
         print("|---:|---:|---:|")
         for epoch in probe_epochs:
             print(
-                f"| {epoch} | {row['knn_random'].get(epoch, float('nan')):.2f} "
-                f"| {row['knn_guided'].get(epoch, float('nan')):.2f} |"
+                f"| {epoch} | {100 * row['knn_random'].get(epoch, float('nan')):.1f} "
+                f"| {100 * row['knn_guided'].get(epoch, float('nan')):.1f} |"
             )
         target = row["knn_random"].get(args.epochs)
         reach = next((e for e, acc in sorted(row["knn_guided"].items()) if target is not None and acc >= target), None)
         print(
-            f"\nlinear probe (final): random {row['linear_random']:.2f}, self-guided {row['linear_guided']:.2f}; "
+            f"\nlinear probe (top-1 %): random {100 * row['linear_random']:.1f}, "
+            f"self-guided {100 * row['linear_guided']:.1f}; "
             f"self-guided first reaches random's final kNN at epoch {reach}"
         )
 
