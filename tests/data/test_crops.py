@@ -284,7 +284,7 @@ def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path) -> None:
     reference = np.asarray(mae_eval(portrait)).transpose(2, 0, 1)  # (3, 64, 64)
     ours = load_image(tmp_path / "portrait.png", 3, 64, crop_ratio=0.875)
     whole = load_image(tmp_path / "portrait.png", 3, 64)  # the whole central square, as before
-    assert psnr(ours, reference) > 30  # one resampling instead of two
+    assert psnr(ours, reference) > 60  # one resampling of the matching box gives the same pixels as two
     assert psnr(ours, reference) > psnr(whole, reference) + 5
     folder = tmp_path / "split" / "portrait"
     folder.mkdir(parents=True)
