@@ -1,4 +1,5 @@
-"""Data sets (Fashion-MNIST, image folders, tar shards) held as uint8, batched loaders and on-device augmentation."""
+"""Data sets (Fashion-MNIST, image folders, tar shards) as uint8, random-resized crops of the originals, loaders
+and batched augmentation."""
 
 from __future__ import annotations
 

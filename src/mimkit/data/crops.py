@@ -23,7 +23,7 @@ import io
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,7 +158,7 @@ def decode_crop(
     name: str,
     in_chans: int,
     img_size: int,
-    draw: Any,
+    draw: Callable[[int, int], CropBox],
     *,
     draft: bool = True,
 ) -> tuple[np.ndarray, CropRecord]:
@@ -182,7 +182,7 @@ def decode_crop(
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
             _check_pixel_count(opened)
             width, height = _oriented_size(opened)
-            box: CropBox = draw(width, height)
+            box = draw(width, height)
             scale = draft_scale(box, img_size) if draft and opened.format == "JPEG" else 1
             gray = "L" if in_chans == 1 and opened.mode == "RGB" and opened.format == "JPEG" else None
             if scale > 1 or gray:
@@ -418,7 +418,7 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._keep)
 
-    def draw(self, index: int, epoch: int) -> Any:
+    def draw(self, index: int, epoch: int) -> Callable[[int, int], CropBox]:
         """The box drawer of sample ``index`` in ``epoch``: ``(width, height) -> CropBox``."""
         rng = sample_rng(self.seed, epoch, index)
         return lambda width, height: draw_crop_box(width, height, self.scale, self.ratio, rng, self.hflip)

@@ -1,8 +1,8 @@
 """Image folders: scanning, robust decoding of any common image mode, and a uint8 dataset.
 
-Images are stored once, resized so the shorter side is ``img_size`` and center-cropped to a square;
-random-resized cropping happens later, batched on the training device (see
-:class:`~mimkit.data.transforms.MAEAugment`).
+The dataset holds the evaluation view: each image resized so the shorter side is ``img_size / crop_ratio``
+and center-cropped to ``img_size``. Training crops are cut from the original images instead, by
+:class:`~mimkit.data.crops.CropDataset`, which reads the files through this dataset.
 
 Decoding conventions (:func:`load_image`):
 
@@ -373,9 +373,10 @@ def report_skipped(skipped: Sequence[tuple[Path, str]], root: Path, total: int) 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a folder as uint8 squares, decoded once into memory or on the fly.
 
-    Each image is resized so its shorter side is ``img_size`` and center-cropped to
-    ``img_size x img_size`` (conventions of :func:`load_image`). Labels come from first-level
-    subfolders (see :func:`scan_image_folder`).
+    Each image is resized so its shorter side is ``img_size / crop_ratio`` and center-cropped to
+    ``img_size x img_size`` (conventions of :func:`load_image`): the evaluation view. Labels come from
+    first-level subfolders (see :func:`scan_image_folder`). For training, wrap it (``in_memory=False``) in a
+    :class:`~mimkit.data.crops.CropDataset`.
 
     Bad files never crash an epoch:
 

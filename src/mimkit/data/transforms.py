@@ -1,7 +1,9 @@
 """Batched augmentation of uint8 image batches on their own device (CPU or GPU).
 
-The data sets hold uint8 squares; these transforms turn a whole batch into normalized float32 in a few
-tensor operations, so a 2-core machine spends its time on the model, not on per-image Python.
+In-memory square data sets (Fashion-MNIST, evaluation views) hold uint8 squares; these transforms turn a
+whole batch into normalized float32 in a few tensor operations, so a 2-core machine spends its time on the
+model, not on per-image Python. Photos are cropped per sample from their originals
+(:class:`~mimkit.data.crops.CropDataset`) and only normalized here (:class:`Normalize`).
 """
 
 from __future__ import annotations

@@ -579,6 +579,7 @@ class Pretrainer:
         running = torch.zeros((), device=self.device)
         last_log_step, last_log_time = self.step, time.perf_counter()
         last_checked = self.step
+        preview_seconds = 0.0  # reconstruction pictures since the last log
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             interrupt = stack.enter_context(deferred_interrupt())
@@ -595,6 +596,10 @@ class Pretrainer:
                     bar.update(1)
                     at_epoch_end = self.step % self.steps_per_epoch == 0
                     done = self.step >= self.total_steps
+                    if self.previews is not None and self.step % self.preview_steps == 0:
+                        self.previews(self.model, self.step, self.logger)
+                        preview_seconds += self.previews.seconds[-1]
+                        last_log_time += self.previews.seconds[-1]  # img/s counts training time only
                     if self.step % cfg.log.every_steps == 0 or at_epoch_end or done:
                         self._check_finite(nonfinite, last_checked)
                         last_checked = self.step
@@ -610,6 +615,8 @@ class Pretrainer:
                             "train/img_per_s": img_s,
                             "epoch": self.step / self.steps_per_epoch,
                         }
+                        if preview_seconds:
+                            metrics["time/reconstruction_s"], preview_seconds = preview_seconds, 0.0
                         if self.online_probe is not None:
                             distributed.all_reduce(self.probe_running)
                             probe_loss, probe_correct, probe_seen = self.probe_running.tolist()
@@ -626,9 +633,6 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                         running.zero_()
                         last_log_step, last_log_time = self.step, now
-                    if self.previews is not None and self.step % self.preview_steps == 0:
-                        self.previews(self.model, self.step, self.logger)
-                        last_log_time += self.previews.seconds[-1]  # img/s counts training time only
                     save_steps = cfg.train.save_every_steps
                     epochs_done = self.step // self.steps_per_epoch
                     if self.place.distributed:  # every rank stops at the same step
