@@ -38,6 +38,7 @@ from mimkit.data.folder import (
     BadImageError,
     _check_pixel_count,
     _to_channels,
+    decode_or_next,
     load_image,
     map_items,
     report_skipped,
@@ -462,20 +463,10 @@ class CropDataset(torch.utils.data.Dataset):
         unlabelled). A file that fails to decode is logged by name once per process and replaced by the
         next decodable sample, so the batch keeps its size."""
         index, epoch = (key, 0) if isinstance(key, int) else key
-        count = len(self)
-        index = range(count)[index]
-        for offset in range(count):
-            candidate = (index + offset) % count
-            if candidate in self._failed:
-                continue
-            try:
-                pixels, _ = self.crop(candidate, epoch)
-            except BadImageError as error:
-                self._failed.add(candidate)
-                log.warning("unreadable image %s (%s); using the next image in its place", error.path, error.reason)
-                continue
-            return torch.from_numpy(pixels), self._label(candidate)
-        raise RuntimeError("no image of the data set can be decoded any more")
+        candidate, pixels = decode_or_next(
+            index, len(self), self._failed, lambda i: self.crop(i, epoch)[0], "of the data set"
+        )
+        return torch.from_numpy(pixels), self._label(candidate)
 
     def __repr__(self) -> str:
         return (

@@ -67,6 +67,41 @@ class BadImageError(Exception):
         return type(self), (self.path, self.reason)
 
 
+def decode_or_next(
+    index: int, count: int, failed: set[int], decode: Callable[[int], np.ndarray], where: str
+) -> tuple[int, np.ndarray]:
+    """Decode sample ``index`` of ``count``, or, when it fails, the next decodable one (wrapping around).
+
+    A file that fails is added to ``failed`` (skipped from then on) and logged by name once, so a batch keeps
+    its size and a corrupt file costs one warning per process.
+
+    Args:
+        index: the sample asked for; negative indices count from the end.
+        count: samples in the data set.
+        failed: indices known not to decode (updated in place).
+        decode: ``index -> pixels``; raises :class:`BadImageError` for a bad file.
+        where: the data set, for the error when nothing decodes any more.
+
+    Returns:
+        The index decoded and its pixels.
+
+    Raises:
+        IndexError: ``index`` out of range.
+        RuntimeError: no sample decodes.
+    """
+    index = range(count)[index]  # normalizes negative indices, raises IndexError out of range
+    for offset in range(count):
+        candidate = (index + offset) % count
+        if candidate in failed:
+            continue
+        try:
+            return candidate, decode(candidate)
+        except BadImageError as error:
+            failed.add(candidate)
+            log.warning("unreadable image %s (%s); using the next image in its place", error.path, error.reason)
+    raise RuntimeError(f"no image {where} can be decoded any more")
+
+
 class BadImageWarning(UserWarning):
     """A bad image file was skipped (filter this category to silence them)."""
 
@@ -503,20 +538,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """The (C, S, S) uint8 image and its label (-1 when unlabelled)."""
         if self.images is not None:
             return self.images[index], self._label(index)
-        count = len(self.paths)
-        index = range(count)[index]  # normalizes negative indices, raises IndexError out of range
-        for offset in range(count):
-            candidate = (index + offset) % count
-            if candidate in self._failed:
-                continue
-            try:
-                pixels = load_image(self.paths[candidate], self.in_chans, self.img_size, crop_ratio=self.crop_ratio)
-            except BadImageError as error:
-                self._failed.add(candidate)
-                log.warning("unreadable image %s (%s); using the next image in its place", error.path, error.reason)
-                continue
-            return torch.from_numpy(pixels), self._label(candidate)
-        raise RuntimeError(f"no image under {self.root} can be decoded any more")
+        candidate, pixels = decode_or_next(
+            index,
+            len(self.paths),
+            self._failed,
+            lambda i: load_image(self.paths[i], self.in_chans, self.img_size, crop_ratio=self.crop_ratio),
+            f"under {self.root}",
+        )
+        return torch.from_numpy(pixels), self._label(candidate)
 
     def __repr__(self) -> str:
         return (

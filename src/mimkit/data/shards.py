@@ -39,6 +39,7 @@ from mimkit.data.folder import (
     check_crop_ratio,
     check_image_args,
     decode_in_memory,
+    decode_or_next,
     load_image,
     report_skipped,
 )
@@ -338,20 +339,14 @@ class TarShardDataset(torch.utils.data.Dataset):
             return self.images[index], label(index)
         if os.getpid() != self._pid:  # a forked loader worker: open its own file handles
             self._handles, self._pid = {}, os.getpid()
-        count = len(self.members)
-        index = range(count)[index]
-        for offset in range(count):
-            candidate = (index + offset) % count
-            if candidate in self._failed:
-                continue
-            try:
-                pixels = self._decode_member(self.members[candidate], self._handles)
-            except BadImageError as error:
-                self._failed.add(candidate)
-                log.warning("unreadable image %s (%s); using the next image in its place", error.path, error.reason)
-                continue
-            return torch.from_numpy(pixels), label(candidate)
-        raise RuntimeError(f"no image in the shards of {self.root} can be decoded any more")
+        candidate, pixels = decode_or_next(
+            index,
+            len(self.members),
+            self._failed,
+            lambda i: self._decode_member(self.members[i], self._handles),
+            f"in the shards of {self.root}",
+        )
+        return torch.from_numpy(pixels), label(candidate)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
