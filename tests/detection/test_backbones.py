@@ -12,10 +12,10 @@ from mimkit.detection.backbones import (
     MIMDetBackbone,
     SideStem,
     ViTPyramid,
-    all_tokens,
     sample_tokens,
 )
 from mimkit.eval.finetune import layer_decay_groups
+from mimkit.masking import MaskSpec
 from mimkit.models import create_model
 
 VIT = dict(img_size=64, in_chans=3, depth=2, embed_dim=64, num_heads=2, decoder="micro")
@@ -184,7 +184,7 @@ def test_mimdet_samples_in_training_and_sees_every_token_at_eval() -> None:
     # at eval the 1/16 map is exactly the decoder's view of the unmasked encoder on the stem's tokens
     patches, _ = body.stem(images)
     enc = model.encoder.forward_patches(patches)
-    dec = model.decoder(enc, all_tokens(3, 64, images.device), return_hidden=True)
+    dec = model.decoder(enc, MaskSpec.unmasked(3, 64, images.device), return_hidden=True)
     expected = model.decoder.norm(dec.hidden_states[-1])[:, 1:].transpose(1, 2).reshape(3, -1, 8, 8)
     torch.testing.assert_close(body.token_map(images, None, patches), expected)
     torch.testing.assert_close(body(images)["2"], F.adaptive_avg_pool2d(expected, 4))

@@ -150,14 +150,6 @@ def sample_tokens(
     return RandomMasker(1.0 - sample_ratio)(batch, grid, generator=generator)
 
 
-def all_tokens(batch: int, num_patches: int, device: torch.device) -> MaskSpec:
-    """The mask that hides nothing: every token visible, in raster order."""
-    ids = torch.arange(num_patches, device=device).expand(batch, -1)  # (B, L)
-    return MaskSpec(
-        ids_keep=ids, ids_restore=ids, mask=torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
-    )
-
-
 def resample_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """A map (B, C, h, w) at ``size``: average pooling to shrink, bilinear interpolation to grow."""
     if tuple(x.shape[-2:]) == size:
@@ -274,7 +266,7 @@ class MIMDetBackbone(nn.Module):
         # tokens (B, 1 + N, D)
         enc = self.encoder(images, mask) if patches is None else self.encoder.forward_patches(patches, mask)
         if self.decoder is not None:
-            spec = mask if mask is not None else all_tokens(batch, num_patches, images.device)
+            spec = mask if mask is not None else MaskSpec.unmasked(batch, num_patches, images.device)
             dec = self.decoder(enc, spec, return_hidden=True)
             tokens = self.decoder.norm(dec.hidden_states[-1])[:, self.decoder.num_prefix_tokens :]  # (B, L, Dd)
         else:
