@@ -36,6 +36,17 @@ SWITCH_KEY = "self_guided/switch_step"
 FOREGROUND_TINT = (1.0, 0.25, 0.1)  # red-orange: stands out on gray and on most photos
 
 
+def _check_patch_maps(images: Tensor, maps: dict[str, Tensor]) -> tuple[int, int, int]:
+    """Refuse images that are not 1- or 3-channel and per-patch maps that are not (B, L); return (B, H, W)."""
+    batch, chans, height, width = images.shape
+    if chans not in (1, 3):
+        raise ValueError(f"can only draw 1- or 3-channel images, got {chans} channels")
+    for name, value in maps.items():
+        if value.ndim != 2 or value.shape[0] != batch:
+            raise ValueError(f"{name} must be ({batch}, L), got shape {tuple(value.shape)}")
+    return batch, height, width
+
+
 def _as_rgb(pixels: Tensor) -> Tensor:
     """(B, H, W, C) with C in (1, 3) -> (B, H, W, 3)."""
     return pixels.expand(-1, -1, -1, 3) if pixels.shape[-1] == 1 else pixels
@@ -79,12 +90,9 @@ def save_relation_maps(
         The path written.
     """
     path = Path(path)
-    batch, chans, height, width = images.shape
-    if chans not in (1, 3):
-        raise ValueError(f"can only draw 1- or 3-channel images, got {chans} channels")
-    for name, value in (("attention", attention), ("foreground", foreground), ("informed", informed)):
-        if value.ndim != 2 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be ({batch}, L), got shape {tuple(value.shape)}")
+    batch, height, width = _check_patch_maps(
+        images, {"attention": attention, "foreground": foreground, "informed": informed}
+    )
     pixels = _as_rgb(to_display(images, mean, std))  # (B, H, W, 3)
     fg_pixels = pixel_mask(foreground, height, width)  # (B, H, W) bool
     hidden_pixels = pixel_mask(informed, height, width)  # (B, H, W) bool
@@ -242,12 +250,9 @@ def save_foreground_rules(
         The path written.
     """
     path = Path(path)
-    batch, chans, height, width = images.shape
-    if chans not in (1, 3):
-        raise ValueError(f"can only draw 1- or 3-channel images, got {chans} channels")
-    for name, value in foregrounds.items():
-        if value.ndim != 2 or value.shape[0] != batch:
-            raise ValueError(f"foreground {name!r} must be ({batch}, L), got shape {tuple(value.shape)}")
+    batch, height, width = _check_patch_maps(
+        images, {f"foreground {name!r}": value for name, value in foregrounds.items()}
+    )
     pixels = _as_rgb(to_display(images, mean, std))  # (B, H, W, 3)
     tint = torch.tensor(FOREGROUND_TINT)
     panels = [pixels] + [
