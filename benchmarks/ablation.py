@@ -92,6 +92,38 @@ def finetune(
     return float(json.loads(path.read_text())["top1"])
 
 
+def measure(
+    out: Path,
+    recipe: Path,
+    overrides: list[str],
+    finetune_config: FinetuneConfig,
+    *,
+    train_limit: int,
+    test_limit: int,
+    progress: bool = False,
+) -> tuple[dict[str, Any], float, float, float]:
+    """One row of an ablation table: pretrain the recipe with ``overrides`` into ``out``, then kNN, linear probe
+    and fine-tuning top-1 of its checkpoint (each step cached). Returns (summary, knn, linear, fine-tune)."""
+    summary = pretrain(out, recipe, overrides, progress=progress)
+    checkpoint = Path(summary["checkpoint"])
+    limits = dict(train_limit=train_limit, test_limit=test_limit, progress=progress)
+    knn = probe(out, checkpoint, "knn", **limits)
+    linear = probe(out, checkpoint, "linear", **limits)
+    return summary, knn, linear, finetune(out, checkpoint, finetune_config, progress=progress)
+
+
+def ensure_tokenizer(path: Path, *, progress: bool = False) -> None:
+    """Train the VQ-KD tokenizer of ``configs/vqkd_fmnist.yaml`` into ``path``'s folder unless ``path`` exists."""
+    from mimkit.targets import tokenizer_config, train_tokenizer
+
+    if path.is_file():
+        return
+    print(f"[tokenizer] training {path} ...", flush=True)
+    train_tokenizer(
+        tokenizer_config([f"train.output_dir={path.parent}"], "configs/vqkd_fmnist.yaml"), progress=progress
+    )
+
+
 def median_step_seconds(model: Any, images: Any, *, repeats: int, warmup: int) -> float:
     """Median wall time of one training step (forward, backward, AdamW) of a masked image model on one
     batch, after ``warmup`` untimed steps; masks seeded per step, CUDA synchronized around each step."""

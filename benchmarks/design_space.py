@@ -30,8 +30,6 @@ import ablation  # benchmarks/ablation.py, beside this script
 import torch
 from targets_ablation import RECIPE, TEACHER, step_seconds
 
-from mimkit.targets import tokenizer_config, train_tokenizer
-
 
 def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
     """Row name -> (group, what changes, overrides of the demo recipe)."""
@@ -82,10 +80,8 @@ def main() -> None:
     names = args.rows or list(table)
     if unknown := set(names) - set(table):
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(table)}")
-    if not args.gather and any(table[name][0] == "BEiT v2" for name in names) and not args.tokenizer.is_file():
-        print(f"[tokenizer] training {args.tokenizer} ...", flush=True)
-        config = tokenizer_config([f"train.output_dir={args.tokenizer.parent}"], "configs/vqkd_fmnist.yaml")
-        train_tokenizer(config, progress=args.progress)
+    if not args.gather and any(table[name][0] == "BEiT v2" for name in names):
+        ablation.ensure_tokenizer(args.tokenizer, progress=args.progress)
     finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
     budget = [f"train.epochs={args.epochs}", f"data.limit={args.limit}", f"train.seed={args.seed}"]
@@ -94,12 +90,7 @@ def main() -> None:
         out = args.out / f"seed{args.seed}" / name
         if args.gather and not (out / "finetune").is_dir():
             continue
-        summary = ablation.pretrain(out, RECIPE, [*table[name][2], *budget], progress=args.progress)
-        checkpoint = Path(summary["checkpoint"])
-        knn = ablation.probe(out, checkpoint, "knn", **limits)
-        linear = ablation.probe(out, checkpoint, "linear", **limits)
-        tuned = ablation.finetune(out, checkpoint, finetune_config, progress=args.progress)
-        results.append((name, summary, knn, linear, tuned))
+        results.append((name, *ablation.measure(out, RECIPE, [*table[name][2], *budget], finetune_config, **limits)))
     done = [name for name, *_ in results]
     costs = {} if args.no_step_cost else {name: step_seconds(table[name][2]) for name in dict.fromkeys(["mae", *done])}
 

@@ -42,7 +42,7 @@ from mimkit.engine.pretrain import build_model
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linear import train_linear_probe
 from mimkit.eval.report import classification_metrics
-from mimkit.targets import build_teacher, tokenizer_config, train_tokenizer
+from mimkit.targets import build_teacher
 
 RECIPE = Path("configs/mae_vit_tiny_fmnist.yaml")
 TEACHER = ["target.teacher=efficientnet_lite0", "target.teacher_input_size=128"]
@@ -116,22 +116,14 @@ def main() -> None:
     unknown = set(names) - set(table)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(table)}")
-    if any(name.startswith("vqkd") for name in names) and not args.tokenizer.is_file():
-        print(f"[tokenizer] training {args.tokenizer} ...", flush=True)
-        config = tokenizer_config([f"train.output_dir={args.tokenizer.parent}"], "configs/vqkd_fmnist.yaml")
-        train_tokenizer(config, progress=args.progress)
+    if any(name.startswith("vqkd") for name in names):
+        ablation.ensure_tokenizer(args.tokenizer, progress=args.progress)
     finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
     rows = []
     for name in names:
-        out = args.out / name
         settings = [*table[name], f"train.epochs={args.epochs}", f"data.limit={args.limit}"]
-        summary = ablation.pretrain(out, RECIPE, settings, progress=args.progress)
-        checkpoint = Path(summary["checkpoint"])
-        knn = ablation.probe(out, checkpoint, "knn", **limits)
-        linear = ablation.probe(out, checkpoint, "linear", **limits)
-        tuned = ablation.finetune(out, checkpoint, finetune_config, progress=args.progress)
-        rows.append((name, summary, knn, linear, tuned))
+        rows.append((name, *ablation.measure(args.out / name, RECIPE, settings, finetune_config, **limits)))
     reference = teacher_reference(args.out, args.train_limit, args.test_limit)
     costs = {} if args.no_step_cost else {name: step_seconds(table[name]) for name in ["pixel", *names]}
 
