@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint
 
 setup: $(STAMP) $(FMNIST)
 

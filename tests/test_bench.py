@@ -16,8 +16,6 @@ import torch
 from mimkit.bench import CONFIGS, Timing, build_hf, build_mimkit, count_parameters, paired_ratio
 from mimkit.cli import main
 
-pytest.importorskip("transformers")
-
 
 def positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0

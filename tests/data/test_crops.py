@@ -33,7 +33,7 @@ def photo(package: str, subdir: str, name: str) -> Image.Image:
     try:
         return Image.open(package_data_dir(package, subdir) / name).convert("RGB")
     except FileNotFoundError as err:
-        pytest.skip(f"sample photo not installed (`make setup` installs it): {err}")
+        pytest.fail(f"sample photo not installed (`make setup` installs it): {err}")
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -291,7 +291,7 @@ def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path) -> None:
     portrait.save(folder / "a.png")
     squares = ImageFolderDataset(tmp_path / "split", 64, in_memory=True, crop_ratio=0.875)
     np.testing.assert_array_equal(squares.images[0].numpy(), ours)
-    with pytest.raises(ValueError, match="data.eval_crop_ratio"):
+    with pytest.raises(ValueError, match=r"data\.eval_crop_ratio"):
         ImageFolderDataset(tmp_path / "split", 64, crop_ratio=1.5)
 
 

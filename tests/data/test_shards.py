@@ -77,7 +77,7 @@ def test_patterns_globs_and_splits(shard_dir: Path) -> None:
     by_range = resolve_shards(f"{shard_dir}/shard-{{000000..000002}}.tar")
     assert by_range == resolve_shards(f"{shard_dir}/shard-*.tar") == resolve_shards(shard_dir)
     assert len(TarShardDataset(shard_dir / "shard-000001.tar", 28, in_chans=1)) == PER_SHARD
-    with pytest.raises(FileNotFoundError, match="shard .*shard-000003.tar does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"shard .*shard-000003\.tar does not exist"):
         resolve_shards(f"{shard_dir}/shard-{{000000..000003}}.tar")
     with pytest.raises(FileNotFoundError, match="no shard matches"):
         resolve_shards(f"{shard_dir}/other-*.tar")
@@ -128,7 +128,7 @@ def test_damaged_shards_are_reported_and_what_is_whole_is_used(tmp_path: Path, s
     assert torch.equal(image[0], images[3]) and label == int(labels[3])
 
     (root / "c.tar").write_bytes(gzip.compress(whole))  # compressed content under a .tar name
-    with pytest.raises(ValueError, match="is compressed; .*uncompressed .tar shards"):
+    with pytest.raises(ValueError, match=r"is compressed; .*uncompressed \.tar shards"):
         TarShardDataset(root / "c.tar", 28)
     (root / "d.tar").write_bytes(b"not a tar file at all" * 40)
     with pytest.raises(ValueError, match="is not a tar file"):

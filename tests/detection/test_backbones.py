@@ -254,13 +254,13 @@ def test_backbones_refuse_the_wrong_encoder_and_image_size() -> None:
         MIMDetBackbone(create_model("convmae_tiny", img_size=64, decoder="micro").encoder)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mask_token"):
         MIMDetBackbone(model.encoder, None, fill="decoder")
-    with pytest.raises(ValueError, match="model.stem must be one of"):
+    with pytest.raises(ValueError, match=r"model\.stem must be one of"):
         MIMDetBackbone(model.encoder, model.decoder, stem="patches")
-    with pytest.raises(ValueError, match="model.p5_pool must be one of"):
+    with pytest.raises(ValueError, match=r"model\.p5_pool must be one of"):
         MIMDetBackbone(model.encoder, model.decoder, p5_pool="sum")
-    with pytest.raises(ValueError, match="model.stem_channels=.*model.stem=patch_embed"):
+    with pytest.raises(ValueError, match=r"model\.stem_channels=.*model\.stem=patch_embed"):
         MIMDetBackbone(model.encoder, model.decoder, stem_channels=(16, 32))
-    with pytest.raises(ValueError, match="power of two of at least 8 .*got 4; use model.stem=patch_embed"):
+    with pytest.raises(ValueError, match=r"power of two of at least 8 .*got 4; use model\.stem=patch_embed"):
         MIMDetBackbone(vit_model(4).encoder, None, fill="mask_token")
     body = MIMDetBackbone(model.encoder, model.decoder)
     with pytest.raises(ValueError, match="takes 64x64 images, got 32x32"):

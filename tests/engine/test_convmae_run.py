@@ -36,21 +36,21 @@ def test_recipe_pretrains_resumes_and_draws(tmp_path: Path) -> None:
 
 
 def test_conv_and_vit_keys_are_not_mixed() -> None:
-    with pytest.raises(ConfigError, match="model.embed_dim: not for convmae_tiny"):
+    with pytest.raises(ConfigError, match=r"model\.embed_dim: not for convmae_tiny"):
         load_config(RECIPE, ["model.embed_dim=64"])
-    with pytest.raises(ConfigError, match="model.patch_sizes: not for vit_tiny"):
+    with pytest.raises(ConfigError, match=r"model\.patch_sizes: not for vit_tiny"):
         load_config(None, ["model.patch_sizes=[1,2,2]"])
-    with pytest.raises(ConfigError, match="model.patch_sizes: ConvMAE has 3 stages"):
+    with pytest.raises(ConfigError, match=r"model\.patch_sizes: ConvMAE has 3 stages"):
         load_config(RECIPE, ["model.patch_sizes=[2,2]"])
-    with pytest.raises(ConfigError, match="model.img_size"):
+    with pytest.raises(ConfigError, match=r"model\.img_size"):
         load_config(RECIPE, ["model.patch_sizes=[2,2,4]", "model.img_size=24"])  # stride 16 does not divide 24
     # the fine-grained masker hides parts of patches: ConvMAE only, scored pixel by pixel
     assert load_config(RECIPE, ["mask.type=fine_random"]).mask.type == "fine_random"
-    with pytest.raises(ConfigError, match="mask.type: fine_random masks ConvMAE's stage-1 grid"):
+    with pytest.raises(ConfigError, match=r"mask\.type: fine_random masks ConvMAE's stage-1 grid"):
         load_config(None, ["mask.type=fine_random"])
-    with pytest.raises(ConfigError, match="target.loss: fine_random scores single pixels"):
+    with pytest.raises(ConfigError, match=r"target\.loss: fine_random scores single pixels"):
         load_config(RECIPE, ["mask.type=fine_random", "target.loss=cosine"])
-    with pytest.raises(ConfigError, match="mask.ratio"):
+    with pytest.raises(ConfigError, match=r"mask\.ratio"):
         load_config(RECIPE, ["mask.type=fine_random", "mask.ratio=0.98"])
 
 
@@ -110,7 +110,7 @@ def test_photo_folder_recipe_pretrains_on_real_photos(tmp_path: Path) -> None:
         for index, box in enumerate([(0, 0, 300, 300), (100, 50, 400, 350), (0, 0, *photo.size)]):
             photo.crop(box).save(photos / f"{Path(name).stem}_{index}.jpg")  # 6 real photos
     recipe = RECIPE.with_name("convmae_base_folder.yaml")
-    with pytest.raises(ConfigError, match="data.root"):
+    with pytest.raises(ConfigError, match=r"data\.root"):
         load_config(recipe)
     overrides = [
         f"data.root={tmp_path / 'photos'}", "data.num_workers=0", "model.img_size=64", "model.depths=[1,1,2]",

@@ -191,7 +191,7 @@ def test_full_disk_is_reported_before_training_and_at_a_save(tmp_path: Path, sma
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="no space left to write .*previous checkpoint there is intact"):
+    with pytest.raises(CheckpointError, match=r"no space left to write .*previous checkpoint there is intact"):
         save_checkpoint(good, {"step": 2})
     monkeypatch.undo()
     assert load_checkpoint_file(good)["step"] == 1

@@ -25,7 +25,7 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for name in ("voc", "arc2017")
         ]
     except FileNotFoundError as err:
-        pytest.skip(f"sample photos not installed (`make setup` installs them): {err}")
+        pytest.fail(f"sample photos not installed (`make setup` installs them): {err}")
     root = tmp_path_factory.mktemp("photos") / "train"
     root.mkdir()
     rng = random.Random(0)

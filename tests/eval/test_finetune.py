@@ -145,7 +145,7 @@ def test_mixup_cutmix_and_ema_run_and_ema_is_reported(checkpoint, tmp_path) -> N
 
 
 def test_bad_recipes_fail_before_training_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match="unknown key.*epoch"):
+    with pytest.raises(ConfigError, match=r"unknown key.*epoch"):
         finetune_config(["epoch=3"])
     with pytest.raises(ConfigError, match="layer_decay"):
         finetune_config(["layer_decay=1.5"])

@@ -56,9 +56,9 @@ def test_default_is_deterministic_without_offset() -> None:
 
 @pytest.mark.parametrize("ratio", [0.5, 0.7, 0.0, 0.9])
 def test_rejects_other_ratios(ratio: float) -> None:
-    with pytest.raises(ValueError, match="ratio is 0.75"):
+    with pytest.raises(ValueError, match=r"ratio is 0\.75"):
         GridMasker(ratio)
-    with pytest.raises(ValueError, match="ratio is 0.75"):
+    with pytest.raises(ValueError, match=r"ratio is 0\.75"):
         create_masker("grid", ratio)
 
 

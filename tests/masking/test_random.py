@@ -55,7 +55,7 @@ def test_from_mask_round_trip_and_errors() -> None:
 def test_bad_ratio_and_type() -> None:
     with pytest.raises(ValueError, match="mask ratio"):
         RandomMasker(1.0)
-    with pytest.raises(ValueError, match="unknown mask.type"):
+    with pytest.raises(ValueError, match=r"unknown mask\.type"):
         create_masker("nope", 0.5)
 
 

@@ -158,11 +158,11 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path: Path) -> None:
 
 
 def test_target_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match="target.teacher: target.type=maskdistill needs a teacher"):
+    with pytest.raises(ConfigError, match=r"target\.teacher: target\.type=maskdistill needs a teacher"):
         load_config(None, ["target.type=maskdistill"])
-    with pytest.raises(ConfigError, match="target.teacher: only target.type maskdistill or milan takes a teacher"):
+    with pytest.raises(ConfigError, match=r"target\.teacher: only target\.type maskdistill or milan takes a teacher"):
         load_config(None, ["target.teacher=efficientnet_lite0"])
-    with pytest.raises(ConfigError, match="target.type: unknown 'clip'"):
+    with pytest.raises(ConfigError, match=r"target\.type: unknown 'clip'"):
         load_config(None, ["target.type=clip"])
     config = load_config(None, ["target.type=maskdistill", "target.teacher=efficientnet_lite0"])
     assert config.target.resolved_loss() == "smooth_l1" and load_config(None).target.resolved_loss() == "mse"
@@ -197,7 +197,7 @@ def test_milan_recipe_trains_with_teacher_guided_masks(tmp_path: Path) -> None:
     ]  # fmt: skip
     summary_steps = Pretrainer(load_config(None, overrides)).fit()
     assert summary_steps.steps == 2 and 0.0 < summary_steps.final_loss < 2.0  # cosine loss lies in [0, 2]
-    with pytest.raises(ConfigError, match="mask.source=teacher needs a teacher target"):
+    with pytest.raises(ConfigError, match=r"mask\.source=teacher needs a teacher target"):
         load_config(None, ["mask.type=attention", "mask.source=teacher"])
 
 
@@ -216,7 +216,7 @@ def test_vqkd_target_keeps_its_tokenizer_frozen_and_out_of_the_state_dict(images
         create_model(
             "vit_tiny", **TINY, target="vqkd", tokenizer=str(tokenizer_path), data_mean=(0.5,), data_std=(0.5,)
         )
-    with pytest.raises(ConfigError, match="target.tokenizer: target.type=vqkd needs target.tokenizer"):
+    with pytest.raises(ConfigError, match=r"target\.tokenizer: target\.type=vqkd needs target\.tokenizer"):
         load_config(None, ["target.type=vqkd"])
 
 
@@ -233,7 +233,7 @@ def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(im
     assert all(block.mlp.fc2.weight.grad.abs().sum() > 0 for block in model.encoder.blocks)
     plain = model_with("vqkd")
     assert "aux_loss" not in plain(images, generator=torch.Generator().manual_seed(0)).extras
-    with pytest.raises(ConfigError, match="target.cls_pretraining: needs an encoder with a class token"):
+    with pytest.raises(ConfigError, match=r"target\.cls_pretraining: needs an encoder with a class token"):
         load_config(RECIPES / "convmae_tiny_fmnist.yaml", ["target.cls_pretraining=true"])
 
 
@@ -278,5 +278,5 @@ def test_unaugmented_training_reads_the_teacher_from_the_cache_after_one_epoch(t
     trainer.fit()
     cache = trainer.model.target.cache
     assert (cache.misses, cache.hits) == (32, 32)  # epoch 1 computes every image, epoch 2 reads them all
-    with pytest.raises(ConfigError, match="target.teacher_cache"):
+    with pytest.raises(ConfigError, match=r"target\.teacher_cache"):
         load_config(None, [f"target.teacher_cache={tmp_path}"])
