@@ -275,8 +275,19 @@ def test_yaml_that_is_not_a_mapping(tmp_path) -> None:
 def test_unknown_key(tmp_path, where) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text("model:\n  depthh: 3\n" if where == "file" else "")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) model\.depthh in section model; valid: \[.*'depth'"):
+    expected = r"unknown key\(s\) model\.depthh in section model; did you mean model\.depth\?; valid: \[.*'depth'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(path, ["model.depthh=3"] if where == "override" else [])
+
+
+def test_unknown_keys_each_get_their_nearest_valid_key() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.batch_sise: did you mean train\.batch_size\?; train\.epochz: did you mean train\.epochs\?;",
+    ):
+        load_config(None, ["train.epochz=2", "train.batch_sise=8", "train.qqqqqq=1"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train\.qqqqqq in section train; valid:"):
+        load_config(None, ["train.qqqqqq=1"])
 
 
 @pytest.mark.parametrize(

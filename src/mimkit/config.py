@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -513,6 +514,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation}")
 
 
+def nearest_key(name: str, names: typing.Iterable[str]) -> list[str]:
+    """The valid key closest to a misspelt ``name`` (``epochz`` -> ``[epochs]``), or ``[]`` when none is close."""
+    return difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key."""
     if not isinstance(data, dict):
@@ -522,7 +528,14 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section {prefix.rstrip('.')}" if prefix else "the config"
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; valid: {sorted(names)}")
+        guesses = {k: near[0] for k in unknown if (near := nearest_key(k, names))}
+        if len(unknown) == 1 and guesses:
+            guess = f"; did you mean {prefix}{guesses[unknown[0]]}?"
+        else:
+            guess = "".join(f"; {prefix}{k}: did you mean {prefix}{near}?" for k, near in guesses.items())
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}{guess}; valid: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
