@@ -336,7 +336,7 @@ def test_analyze_command_errors_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_patch_saliency_is_class_attention_or_the_attention_each_patch_receives() -> None:
-    from mimkit.analysis.relations import patch_saliency
+    from mimkit.masking.saliency import patch_saliency
 
     attention = torch.softmax(torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0)), dim=-1)  # (B, T, T)
     assert torch.equal(patch_saliency(attention, 1), attention[:, 0, 1:])  # class token over the 4 patches

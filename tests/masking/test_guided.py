@@ -233,3 +233,30 @@ def test_default_guidance_layer_is_the_middle_block(images) -> None:
     assert torch.allclose(model.guidance(images, "encoder_features"), hidden[1][:, 1:])
     model.masker.layer = -1
     assert torch.allclose(model.guidance(images, "encoder_features"), hidden[-1][:, 1:])
+
+
+def test_the_masker_keeps_its_exploitation_window_and_checks_at_its_own_schedule() -> None:
+    every_4 = SelfGuidedMasker(0.75, trigger_every_steps=4)
+    fired = []
+    for step in range(13):
+        fired.append(every_4.advance(step=step, total_steps=100, steps_per_epoch=10))
+        share = 0.3 if step < 4 else 0.7  # mask tokens above visible from step 4 on
+        every_4.observe_exploitation(1.0 - share, share)
+    # checks at steps 4 (mean of steps 0-3: below), 8 (steps 4-7: above, after a check below: fires)
+    assert [
+        point == pytest.approx(expected)
+        for point, expected in zip(every_4.curve, [[4, 0.4, 0.7, 0.3], [8, 0.8, 0.3, 0.7]], strict=True)
+    ] == [True, True]
+    assert fired.index(True) == 8 and fired.count(True) == 1 and every_4.switch_step == 8
+    per_epoch = SelfGuidedMasker(0.75)  # no trigger_every_steps: one check at every epoch start
+    for step in range(21):
+        per_epoch.advance(step=step, total_steps=100, steps_per_epoch=10)
+        per_epoch.observe_exploitation(0.2, 0.6, count=2.0)  # two ranks' measurements arrive summed
+    assert [point[:2] for point in per_epoch.curve] == [[10.0, 1.0], [20.0, 2.0]]
+    assert per_epoch.curve[0][2:] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert per_epoch.window == [pytest.approx(0.2), pytest.approx(0.6), 2.0]  # step 20's measurement, not checked
+    restored = SelfGuidedMasker(0.75)
+    restored.load_state_dict(per_epoch.state_dict())
+    assert restored.window == per_epoch.window and restored.curve == per_epoch.curve
+    with pytest.raises(ValueError, match="trigger_every_steps"):
+        SelfGuidedMasker(0.75, trigger_every_steps=0)

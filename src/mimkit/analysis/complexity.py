@@ -168,7 +168,7 @@ def model_info(model: MaskedImageModel, mask_ratio: float | None = None) -> dict
             "model_info counts FLOPs analytically for a VisionTransformer or ConvViT encoder with an MAEDecoder, "
             f"got {type(encoder).__name__} and {type(decoder).__name__}"
         )
-    ratio = float(getattr(model.masker, "ratio", 0.0) if mask_ratio is None else mask_ratio)
+    ratio = float(model.masker.ratio if mask_ratio is None else mask_ratio)
     num_patches = int(encoder.num_patches)
     num_visible = num_patches - num_hidden_patches(num_patches, ratio)
     if mask_ratio is None and isinstance(model.masker, FineRandomMasker):  # hides cells, never whole patches

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from mimkit.analysis.reconstruct import load_model_images
 from mimkit.engine.checkpoint import atomic_write
 from mimkit.masking import MaskSpec, informed_mask, num_hidden_patches
 from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_bipartition, ncut_split, patch_affinity
+from mimkit.masking.saliency import patch_saliency
 from mimkit.models import MaskedImageModel, load_checkpoint
 
 __all__ = [
@@ -87,18 +88,6 @@ def _cosine_similarity(features: Tensor) -> Tensor:
     """(B, N, D) -> (B, N, N) cosine similarity."""
     unit = F.normalize(features.float(), dim=-1)  # (B, N, D)
     return unit @ unit.transpose(1, 2)  # (B, N, N)
-
-
-def patch_saliency(attention: Tensor, num_prefix_tokens: int) -> Tensor:
-    """How much attention each patch draws, from head-averaged weights (B, P + N, P + N) -> (B, N).
-
-    With a class token (P > 0) it is the class token's attention to the patches, as in DINO's maps and
-    the attention-guided maskers of AttMask/SemMAE; without one (ConvMAE) it is the attention each
-    patch receives averaged over all queries.
-    """
-    if num_prefix_tokens > 0:
-        return attention[:, 0, num_prefix_tokens:]  # (B, N)
-    return attention.mean(dim=1)  # (B, N)
 
 
 def _layers(
@@ -192,7 +181,7 @@ def token_relations(
     visible_hidden = torch.zeros_like(spec.ids_keep, dtype=torch.bool)  # (B, Lk)
     layers = _layers("encoder", enc.attentions, enc.hidden_states, enc.num_prefix_tokens, spec.ids_keep, visible_hidden)
     raster = torch.arange(num_patches, device=device).expand(batch, -1)  # (B, L)
-    decoder_prefix = int(getattr(model.decoder, "num_prefix_tokens", 1))
+    decoder_prefix = cast(int, model.decoder.num_prefix_tokens)
     layers += _layers("decoder", dec.attentions, dec.hidden_states, decoder_prefix, raster, spec.mask)
     return layers
 
@@ -519,7 +508,7 @@ def analyze_files(
     result["graph"] = graph
     result["object_share"] = {rule: float(side.float().mean()) for rule, side in sides.items()}
     foreground_side = sides[foreground]  # (B, L)
-    ratio = float(getattr(model.masker, "ratio", 0.75))
+    ratio = float(model.masker.ratio)
     num_hidden = num_hidden_patches(num_patches, ratio)
     informed = informed_mask(foreground_side, num_hidden, num_hints=0, generator=generator)  # (B, L)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.linear import LinearProbe
 from mimkit.models import MaskedImageModel, create_model
+from mimkit.models.protocols import GuidedMasker, StatefulMasker
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,7 @@ class Pretrainer:
         self.probe_running = torch.zeros(3, device=self.device)
         if cfg.eval.online_probe:
             self._build_online_probe()
-        # exploitation rate measured since the trigger's last check / the last log: (visible, mask, count)
-        self.exploitation_trigger = torch.zeros(3)
+        # exploitation rate measured since the last log: (visible, mask, count); a stateful masker keeps its own
         self.exploitation_log = torch.zeros(3)
         self.step = 0
         self.last_loss = math.nan  # mean loss over the last logging interval
@@ -333,11 +333,14 @@ class Pretrainer:
             else:
                 log.info("%s has no online probe; starting a fresh one at step %d", path, int(state["step"]))
         masker_state = state.get("masker")
-        load_masker = getattr(self.model.masker, "load_state_dict", None)
-        if masker_state is not None and load_masker is not None:
-            load_masker(masker_state["state"])
-            self.exploitation_trigger = torch.tensor(masker_state["exploitation_trigger"], dtype=torch.float32)
-            self.exploitation_log = torch.tensor(masker_state["exploitation_log"], dtype=torch.float32)
+        if masker_state is not None and isinstance(self.model.masker, StatefulMasker):
+            inner = dict(masker_state["state"])
+            if "exploitation_trigger" in masker_state:  # saved when the loop kept the trigger's window
+                inner.setdefault("window", masker_state["exploitation_trigger"])
+            self.model.masker.load_state_dict(inner)
+        log_window = state.get("exploitation_log", (masker_state or {}).get("exploitation_log"))
+        if log_window is not None:
+            self.exploitation_log = torch.tensor(log_window, dtype=torch.float32)
         if "rng" in state:
             set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -384,13 +387,9 @@ class Pretrainer:
             "config": self.config.to_dict(),
             "model_args": dict(self.model.config),
         }
-        masker_state = getattr(self.model.masker, "state_dict", None)
-        if masker_state is not None:
-            state["masker"] = {
-                "state": masker_state(),
-                "exploitation_trigger": self.exploitation_trigger.tolist(),
-                "exploitation_log": self.exploitation_log.tolist(),
-            }
+        if isinstance(self.model.masker, StatefulMasker):
+            state["masker"] = {"state": self.model.masker.state_dict()}
+        state["exploitation_log"] = self.exploitation_log.tolist()
         if self.online_probe is not None and self.probe_optimizer is not None:
             state["online_probe"] = {
                 "model": self.online_probe.state_dict(),
@@ -463,8 +462,9 @@ class Pretrainer:
             with distributed.unsharded(self.model):
                 rate = self.model.exploitation(images, mask)
             measured = distributed.all_reduce(torch.tensor([rate.visible, rate.mask, 1.0]))
-            self.exploitation_trigger += measured
             self.exploitation_log += measured
+            if isinstance(self.model.masker, StatefulMasker) and self.model.masker.wants_exploitation:
+                self.model.masker.observe_exploitation(*measured.tolist())
         torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # drop path and other global randomness
         accum = cfg.optim.accum_steps
         micro = batch // accum
@@ -494,31 +494,25 @@ class Pretrainer:
         seed, step = self.config.train.seed, self.step
         offset, total = part
         batch = images.shape[0]
-        if getattr(self.model.masker, "guidance", None) is None:
+        masker = self.model.masker
+        if not isinstance(masker, GuidedMasker) or masker.guidance is None:
             return self.model.make_mask(total, generator=step_generator(seed, step, 1)).rows(
                 slice(offset, offset + batch)
             )
         return self.model.make_mask(batch, generator=step_generator(seed, step, 1, self.place.rank), images=images)
 
     def _measures_exploitation(self) -> bool:
-        return bool(getattr(self.model.masker, "wants_exploitation", False)) or self.config.log.exploitation
+        masker = self.model.masker
+        return (isinstance(masker, StatefulMasker) and masker.wants_exploitation) or self.config.log.exploitation
 
     def _update_masker(self) -> None:
-        """Tell a stateful masker (e.g. self-guided) where training stands, with the exploitation rate
-        measured since the last check at each check point (every ``mask.trigger_every_steps`` steps, else at
-        every epoch start); logs the step at which it switches to informed masks."""
-        update = getattr(self.model.masker, "update", None)
-        if update is None:
+        """Tell a stateful masker (e.g. self-guided) where training stands; logs the step at which it switches
+        to informed masks."""
+        masker = self.model.masker
+        if not isinstance(masker, StatefulMasker):
             return
-        every = self.config.mask.trigger_every_steps or self.steps_per_epoch
-        exploitation = None
-        if self.step > 0 and self.step % every == 0:
-            visible_sum, mask_sum, count = self.exploitation_trigger.tolist()
-            if count:
-                exploitation = (visible_sum / count, mask_sum / count)
-            self.exploitation_trigger.zero_()
-        epoch = self.step / self.steps_per_epoch
-        if update(step=self.step, total_steps=self.schedule_steps, epoch=epoch, exploitation=exploitation):
+        if masker.advance(step=self.step, total_steps=self.schedule_steps, steps_per_epoch=self.steps_per_epoch):
+            epoch = self.step / self.steps_per_epoch
             log.info("informed masking starts at step %d (epoch %.2f)", self.step, epoch)
             self.logger.log(self.step, {"self_guided/switch_step": self.step, "self_guided/switch_epoch": epoch})
 

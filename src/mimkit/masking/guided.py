@@ -78,6 +78,7 @@ class AttentionMasker:
             raise ValueError(f"attention source must be 'encoder' or 'teacher', got {source!r}")
         self.ratio, self.mode, self.temperature, self.source = ratio, mode, temperature, source
         self.guidance = "cls_attention" if source == "encoder" else "teacher_attention"
+        self.layer: int | None = None  # the class token's attention is read in the last encoder block
 
     def __call__(
         self,
@@ -155,12 +156,15 @@ class SelfGuidedMasker:
     cluster patches, then informed masks from its own patch clustering, in the same run.
 
     Before the switch it is MAE's random masker. With ``trigger="exploitation"`` the training loop
-    measures the decoder's exploitation rate (:mod:`mimkit.analysis.exploitation`) and passes
-    ``(Rhat_{V->O}, Rhat_{M->O})`` to :meth:`update` at each check; the switch fires where the paper's
-    curves cross: ``Rhat_{M->O}`` above ``Rhat_{V->O}`` for ``trigger_patience`` consecutive checks,
-    after having been at or below it at an earlier check (a curve that starts above does not fire until
-    it has dipped), and not before ``start_epoch`` when given. ``trigger="epoch"`` switches at a fixed
-    ``start_epoch`` instead. Every check is kept in :attr:`curve`, which the checkpoint holds.
+    measures the decoder's exploitation rate (:mod:`mimkit.analysis.exploitation`) while
+    :attr:`wants_exploitation` is True and hands each measurement to :meth:`observe_exploitation`; the masker
+    keeps them in its own window and, at each check (every ``trigger_every_steps`` steps, else at every
+    epoch start; :meth:`advance`), passes their mean ``(Rhat_{V->O}, Rhat_{M->O})`` to :meth:`update`. The
+    switch fires where the paper's curves cross: ``Rhat_{M->O}`` above ``Rhat_{V->O}`` for
+    ``trigger_patience`` consecutive checks, after having been at or below it at an earlier check (a curve
+    that starts above does not fire until it has dipped), and not before ``start_epoch`` when given.
+    ``trigger="epoch"`` switches at a fixed ``start_epoch`` instead. Every check is kept in :attr:`curve`,
+    which the checkpoint holds.
 
     After the switch every batch is bipartitioned by a normalized cut of one layer's patch features
     (``guidance``: decoder features of a random-masked forward pass, the practical setting, or encoder
@@ -194,6 +198,7 @@ class SelfGuidedMasker:
         foreground: ``"border"``, ``"mean"`` or ``"eigenvector"`` object-side rule.
         tau: similarity threshold of the binary graph.
         hint_choice: ``"random"`` or ``"similarity"``.
+        trigger_every_steps: steps between the trigger's checks; None checks at every epoch start.
     """
 
     def __init__(
@@ -210,12 +215,15 @@ class SelfGuidedMasker:
         foreground: str = "border",
         tau: float = 0.2,
         hint_choice: str = "random",
+        trigger_every_steps: int | None = None,
     ) -> None:
         num_hidden_patches(1, ratio)
         if not 0 <= hint_ratio_end <= hint_ratio < 1:
             raise ValueError(f"need 0 <= hint_ratio_end <= hint_ratio < 1, got {hint_ratio_end} and {hint_ratio}")
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+        if trigger_every_steps is not None and trigger_every_steps < 1:
+            raise ValueError(f"trigger_every_steps must be >= 1 (or None), got {trigger_every_steps}")
         if trigger_patience < 1:
             raise ValueError(f"trigger_patience must be >= 1, got {trigger_patience}")
         if trigger == "epoch" and start_epoch is None:
@@ -233,13 +241,14 @@ class SelfGuidedMasker:
         self.ratio, self.hint_ratio, self.hint_ratio_end = ratio, hint_ratio, hint_ratio_end
         self.trigger, self.trigger_patience, self.start_epoch = trigger, trigger_patience, start_epoch
         self.layer, self.setting, self.graph, self.foreground = layer, setting, graph, foreground
-        self.tau, self.hint_choice = tau, hint_choice
+        self.tau, self.hint_choice, self.trigger_every_steps = tau, hint_choice, trigger_every_steps
         self.random = RandomMasker(ratio)
         self.switch_step: int | None = None
         self.seen_below = False  # a check had mask tokens exploited no more than visible ones
         self.streak = 0  # consecutive checks since then with mask tokens exploited more
         self.curve: list[list[float]] = []  # every check: [step, epoch, Rhat_{V->O}, Rhat_{M->O}]
         self.step, self.total_steps = 0, 1
+        self.window = [0.0, 0.0, 0.0]  # exploitation measured since the last check: (visible sum, mask sum, count)
 
     @property
     def informed(self) -> bool:
@@ -257,6 +266,23 @@ class SelfGuidedMasker:
     def wants_exploitation(self) -> bool:
         """The training loop measures the exploitation rate while the trigger waits for it."""
         return not self.informed and self.trigger == "exploitation"
+
+    def observe_exploitation(self, visible: float, mask: float, count: float = 1.0) -> None:
+        """Add ``count`` measurements of the exploitation rate summing to ``visible`` and ``mask`` to the
+        window the next check averages (several ranks' measurements arrive summed)."""
+        self.window = [self.window[0] + visible, self.window[1] + mask, self.window[2] + count]
+
+    def advance(self, *, step: int, total_steps: int, steps_per_epoch: int) -> bool:
+        """Called before every training step: at a check point, :meth:`update` with the window's mean (then
+        emptied), else with nothing measured; returns True when informed masking starts at this step."""
+        every = self.trigger_every_steps or steps_per_epoch
+        exploitation = None
+        if step > 0 and step % every == 0:
+            visible_sum, mask_sum, count = self.window
+            if count:
+                exploitation = (visible_sum / count, mask_sum / count)
+            self.window = [0.0, 0.0, 0.0]
+        return self.update(step=step, total_steps=total_steps, epoch=step / steps_per_epoch, exploitation=exploitation)
 
     def current_hint_ratio(self) -> float:
         """The hint ratio at the current step (``hint_ratio`` at the switch, linear to ``hint_ratio_end``)."""
@@ -325,12 +351,14 @@ class SelfGuidedMasker:
         return MaskSpec.from_mask(informed_mask(foreground, num_hidden, num_hints, generator, scores=scores))
 
     def state_dict(self) -> dict[str, Any]:
-        """The switch and the trigger's curve, for a checkpoint (the hint schedule follows from the switch)."""
+        """The switch, the trigger's curve and its window, for a checkpoint (the hint schedule follows from the
+        switch)."""
         return {
             "switch_step": self.switch_step,
             "seen_below": self.seen_below,
             "streak": self.streak,
             "curve": [list(point) for point in self.curve],
+            "window": list(self.window),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -339,6 +367,7 @@ class SelfGuidedMasker:
         self.seen_below = bool(state.get("seen_below", False))
         self.streak = int(state.get("streak", 0))
         self.curve = [[float(value) for value in point] for point in state.get("curve", [])]
+        self.window = [float(value) for value in state.get("window", (0.0, 0.0, 0.0))]
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +161,16 @@ class MaskSpec:
         return spec
 
 
+@runtime_checkable
 class Masker(Protocol):
-    """Anything that makes a :class:`MaskSpec` for a batch on a patch grid."""
+    """Anything that makes a :class:`MaskSpec` for a batch on a patch grid.
+
+    Attributes:
+        ratio: the fraction of patches it hides (MAE's noise-driven masks in
+            :meth:`~mimkit.models.mim.MaskedImageModel.make_mask` keep the same number visible).
+    """
+
+    ratio: float
 
     def __call__(
         self,

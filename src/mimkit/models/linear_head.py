@@ -25,6 +25,8 @@ class LinearHead(nn.Module):
         num_prefix_tokens: the encoder's prefix tokens, dropped before the prediction.
     """
 
+    needs_hidden_states = False
+
     def __init__(self, in_dim: int, out_dim: int, num_prefix_tokens: int = 1) -> None:
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens

@@ -53,6 +53,8 @@ class MAEDecoder(nn.Module):
             (activation checkpointing, training only): less memory for about one more forward pass.
     """
 
+    needs_hidden_states = False  # the encoder's output tokens are all it reads
+
     def __init__(
         self,
         grid: tuple[int, int],

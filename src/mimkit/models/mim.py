@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.masking import Masker, MaskSpec, mae_num_visible
+from mimkit.masking.saliency import patch_saliency
 from mimkit.models.mae_decoder import DecoderOutput
+from mimkit.models.protocols import Decoder, Encoder, GuidedMasker, Target, TeacherTarget, check_part
 from mimkit.models.vit import EncoderOutput
 
 if TYPE_CHECKING:
@@ -47,11 +49,15 @@ class MaskedImageModel(nn.Module):
     with nothing missing, so the decoder is handed the mask that hides nothing.
 
     Args:
-        encoder: module ``(images, mask) -> EncoderOutput`` with an ``encoder_sees`` attribute.
-        decoder: module ``(EncoderOutput, MaskSpec) -> DecoderOutput``.
-        masker: callable making a :class:`MaskSpec`.
-        target: module ``(images, pred, MaskSpec) -> loss``.
+        encoder: an :class:`~mimkit.models.protocols.Encoder` module.
+        decoder: a :class:`~mimkit.models.protocols.Decoder` module.
+        masker: a :class:`~mimkit.models.protocols.Masker` (guided and stateful maskers implement the
+            capability protocols there).
+        target: a :class:`~mimkit.models.protocols.Target` module.
         loss_on: ``"hidden"`` (MAE: the loss on hidden patches) or ``"all"`` (every patch, MAE's ablation).
+
+    Raises:
+        TypeError: a part does not implement its protocol (the message names what it lacks).
     """
 
     def __init__(
@@ -60,6 +66,13 @@ class MaskedImageModel(nn.Module):
         super().__init__()
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        for part, protocol, role in (
+            (encoder, Encoder, "encoder"),
+            (decoder, Decoder, "decoder"),
+            (masker, Masker, "masker"),
+            (target, Target, "target"),
+        ):
+            check_part(part, protocol, role)
         self.loss_on = loss_on
         self.encoder = encoder
         self.decoder = decoder
@@ -96,16 +109,15 @@ class MaskedImageModel(nn.Module):
     ) -> MaskSpec:
         """Mask for a batch: from ``noise`` (B, L) exactly as MAE/HF do, else from the masker.
 
-        A guided masker (see :mod:`mimkit.masking.guided`) names what it needs in its ``guidance``
-        attribute; given ``images`` (B, C, H, W), the model computes it without gradients into ``context``.
+        A :class:`~mimkit.models.protocols.GuidedMasker` names what it needs in its ``guidance`` attribute;
+        given ``images`` (B, C, H, W), the model computes it without gradients into ``context``.
         """
         if noise is not None:
             num_patches = self.grid[0] * self.grid[1]
             if noise.shape != (batch, num_patches):
                 raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
-            ratio = getattr(self.masker, "ratio", 0.75)
-            return MaskSpec.from_noise(noise, mae_num_visible(num_patches, ratio))
-        guidance = getattr(self.masker, "guidance", None)
+            return MaskSpec.from_noise(noise, mae_num_visible(num_patches, self.masker.ratio))
+        guidance = self.masker.guidance if isinstance(self.masker, GuidedMasker) else None
         if context is None and guidance is not None:
             if images is None:
                 raise ValueError(f"{self.masker!r} is guided by the model: pass images= to make_mask")
@@ -123,7 +135,8 @@ class MaskedImageModel(nn.Module):
                 encoder without a class token). ``"teacher_attention"``: (B, L) the frozen teacher's
                 saliency of each patch (:meth:`~mimkit.targets.Teacher.saliency`).
                 ``"encoder_features"``: (B, L, D) patch tokens of encoder block ``masker.layer`` (None: the
-                middle one) on all patches (the ideal setting).
+                middle one; a masker that is no :class:`~mimkit.models.protocols.GuidedMasker`: the middle
+                one) on all patches (the ideal setting).
                 ``"decoder_features"``: (B, L, Dd) patch tokens of decoder block ``masker.layer`` after a
                 forward pass with a random mask of the masker's ratio (the practical setting: visible
                 tokens and contextualized mask tokens).
@@ -135,16 +148,13 @@ class MaskedImageModel(nn.Module):
         self.eval()
         try:
             if kind == "cls_attention":
-                from mimkit.analysis.relations import patch_saliency
-
                 enc = self.encoder(images, return_attn=True)
                 return patch_saliency(enc.attentions[-1].mean(dim=1), enc.num_prefix_tokens)  # (B, L)
             if kind == "teacher_attention":
-                teacher = getattr(self.target, "teacher", None)
-                if teacher is None:
+                if not isinstance(self.target, TeacherTarget):
                     raise ValueError("teacher attention needs a teacher target (maskdistill or milan)")
-                return teacher.saliency(images, self.grid)  # (B, L)
-            layer = getattr(self.masker, "layer", None)
+                return self.target.teacher.saliency(images, self.grid)  # type: ignore[operator]  # (B, L)
+            layer = self.masker.layer if isinstance(self.masker, GuidedMasker) else None
             if layer is None:  # the middle block of the module whose features are clustered
                 blocks = self.decoder.blocks if kind == "decoder_features" else self.encoder.blocks
                 layer = len(blocks) // 2 - 1  # type: ignore[arg-type]
@@ -152,10 +162,10 @@ class MaskedImageModel(nn.Module):
                 enc = self.encoder(images, return_hidden=True)
                 return enc.hidden_states[layer][:, enc.num_prefix_tokens :]  # (B, L, D)
             if kind == "decoder_features":
-                ratio = float(getattr(self.masker, "ratio", 0.75))
-                mask = RandomMasker(ratio)(images.shape[0], self.grid, generator=generator).to(images.device)
+                mask = RandomMasker(self.masker.ratio)(images.shape[0], self.grid, generator=generator)
+                mask = mask.to(images.device)
                 dec = self.decoder(self.encoder(images, mask), mask, return_hidden=True)
-                return dec.hidden_states[layer][:, int(getattr(self.decoder, "num_prefix_tokens", 1)) :]  # (B, L, Dd)
+                return dec.hidden_states[layer][:, self.decoder.num_prefix_tokens :]  # (B, L, Dd)
         finally:
             self.train(was_training)
         raise ValueError(f"unknown masker guidance {kind!r}")
@@ -173,7 +183,7 @@ class MaskedImageModel(nn.Module):
             dec = self.decoder(self.encoder(images, mask), mask, return_attn=True)
         finally:
             self.train(was_training)
-        prefix = int(getattr(self.decoder, "num_prefix_tokens", 1))
+        prefix = cast(int, self.decoder.num_prefix_tokens)
         return exploitation_rate(dec.attentions, mask.mask, num_prefix_tokens=prefix)
 
     def decoder_mask(self, mask: MaskSpec) -> MaskSpec:
@@ -203,8 +213,8 @@ class MaskedImageModel(nn.Module):
         if mask is None:
             mask = self.make_mask(images.shape[0], noise=noise, generator=generator, images=images)
         mask = mask.to(images.device)
-        hidden = bool(getattr(self.decoder, "needs_hidden_states", False))  # e.g. BEiT v2's class-token head
-        enc: EncoderOutput = self.encoder(images, mask, return_hidden=hidden)
+        # e.g. BEiT v2's class-token head reads an intermediate block's output
+        enc: EncoderOutput = self.encoder(images, mask, return_hidden=self.decoder.needs_hidden_states)
         dec: DecoderOutput = self.decoder(enc, self.decoder_mask(mask))
         scored = mask if self.loss_on == "hidden" else mask.scoring_all_patches()
         loss = self.target(images, dec.pred, scored)

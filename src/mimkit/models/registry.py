@@ -12,6 +12,7 @@ from mimkit.models.linear_head import LinearHead
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import LOSS_ON, MaskedImageModel
 from mimkit.models.prompting_decoder import PromptingDecoder
+from mimkit.models.protocols import GridCheckedMasker
 from mimkit.models.vit import ENCODER_SEES, VisionTransformer
 from mimkit.targets import create_target
 
@@ -270,9 +271,8 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
             )
         mask_options["factor"] = encoder.stage_factors[0]
     masker = create_masker(args["mask_type"], args["mask_ratio"], **mask_options)
-    check_grid = getattr(masker, "check_grid", None)
-    if check_grid is not None:  # e.g. grid masking needs even sides: say so now, not at the first batch
-        check_grid(encoder.grid)
+    if isinstance(masker, GridCheckedMasker):  # e.g. grid masking needs even sides: say so now, not at a batch
+        masker.check_grid(encoder.grid)
     model = MaskedImageModel(encoder, decoder, masker, target, loss_on=args["loss_on"])
     model.name = name
     model.config = {"name": name, **args}

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.masking.saliency import patch_saliency
+
 # Standard normalizations of the teachers' pretraining (pixels in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -418,8 +420,6 @@ class CheckpointTeacher(Teacher):
     def saliency(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
         """The class token's head-averaged attention over the patches in the last block (the attention
         each patch receives for an encoder without a class token), on the student's grid: (B, L)."""
-        from mimkit.analysis.relations import patch_saliency
-
         out = self.backbone(self.preprocess(images), return_attn=True)
         attention = patch_saliency(out.attentions[-1].mean(dim=1), out.num_prefix_tokens)  # (B, L_teacher)
         attention_map = attention.reshape(attention.shape[0], 1, *out.grid)  # (B, 1, h, w)
