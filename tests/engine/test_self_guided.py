@@ -120,3 +120,25 @@ def test_resume_keeps_the_switch_and_equals_uninterrupted(tmp_path: Path, small_
         assert torch.equal(a[key], b[key]), key
     records = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in records if "self_guided/switch_step" in r] == [4]
+
+
+def test_a_checkpoint_whose_loop_kept_the_trigger_window_resumes_exactly(tmp_path: Path, small_config, weights) -> None:
+    full = primed(Pretrainer(small_config(tmp_path / "full", *PRIMED)))
+    full.fit()
+    first = primed(Pretrainer(small_config(tmp_path / "split", *PRIMED, "train.max_steps=3")))
+    first.fit()  # one measurement pending in the window
+    path = tmp_path / "split" / "last.pt"
+    state = load_checkpoint_file(path)
+    window = state["masker"]["state"].pop("window")
+    assert window[2] == 1.0  # the pending measurement
+    # the earlier layout: the loop saved the trigger's window and the logging window beside the masker's state
+    state["masker"]["exploitation_trigger"] = window
+    state["masker"]["exploitation_log"] = state.pop("exploitation_log")
+    torch.save(state, path)
+    resumed = Pretrainer(small_config(tmp_path / "split", *PRIMED), resume=True)
+    assert resumed.model.masker.window == window
+    resumed.fit()
+    assert resumed.model.masker.switch_step == 4 and resumed.model.masker.curve == full.model.masker.curve
+    a, b = weights(full), weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
