@@ -114,13 +114,14 @@ def measure(
 
 def ensure_tokenizer(path: Path, *, progress: bool = False) -> None:
     """Train the VQ-KD tokenizer of ``configs/vqkd_fmnist.yaml`` into ``path``'s folder unless ``path`` exists."""
-    from mimkit.targets import tokenizer_config, train_tokenizer
+    from mimkit.targets import TokenizerConfig, train_tokenizer
 
     if path.is_file():
         return
     print(f"[tokenizer] training {path} ...", flush=True)
     train_tokenizer(
-        tokenizer_config([f"train.output_dir={path.parent}"], "configs/vqkd_fmnist.yaml"), progress=progress
+        load_config("configs/vqkd_fmnist.yaml", [f"train.output_dir={path.parent}"], schema=TokenizerConfig),
+        progress=progress,
     )
 
 

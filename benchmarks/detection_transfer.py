@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
+from mimkit.config import load_config
 from mimkit.detection.sample_data import deepforest_tiles
-from mimkit.detection.train import build_detection_model, detect_config, pretrained_for, run_detect_train
+from mimkit.detection.train import DetectConfig, build_detection_model, pretrained_for, run_detect_train
 
 # the layout the first table was measured with: pretrained patch embedding, side stem, max-pooled 1/32 level
 PATCH_EMBED_LAYOUT = ["model.stem=patch_embed", "model.stem_channels=[64,128]", "model.p5_pool=max"]
@@ -95,7 +96,9 @@ def run_deepforest(args: argparse.Namespace) -> None:
         if (run_dir / "results.json").exists():
             results = json.loads((run_dir / "results.json").read_text())
         else:
-            config = detect_config(args.config, [*filled, *data, *common, f"train.output_dir={run_dir}"])
+            config = load_config(
+                args.config, [*filled, *data, *common, f"train.output_dir={run_dir}"], schema=DetectConfig
+            )
             results = run_detect_train(config, progress=False)
         box, train = results["val"]["box"], results["train"]
         rows.append((name, box["AP"], box["AP50"], box["AP75"], train["seconds"], train["img_per_s"]))
@@ -120,8 +123,8 @@ def run_mimdet(args: argparse.Namespace) -> None:
             if (run_dir / "results.json").exists():
                 results = json.loads((run_dir / "results.json").read_text())
             else:
-                config = detect_config(args.config, [*filled, *common, "train.progress=false",
-                                                     f"train.output_dir={run_dir}"])  # fmt: skip
+                run_overrides = [*filled, *common, "train.progress=false", f"train.output_dir={run_dir}"]
+                config = load_config(args.config, run_overrides, schema=DetectConfig)
                 results = run_detect_train(config, progress=False)
             box, mask, train = results["val"]["box"], results["val"]["mask"], results["train"]
             summary["runs"][f"{index}/{seed}"] = {
@@ -168,7 +171,7 @@ def interleaved_backbone_timing(
     setting's time to its own (its speed-up)."""
     backbones = {}
     for label, overrides in settings.items():
-        config = detect_config(config_path, overrides)
+        config = load_config(config_path, overrides, schema=DetectConfig)
         backbones[label] = build_detection_model(pretrained_for(config), config, 3).backbone.train()
     images = torch.randn(batch, 3, 64, 64)
     labels = list(backbones)
@@ -192,7 +195,7 @@ def interleaved_backbone_timing(
 
 def backbone_step_seconds(config_path: Path, overrides: list[str], repeats: int, batch: int) -> float:
     """Median seconds of one forward + backward pass of the detector's backbone (with FPN) on one batch."""
-    config = detect_config(config_path, overrides)
+    config = load_config(config_path, overrides, schema=DetectConfig)
     detector = build_detection_model(pretrained_for(config), config, 3)
     backbone = detector.backbone.train()
     images = torch.randn(batch, 3, 64, 64)
@@ -241,7 +244,7 @@ def main() -> None:
         if (run_dir / "results.json").exists():
             results = json.loads((run_dir / "results.json").read_text())
         else:
-            config = detect_config(args.config, [*filled, *common, f"train.output_dir={run_dir}"])
+            config = load_config(args.config, [*filled, *common, f"train.output_dir={run_dir}"], schema=DetectConfig)
             results = run_detect_train(config, progress=False)
         row = {
             "name": name,

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mimkit.config import Config, ConfigError, config_from_dict, from_dict, load_config, to_plain
-from mimkit.targets import tokenizer_config
+from mimkit.targets import TokenizerConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -19,14 +19,14 @@ def test_defaults_and_dotted_overrides() -> None:
 def test_shipped_recipes_load_and_round_trip(path: Path, tmp_path: Path) -> None:
     recipe = yaml.safe_load(path.read_text())
     if "spec" in recipe.get("teacher", {}):  # a tokenizer recipe (mimkit tokenizer-train)
-        assert tokenizer_config(path=path).teacher.spec == recipe["teacher"]["spec"]
+        assert load_config(path, schema=TokenizerConfig).teacher.spec == recipe["teacher"]["spec"]
         return
     if path.name.startswith(("detect_", "seg_")):  # mimkit detect-train / seg-train recipes
-        from mimkit.detection.seg_train import SegConfig, seg_config
-        from mimkit.detection.train import DetectConfig, detect_config
+        from mimkit.detection.seg_train import SegConfig
+        from mimkit.detection.train import DetectConfig
 
-        kind, read = (DetectConfig, detect_config) if path.name.startswith("detect_") else (SegConfig, seg_config)
-        loaded = read(path, [])
+        kind = DetectConfig if path.name.startswith("detect_") else SegConfig
+        loaded = load_config(path, schema=kind)
         assert from_dict(kind, yaml.safe_load(yaml.safe_dump(to_plain(loaded)))) == loaded
         return
     folder = recipe["data"]["dataset"] == "folder"

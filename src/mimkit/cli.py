@@ -89,9 +89,9 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from mimkit.engine import distributed
-    from mimkit.eval.finetune import finetune_config, format_finetune, run_finetune
+    from mimkit.eval.finetune import FinetuneConfig, format_finetune, run_finetune
 
-    config = finetune_config(args.overrides, args.config)
+    config = load_config(args.config, args.overrides, schema=FinetuneConfig)
     with distributed.leaving_together():
         results = run_finetune(
             args.checkpoint,
@@ -132,18 +132,18 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from mimkit.targets.vqkd import format_tokenizer_summary, tokenizer_config, train_tokenizer
+    from mimkit.targets.vqkd import TokenizerConfig, format_tokenizer_summary, train_tokenizer
 
-    config = tokenizer_config(args.overrides, args.config)
+    config = load_config(args.config, args.overrides, schema=TokenizerConfig)
     summary = train_tokenizer(config, progress=not args.no_progress)
     print(format_tokenizer_summary(summary))
     return 0
 
 
 def _detect_train(args: argparse.Namespace) -> int:
-    from mimkit.detection.train import detect_config, format_detection, run_detect_train
+    from mimkit.detection.train import DetectConfig, format_detection, run_detect_train
 
-    config = detect_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, schema=DetectConfig)
     results = run_detect_train(config, progress=False if args.no_progress else None, resume=args.resume)
     print(format_detection(results))
     print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")
@@ -217,9 +217,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _seg_train(args: argparse.Namespace) -> int:
-    from mimkit.detection.seg_train import format_segmentation, run_seg_train, seg_config
+    from mimkit.detection.seg_train import SegConfig, format_segmentation, run_seg_train
 
-    config = seg_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, schema=SegConfig)
     results = run_seg_train(config, progress=False if args.no_progress else None, resume=args.resume)
     print(format_segmentation(results))
     print(f"wrote {config.train.output_dir}/last.pt, results.json, metrics.jsonl")

@@ -568,16 +568,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML recipe (or the defaults), apply dotted overrides, validate.
+SchemaT = typing.TypeVar("SchemaT")
+
+
+@typing.overload
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config: ...
+
+
+@typing.overload
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, schema: type[SchemaT]
+) -> SchemaT: ...
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, schema: type[Any] = Config
+) -> Any:
+    """The one config loader of every command: a YAML recipe (or the schema's defaults), then dotted
+    ``key=value`` overrides, built into ``schema`` and validated.
+
+    Args:
+        path: the YAML recipe, or None for the defaults.
+        overrides: ``section.key=value`` strings, values parsed as YAML, applied in order.
+        schema: the command's config dataclass (:class:`Config` for pretraining; fine-tuning, detection,
+            segmentation and the tokenizer have their own), with a ``validate()`` that returns it.
 
     Raises:
-        ConfigError: invalid YAML, unknown key, wrong type or inconsistent values.
+        ConfigError: invalid YAML, unknown key (with the nearest valid one), wrong type or inconsistent values.
         FileNotFoundError: the YAML file does not exist.
     """
     data = read_yaml_mapping(path, "config file") if path is not None else {}
     apply_overrides(data, overrides or [])
-    return from_dict(Config, data).validate()  # type: ignore[no-any-return]
+    return from_dict(schema, data).validate()  # type: ignore[no-any-return]
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from mimkit.cli import main
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, load_config
 from mimkit.detection.coco import CocoDetection
 from mimkit.detection.evaluate import coco_evaluate, predict
 from mimkit.detection.shapes import generate_shapes
 from mimkit.detection.train import (
+    DetectConfig,
     build_detection_model,
-    detect_config,
     load_detector,
     load_pretrained,
     pretrained_for,
@@ -207,20 +207,20 @@ def test_convmae_backbone_trains_a_step(shapes_root: Path, tmp_path: Path, tiny_
 
 def test_bad_settings_are_reported_before_any_compute(shapes_root: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"model\.sample_ratio"):
-        detect_config(None, ["model.sample_ratio=0"])
+        load_config(None, ["model.sample_ratio=0"], schema=DetectConfig)
     with pytest.raises(ConfigError, match=r"model\.fill"):
-        detect_config(None, ["model.fill=zeros"])
+        load_config(None, ["model.fill=zeros"], schema=DetectConfig)
     with pytest.raises(ConfigError, match=r"model\.stem: must be one of"):
-        detect_config(None, ["model.stem=vit"])
+        load_config(None, ["model.stem=vit"], schema=DetectConfig)
     with pytest.raises(ConfigError, match=r"model\.p5_pool"):
-        detect_config(None, ["model.p5_pool=sum"])
+        load_config(None, ["model.p5_pool=sum"], schema=DetectConfig)
     with pytest.raises(ConfigError, match=r"model\.stem_channels: sets the side stem of model\.stem=patch_embed"):
-        detect_config(None, ["model.stem_channels=[16,32]"])
+        load_config(None, ["model.stem_channels=[16,32]"], schema=DetectConfig)
     code = main(["detect-train", "encoder.img_size=32", "encoder.patch_size=4", "encoder.in_chans=3",
                  f"data.train={shapes_root}", f"train.output_dir={tmp_path / 'p4'}"])  # fmt: skip
     assert code == 2 and "model.stem=conv needs a patch_size" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
-        detect_config(None, ["model.samples=3"])
+        load_config(None, ["model.samples=3"], schema=DetectConfig)
     code = main(["detect-train", "encoder.img_size=30", "encoder.patch_size=8", f"train.output_dir={tmp_path}"])
     assert code == 2 and "not divisible" in capsys.readouterr().err
     code = main(["detect-train", "model.checkpoint=/nonexistent.pt", f"train.output_dir={tmp_path}"])

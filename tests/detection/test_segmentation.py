@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 from mimkit.cli import main
+from mimkit.config import load_config
 from mimkit.detection.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
 from mimkit.detection.seg_train import (
+    SegConfig,
     build_segmenter,
     load_segmenter,
     predict_masks,
     save_overlays,
-    seg_config,
     train_segmenter,
 )
 from mimkit.detection.segmentation import (
@@ -127,7 +128,7 @@ def test_a_tiny_segmenter_learns_the_shapes(shapes_root: Path, tmp_path: Path) -
     overrides = ["train.max_steps=80", "train.batch_size=8", "train.lr=5e-3", "train.warmup_steps=5",
                  "train.tensorboard=false", "train.layer_decay=1.0", "data.hflip=false",
                  "model.head_channels=32"]  # fmt: skip
-    config = seg_config(None, overrides)
+    config = load_config(None, overrides, schema=SegConfig)
     for key, value in VIT.items():
         setattr(config.encoder, key, value)
     config.encoder.name = "vit_tiny"
@@ -181,9 +182,13 @@ def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
     from mimkit.detection.seg_train import run_seg_train
 
     def recipe(out: Path):
-        config = seg_config(None, ["train.max_steps=5", "train.batch_size=4", "train.save_every_steps=2",
+        config = load_config(
+            None,
+            ["train.max_steps=5", "train.batch_size=4", "train.save_every_steps=2",
                                    "train.tensorboard=false", "train.progress=false", "model.head_channels=16",
-                                   f"data.train={shapes_root}", f"train.output_dir={out}"])  # fmt: skip
+                                   f"data.train={shapes_root}", f"train.output_dir={out}"],
+            schema=SegConfig,
+        )  # fmt: skip
         for key, value in VIT.items():
             setattr(config.encoder, key, value)
         return config
@@ -215,10 +220,14 @@ def test_a_mimdet_segmenter_of_the_layout_before_the_conv_stem_still_loads(shape
     """A checkpoint without ``model.stem`` / ``model.p5_pool`` is the patch-embed layout with max pooling."""
     from mimkit.detection.seg_train import run_seg_train
 
-    config = seg_config(None, ["model.backbone=mimdet", "model.stem=patch_embed", "model.p5_pool=max",
+    config = load_config(
+        None,
+        ["model.backbone=mimdet", "model.stem=patch_embed", "model.p5_pool=max",
                                "model.stem_channels=[64,128]", "train.max_steps=1", "train.batch_size=4",
                                "train.tensorboard=false", "train.progress=false", "model.head_channels=16",
-                               f"data.train={shapes_root}", f"train.output_dir={tmp_path / 'run'}"])  # fmt: skip
+                               f"data.train={shapes_root}", f"train.output_dir={tmp_path / 'run'}"],
+        schema=SegConfig,
+    )  # fmt: skip
     for key, value in VIT.items():
         setattr(config.encoder, key, value)
     run_seg_train(config)

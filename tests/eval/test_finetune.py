@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from mimkit.cli import main
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform
 from mimkit.eval.finetune import (
     Classifier,
     FinetuneConfig,
     finetune,
-    finetune_config,
     format_finetune,
     layer_decay_groups,
     load_classifier,
@@ -109,7 +108,9 @@ def test_head_only_partial_finetuning_matches_the_linear_probe_model(subset, tin
 def test_full_finetuning_learns_and_writes_its_outputs(checkpoint, tmp_path) -> None:
     recipe = ["epochs=4", "batch_size=50", "blr=1e-2", "warmup_epochs=0.5", "layer_decay=1.0", "drop_path=0.0"]
     recipe += ["label_smoothing=0.0", "crop_scale=[0.8, 1.0]", "train_limit=600", "test_limit=200", "log_every_steps=5"]
-    results = run_finetune(checkpoint, config=finetune_config(recipe), out_dir=tmp_path, progress=False)
+    results = run_finetune(
+        checkpoint, config=load_config(None, recipe, schema=FinetuneConfig), out_dir=tmp_path, progress=False
+    )
     run_dir = tmp_path / "full" / "pretrained"
     assert results["top1"] > 0.3  # measured 0.42 for this untrained tiny ViT after 48 steps; chance 0.1
     assert results["steps"] == 48 and results["trainable_parameters"] > 100_000
@@ -135,8 +136,10 @@ def test_full_finetuning_learns_and_writes_its_outputs(checkpoint, tmp_path) -> 
 
 
 def test_mixup_cutmix_and_ema_run_and_ema_is_reported(checkpoint, tmp_path) -> None:
-    config = finetune_config(
-        ["epochs=1", "batch_size=50", "train_limit=300", "test_limit=100", "mixup=0.8", "cutmix=1.0", "ema=true"]
+    config = load_config(
+        None,
+        ["epochs=1", "batch_size=50", "train_limit=300", "test_limit=100", "mixup=0.8", "cutmix=1.0", "ema=true"],
+        schema=FinetuneConfig,
     )
     results = run_finetune(checkpoint, config=config, out_dir=tmp_path, progress=False, save_model=False)
     assert config.mixing and results["config"]["mixup"] == 0.8
@@ -146,11 +149,11 @@ def test_mixup_cutmix_and_ema_run_and_ema_is_reported(checkpoint, tmp_path) -> N
 
 def test_bad_recipes_fail_before_training_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"unknown key.*epoch"):
-        finetune_config(["epoch=3"])
+        load_config(None, ["epoch=3"], schema=FinetuneConfig)
     with pytest.raises(ConfigError, match="layer_decay"):
-        finetune_config(["layer_decay=1.5"])
+        load_config(None, ["layer_decay=1.5"], schema=FinetuneConfig)
     with pytest.raises(ConfigError, match="batch_size: must be even"):
-        finetune_config(["mixup=0.8", "batch_size=51"])
+        load_config(None, ["mixup=0.8", "batch_size=51"], schema=FinetuneConfig)
 
 
 def test_cli_finetune_on_a_folder_and_its_errors(checkpoint, tmp_path, capsys, write_split_folder) -> None:

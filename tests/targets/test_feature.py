@@ -16,7 +16,7 @@ from mimkit.engine.pretrain import Pretrainer
 from mimkit.masking import MaskSpec, RandomMasker
 from mimkit.models import PromptingDecoder, create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
-from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss, tokenizer_config, train_tokenizer
+from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, TokenizerConfig, patch_loss, train_tokenizer
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
@@ -43,7 +43,7 @@ def tokenizer_path(tmp_path_factory) -> Path:
         "teacher.input_size=64", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
         "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", f"train.output_dir={out}",
     ]  # fmt: skip
-    train_tokenizer(tokenizer_config(overrides, RECIPES / "vqkd_fmnist.yaml"), progress=False)
+    train_tokenizer(load_config(RECIPES / "vqkd_fmnist.yaml", overrides, schema=TokenizerConfig), progress=False)
     return out / "tokenizer.pt"
 
 

@@ -120,16 +120,6 @@ class SegConfig:
         return self
 
 
-def seg_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SegConfig:
-    """A validated :class:`SegConfig` from an optional YAML file and dotted ``key=value`` overrides."""
-    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
-
-    data = read_yaml_mapping(path, "segmentation config") if path is not None else {}
-    apply_overrides(data, overrides or [])
-    config: SegConfig = from_dict(SegConfig, data)
-    return config.validate()
-
-
 def build_segmenter(pretrained: Pretrained, config: SegConfig, num_classes: int) -> Segmenter:
     """UperNet on the backbone ``model.backbone`` around the pretrained encoder."""
     m = config.model

@@ -160,16 +160,6 @@ class DetectConfig:
         return self
 
 
-def detect_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DetectConfig:
-    """A validated :class:`DetectConfig` from an optional YAML file and dotted ``key=value`` overrides."""
-    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
-
-    data = read_yaml_mapping(path, "detection config") if path is not None else {}
-    apply_overrides(data, overrides or [])
-    config: DetectConfig = from_dict(DetectConfig, data)
-    return config.validate()
-
-
 @dataclass
 class Pretrained:
     """The pretraining model the detector starts from, and how its images were normalized."""

@@ -102,20 +102,6 @@ class FinetuneConfig:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def finetune_config(overrides: list[str] | None = None, path: str | Path | None = None) -> FinetuneConfig:
-    """A validated :class:`FinetuneConfig` from an optional YAML file and ``key=value`` overrides.
-
-    Raises:
-        ConfigError: unknown key, wrong type or bad value.
-        FileNotFoundError: the YAML file does not exist.
-    """
-    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
-
-    data = read_yaml_mapping(path, "fine-tuning config") if path is not None else {}
-    apply_overrides(data, overrides or [])
-    return from_dict(FinetuneConfig, data).validate()
-
-
 class Classifier(nn.Module):
     """An encoder (ViT or ConvMAE's ConvViT) with a classification head, fully or partially trainable.
 

@@ -18,7 +18,6 @@ from mimkit.targets.vqkd import (
     check_codebook,
     codebook_stats,
     load_tokenizer,
-    tokenizer_config,
     train_tokenizer,
 )
 
@@ -126,6 +125,5 @@ __all__ = [
     "load_tokenizer",
     "masked_mean",
     "patch_loss",
-    "tokenizer_config",
     "train_tokenizer",
 ]

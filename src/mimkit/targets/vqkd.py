@@ -728,20 +728,6 @@ class TokenizerConfig:
         return self
 
 
-def tokenizer_config(overrides: list[str] | None = None, path: str | Path | None = None) -> TokenizerConfig:
-    """A validated :class:`TokenizerConfig` from an optional YAML recipe and dotted ``key=value`` overrides.
-
-    Raises:
-        ConfigError: unknown key (named), wrong type or bad value.
-        FileNotFoundError: the YAML file does not exist.
-    """
-    from mimkit.config import apply_overrides, from_dict, read_yaml_mapping
-
-    data = read_yaml_mapping(path, "tokenizer config") if path is not None else {}
-    apply_overrides(data, overrides or [])
-    return from_dict(TokenizerConfig, data).validate()  # type: ignore[no-any-return]
-
-
 def build_tokenizer(config: TokenizerConfig, teacher: Teacher | None = None) -> VQKDTokenizer:
     """The tokenizer a config describes, with ``teacher`` (built from ``config.teacher`` when None)."""
     mean, std = config.normalization()
