@@ -156,7 +156,7 @@ class SelfGuidedMasker:
     cluster patches, then informed masks from its own patch clustering, in the same run.
 
     Before the switch it is MAE's random masker. With ``trigger="exploitation"`` the training loop
-    measures the decoder's exploitation rate (:mod:`mimkit.analysis.exploitation`) while
+    measures the decoder's exploitation rate (:mod:`mimkit.masking.exploitation`) while
     :attr:`wants_exploitation` is True and hands each measurement to :meth:`observe_exploitation`; the masker
     keeps them in its own window and, at each check (every ``trigger_every_steps`` steps, else at every
     epoch start; :meth:`advance`), passes their mean ``(Rhat_{V->O}, Rhat_{M->O})`` to :meth:`update`. The

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.masking import Masker, MaskSpec, mae_num_visible
+from mimkit.masking.exploitation import ExploitationRate, exploitation_rate
 from mimkit.masking.saliency import patch_saliency
 from mimkit.models.mae_decoder import DecoderOutput
 from mimkit.models.protocols import Decoder, Encoder, GuidedMasker, Target, TeacherTarget, check_part
 from mimkit.models.vit import EncoderOutput
 
 if TYPE_CHECKING:
-    from mimkit.analysis.exploitation import ExploitationRate
     from mimkit.config import Config
 
 
@@ -173,9 +173,7 @@ class MaskedImageModel(nn.Module):
     @torch.no_grad()
     def exploitation(self, images: Tensor, mask: MaskSpec) -> ExploitationRate:
         """Exploitation rate of visible and mask tokens by the decoder on a batch and its mask (eval mode,
-        no gradients); see :func:`~mimkit.analysis.exploitation.exploitation_rate`."""
-        from mimkit.analysis.exploitation import exploitation_rate
-
+        no gradients); see :func:`~mimkit.masking.exploitation.exploitation_rate`."""
         was_training = self.training
         self.eval()
         try:
