@@ -40,8 +40,8 @@ from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.schedule import effective_lr, warmup_cosine
-from mimkit.eval.linear import LinearProbe
 from mimkit.models import MaskedImageModel, create_model
+from mimkit.models.probe_head import LinearProbe
 from mimkit.models.protocols import GuidedMasker, StatefulMasker
 
 log = logging.getLogger(__name__)

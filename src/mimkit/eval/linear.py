@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.report import classification_metrics
+from mimkit.models.probe_head import LinearProbe
 
 OPTIMIZERS = ("lars", "sgd")
 
@@ -83,32 +84,6 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(update)
                 param.add_(mu, alpha=-group["lr"])
         return loss
-
-
-class LinearProbe(nn.Module):
-    """MAE's linear-probe head: ``BatchNorm1d(dim, affine=False, eps=1e-6)`` then ``Linear(dim, num_classes)``.
-
-    The parameter-free BatchNorm whitens each feature with running statistics (MAE: it "does not affect
-    the linear classifier's power" but makes LARS's step sizes comparable across encoders); the linear
-    layer starts from ``trunc_normal(std=0.01)`` weights and zero bias.
-
-    Args:
-        dim: feature width D.
-        num_classes: number of classes.
-    """
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        if dim <= 0 or num_classes <= 1:
-            raise ValueError(f"a linear probe needs dim > 0 and at least 2 classes, got dim={dim}, {num_classes}")
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, D) features -> (B, num_classes) logits."""
-        return self.head(self.norm(features))
 
 
 @dataclass
