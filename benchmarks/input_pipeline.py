@@ -26,6 +26,7 @@ Each finished measurement is cached as JSON under ``--out``, so the script can b
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
@@ -40,7 +41,7 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from mimkit.data import CropDataset, ImageFolderDataset, build_loader
-from mimkit.data.crops import draft_scale, draw_crop_box, sample_rng, stored_rows_needed
+from mimkit.data.crops import _load_top_rows, _resize_box, draft_scale, draw_crop_box, sample_rng, stored_rows_needed
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mimkit.detection.sample_data import package_data_dir
 
@@ -256,6 +257,59 @@ def draft_fidelity(name: str, root: Path, out: Path, epochs: int = 4) -> dict[st
     return result
 
 
+def crop_stages(name: str, root: Path, out: Path, epochs: int = 2) -> dict[str, Any]:
+    """Milliseconds per image of each stage of a streamed crop (file read, header and draft, decoding down to
+    the crop's rows, resize) against decoding every row at the same scale, and of the reference's full
+    decode and transforms, on the same images one after the other."""
+    path = out / f"stages_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    files = sorted((root / "images").glob("*.jpg"))
+    reference = reference_loader(root, 0).dataset.transform
+    totals: dict[str, float] = {}
+
+    def add(stage: str, seconds: float) -> None:
+        totals[stage] = totals.get(stage, 0.0) + seconds
+
+    for epoch in range(epochs):
+        for index, file in enumerate(files):
+            started = time.perf_counter()
+            data = file.read_bytes()
+            read = time.perf_counter()
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size  # stored upright
+            box = draw_crop_box(width, height, SCALE, RATIO, sample_rng(0, epoch, index))
+            scale = draft_scale(box, IMG_SIZE)
+            drafted = opened.draft(None, (width // scale, height // scale))
+            scale = round(width / drafted[1][2]) if drafted is not None else 1
+            header = time.perf_counter()
+            rows = math.ceil(stored_rows_needed(box, width, height, 1, IMG_SIZE) / scale)
+            _load_top_rows(opened, data, min(rows, opened.height))
+            decoded = time.perf_counter()
+            _resize_box(opened, box, (1 / scale, 1 / scale), IMG_SIZE)
+            done = time.perf_counter()
+            whole = Image.open(io.BytesIO(data))
+            whole.draft(None, (width // scale, height // scale))
+            whole.load()
+            all_rows = time.perf_counter()
+            full = Image.open(file).convert("RGB")
+            full_decoded = time.perf_counter()
+            reference(full)
+            transformed = time.perf_counter()
+            add("read", read - started)
+            add("header_and_draft", header - read)
+            add("decode_to_crop_rows", decoded - header)
+            add("resize", done - decoded)
+            add("mimkit_total", done - started)
+            add("decode_all_rows_same_scale", all_rows - done)
+            add("reference_decode", full_decoded - all_rows)
+            add("reference_transforms", transformed - full_decoded)
+    count = epochs * len(files)
+    result = {"set": name, "images": count, "ms": {k: round(1000 * v / count, 2) for k, v in totals.items()}}
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def effective_resolution() -> list[dict[str, Any]]:
     """Source pixels across a square crop at scale 0.2, and the magnification to 224."""
     rows = [{"path": "old: stored 224 square", "crop_side_px": math.sqrt(0.2) * IMG_SIZE}]
@@ -341,6 +395,9 @@ def main() -> None:
         print(f"draft {name}: {d['drafted']}/{d['crops']} crops drafted {d['scales']}, PSNR min {d['psnr_min']}, "
               f"median {d['psnr_median']}, mean {d['psnr_mean']}; not drafted: {d['undrafted_identical']}/"
               f"{d['undrafted']} identical; rows decoded {100 * d['rows_decoded_mean']:.1f} %")  # fmt: skip
+    for name in args.sets:
+        stages = crop_stages(name, folders[name], args.out)
+        print(f"stages {name}, ms per image: " + ", ".join(f"{k} {v}" for k, v in stages["ms"].items()))
     for row in effective_resolution():
         print(f"{row['path']}: {row['crop_side_px']:.0f} px across, x{row['magnification']:.2f} to {IMG_SIZE}")
     (args.out / "effective_resolution.json").write_text(json.dumps(effective_resolution(), indent=1))
