@@ -2,9 +2,8 @@
 
 Each sample's crop box is drawn on the original image (after EXIF orientation) with torchvision's
 ``RandomResizedCrop.get_params`` distribution, from a generator seeded by ``(seed, epoch, index)``; the
-crop is mirrored with probability 0.5 and resized to ``img_size`` with Pillow's bicubic filter, which is
-antialiased when it shrinks. Normalization happens later, on whole batches
-(:class:`~mimkit.data.transforms.Normalize`).
+crop is mirrored with probability 0.5 and resized to ``img_size`` with an antialiased bicubic filter (see
+below). Normalization happens later, on whole batches (:class:`~mimkit.data.transforms.Normalize`).
 
 Only what the crop needs is decoded: a JPEG whose crop box is at least 2, 4 or 8 times ``img_size`` on
 both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling, Pillow's ``draft``),
@@ -13,9 +12,10 @@ resampling filter around it) reads, instead of decoding the rest of the file. Ro
 bottom, so rows above the crop must still be decoded; the rows it does decode are bit-identical to those
 of a whole decode. A crop that needs no reduced decode is cut from the decoded pixels and resized by
 torch's antialiased bicubic interpolation on uint8 (crop then resize, as torchvision's reference does;
-three times faster than Pillow's resampling, within one grey level of it); a box on a reduced image has
-fractional edges and is resized by Pillow's bicubic filter. The result equals the crop of the full decode
-up to the resampling difference (PSNR in the README, Data section).
+three times faster than Pillow's resampling, 73.9 dB PSNR from torchvision's ``resized_crop`` on a real
+photo); a box on a reduced image or on the cache has fractional edges and is resized by Pillow's bicubic
+filter. The result equals the crop of the full decode up to the resampling difference (PSNR in the
+README, "Photos as MAE sees them").
 
 :class:`CropDataset` wraps an :class:`~mimkit.data.folder.ImageFolderDataset` or
 :class:`~mimkit.data.shards.TarShardDataset` (which keep the scanning, labels and bad-file handling) and
