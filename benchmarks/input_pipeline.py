@@ -8,13 +8,15 @@ as camera files). For each set, img/s from file to normalized 224x224 float tens
 * reference: torchvision ``ImageFolder`` with MAE's ``transform_train`` (``RandomResizedCrop(224,
   scale=(0.2, 1.0), interpolation=BICUBIC)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``; PIL);
 * mimkit: :class:`~mimkit.data.crops.CropDataset` streaming crops of the originals (reduced JPEG decoding
-  where the crop allows) and the batch's normalization in the main process.
+  where the crop allows, decoding stopped after the crop's last row) and the batch's normalization in the
+  main process.
 
 Both run in one process (``DataLoader`` without workers: per core), then with 1 and 2 loader workers,
 interleaved round by round (the order alternating), batch 16; the ratio per round is mimkit's img/s over
 the reference's and its median is reported. The fidelity part: crop-box statistics of mimkit against
-``get_params`` over 100k draws, PSNR of draft-decoded crops against full-decode crops, and the effective
-resolution of a scale-0.2 crop on the old stored-square path.
+``get_params`` over 100k draws, PSNR of draft-decoded crops against full-decode crops (the others must be
+identical), the share of rows decoded, and the effective resolution of a scale-0.2 crop on the old
+stored-square path.
 
 Each finished measurement is cached as JSON under ``--out``, so the script can be completed in parts.
 
@@ -24,6 +26,7 @@ Each finished measurement is cached as JSON under ``--out``, so the script can b
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
@@ -38,7 +41,7 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from mimkit.data import CropDataset, ImageFolderDataset, build_loader
-from mimkit.data.crops import draft_scale, draw_crop_box, sample_rng
+from mimkit.data.crops import _load_top_rows, _resize_box, draft_scale, draw_crop_box, sample_rng, stored_rows_needed
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mimkit.detection.sample_data import package_data_dir
 
@@ -219,19 +222,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def draft_fidelity(name: str, root: Path, out: Path, epochs: int = 4) -> dict[str, Any]:
+    """Streamed crops against full-decode crops of the same boxes: PSNR of the reduced (draft) decodes, and
+    whether the crops decoded only down to their last rows are identical; the share of rows decoded."""
     path = out / f"fidelity_draft_{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     base = ImageFolderDataset(root / "images", IMG_SIZE, in_memory=False, progress=False)
     dataset = CropDataset(base, IMG_SIZE, 3, scale=SCALE, ratio=RATIO, in_memory=False)
-    scores, scales = [], []
+    scores, scales, identical, rows = [], [], 0, []
     for epoch in range(epochs):
         for index in range(len(dataset)):
             fast, record = dataset.crop(index, epoch)
             full, _ = dataset.crop(index, epoch, draft=False)
             scales.append(draft_scale(record.box, IMG_SIZE))
+            needed = stored_rows_needed(record.box, record.width, record.height, 1, IMG_SIZE)  # stored upright
+            rows.append(min(1.0, needed / record.height))
             if scales[-1] > 1:
                 scores.append(psnr(fast, full))
+            else:
+                identical += int(np.array_equal(fast, full))
     result = {
         "set": name,
         "crops": len(scales),
@@ -240,7 +249,63 @@ def draft_fidelity(name: str, root: Path, out: Path, epochs: int = 4) -> dict[st
         "psnr_min": min(scores) if scores else None,
         "psnr_median": statistics.median(scores) if scores else None,
         "psnr_mean": statistics.mean(scores) if scores else None,
+        "undrafted_identical": identical,
+        "undrafted": len(scales) - len(scores),
+        "rows_decoded_mean": statistics.mean(rows),
     }
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def crop_stages(name: str, root: Path, out: Path, epochs: int = 2) -> dict[str, Any]:
+    """Milliseconds per image of each stage of a streamed crop (file read, header and draft, decoding down to
+    the crop's rows, resize) against decoding every row at the same scale, and of the reference's full
+    decode and transforms, on the same images one after the other."""
+    path = out / f"stages_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    files = sorted((root / "images").glob("*.jpg"))
+    reference = reference_loader(root, 0).dataset.transform
+    totals: dict[str, float] = {}
+
+    def add(stage: str, seconds: float) -> None:
+        totals[stage] = totals.get(stage, 0.0) + seconds
+
+    for epoch in range(epochs):
+        for index, file in enumerate(files):
+            started = time.perf_counter()
+            data = file.read_bytes()
+            read = time.perf_counter()
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size  # stored upright
+            box = draw_crop_box(width, height, SCALE, RATIO, sample_rng(0, epoch, index))
+            scale = draft_scale(box, IMG_SIZE)
+            drafted = opened.draft(None, (width // scale, height // scale))
+            scale = round(width / drafted[1][2]) if drafted is not None else 1
+            header = time.perf_counter()
+            rows = math.ceil(stored_rows_needed(box, width, height, 1, IMG_SIZE) / scale)
+            _load_top_rows(opened, data, min(rows, opened.height))
+            decoded = time.perf_counter()
+            _resize_box(opened, box, (1 / scale, 1 / scale), IMG_SIZE)
+            done = time.perf_counter()
+            whole = Image.open(io.BytesIO(data))
+            whole.draft(None, (width // scale, height // scale))
+            whole.load()
+            all_rows = time.perf_counter()
+            full = Image.open(file).convert("RGB")
+            full_decoded = time.perf_counter()
+            reference(full)
+            transformed = time.perf_counter()
+            add("read", read - started)
+            add("header_and_draft", header - read)
+            add("decode_to_crop_rows", decoded - header)
+            add("resize", done - decoded)
+            add("mimkit_total", done - started)
+            add("decode_all_rows_same_scale", all_rows - done)
+            add("reference_decode", full_decoded - all_rows)
+            add("reference_transforms", transformed - full_decoded)
+    count = epochs * len(files)
+    result = {"set": name, "images": count, "ms": {k: round(1000 * v / count, 2) for k, v in totals.items()}}
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -328,7 +393,11 @@ def main() -> None:
     for name in args.sets:
         d = draft_fidelity(name, folders[name], args.out)
         print(f"draft {name}: {d['drafted']}/{d['crops']} crops drafted {d['scales']}, PSNR min {d['psnr_min']}, "
-              f"median {d['psnr_median']}, mean {d['psnr_mean']}")  # fmt: skip
+              f"median {d['psnr_median']}, mean {d['psnr_mean']}; not drafted: {d['undrafted_identical']}/"
+              f"{d['undrafted']} identical; rows decoded {100 * d['rows_decoded_mean']:.1f} %")  # fmt: skip
+    for name in args.sets:
+        stages = crop_stages(name, folders[name], args.out)
+        print(f"stages {name}, ms per image: " + ", ".join(f"{k} {v}" for k, v in stages["ms"].items()))
     for row in effective_resolution():
         print(f"{row['path']}: {row['crop_side_px']:.0f} px across, x{row['magnification']:.2f} to {IMG_SIZE}")
     (args.out / "effective_resolution.json").write_text(json.dumps(effective_resolution(), indent=1))

@@ -13,17 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from mimkit.data import CropDataset, ImageFolderDataset, MAEAugment, build_loader
 from mimkit.data.crops import (
+    CropBox,
     decode_crop,
     default_cache_size,
     draft_scale,
     draw_crop_box,
     sample_rng,
+    stored_rows_needed,
 )
+from mimkit.data.folder import BadImageError
 from mimkit.detection.sample_data import package_data_dir
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -145,6 +150,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 DRAFT_PSNR_DB = 33.0  # the bound stated in the README: draft-decoded crops against full-decode crops
+RESAMPLING_PSNR_DB = 45.0  # the bound stated in the README: torch's uint8 bicubic against Pillow's, crop then resize
 
 
 def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:
@@ -164,15 +170,66 @@ def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:
     assert set(scales) >= {4, 8}  # the reduced decode was really used
     print(f"draft PSNR min {min(scores):.2f} mean {np.mean(scores):.2f} dB, scales {sorted(set(scales))}")
     assert min(scores) > DRAFT_PSNR_DB, min(scores)
-    # the full-decode reference itself is the crop of the full image resized bicubically
+    # the full-decode reference itself is the crop of the full image, resized by torch's antialiased bicubic
     full_image = np.asarray(Image.open(tmp_path / "aerial.jpg").convert("RGB"))
     box = record.box
-    region = Image.fromarray(full_image).resize(
-        (size, size), Image.Resampling.BICUBIC, box=(box.left, box.top, box.left + box.width, box.top + box.height)
+    region = torch.from_numpy(full_image[box.top : box.top + box.height, box.left : box.left + box.width].copy())
+    resized = F.interpolate(region.permute(2, 0, 1)[None], size=(size, size), mode="bicubic", antialias=True)[0]
+    np.testing.assert_array_equal(full, (resized.flip(-1) if box.flip else resized).numpy())
+    # and within a grey level or so of torchvision's reference (crop, then Pillow's bicubic resize)
+    bicubic = TF.InterpolationMode.BICUBIC
+    reference = TF.resized_crop(
+        Image.fromarray(full_image), box.top, box.left, box.height, box.width, [size] * 2, bicubic
     )
     if box.flip:
-        region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    np.testing.assert_array_equal(full, np.asarray(region).transpose(2, 0, 1))
+        reference = reference.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    agreement = psnr(full, np.asarray(reference).transpose(2, 0, 1))
+    print(f"full-decode crop vs torchvision's resized_crop: {agreement:.1f} dB")
+    assert agreement > RESAMPLING_PSNR_DB
+
+
+def test_stopping_after_the_crop_rows_is_bit_identical(tmp_path: Path) -> None:
+    """Crops too small for a reduced decode, taken from the rows libjpeg decoded before it stopped, equal those of
+    a whole decode, for every EXIF orientation (the rows needed are counted on the stored image)."""
+    portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")  # 512x600
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_270}  # fmt: skip
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = portrait.transpose(inverse[orientation]) if orientation in inverse else portrait
+        stored.save(tmp_path / f"o{orientation}.jpg", exif=exif, quality=90)
+        for index in range(6):
+            draw = lambda w, h, i=index: draw_crop_box(w, h, SCALE, RATIO, sample_rng(3, 0, i))  # noqa: E731
+            fast, record = decode_crop(tmp_path / f"o{orientation}.jpg", "o", 3, 260, draw)  # never reduced
+            full, same = decode_crop(tmp_path / f"o{orientation}.jpg", "o", 3, 260, draw, draft=False)
+            assert (record.width, record.height) == (512, 600) and record == same
+            np.testing.assert_array_equal(fast, full)
+            # the stored rows a crop needs are fewer than all of them for most boxes
+            if orientation == 1 and index == 0:
+                assert stored_rows_needed(record.box, 512, 600, 1, 260) < 600
+    # a file cut off below the crop is still rejected, as a whole decode rejects it
+    data = (tmp_path / "o1.jpg").read_bytes()
+    top_box = lambda w, h: CropBox(0, 0, w // 2, h // 4)  # noqa: E731
+    assert decode_crop(data, "whole", 3, 64, top_box)[1].box == top_box(512, 600)
+    with pytest.raises(BadImageError, match="cut.*truncated"):
+        decode_crop(data[: len(data) * 9 // 10], "cut", 3, 64, top_box)
+    # the same on a reduced decode, where Pillow's filter reads rows below the box
+    aerial = photo("deepforest", "data", "2019_YELL_2_528000_4978000_image_crop2.png")
+    aerial.save(tmp_path / "aerial.jpg", quality=90)
+    for index in range(8):
+        draw = lambda w, h, i=index: draw_crop_box(w, h, SCALE, RATIO, sample_rng(0, 0, i))  # noqa: E731
+        partial, record = decode_crop(tmp_path / "aerial.jpg", "a", 3, 224, draw)
+        with Image.open(tmp_path / "aerial.jpg") as whole:
+            scale = draft_scale(record.box, 224)
+            whole.draft(None, (whole.width // scale, whole.height // scale))
+            box = record.box
+            region = (box.left / scale, box.top / scale, (box.left + box.width) / scale, (box.top + box.height) / scale)
+            out = whole.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC, box=region)
+        if box.flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        np.testing.assert_array_equal(partial, np.asarray(out).transpose(2, 0, 1))
 
 
 def test_exif_oriented_photo_is_cropped_as_displayed(tmp_path: Path) -> None:

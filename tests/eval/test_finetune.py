@@ -259,3 +259,45 @@ def test_torchrun_finetune_on_two_ranks_equals_one_process(checkpoint, tmp_path,
     ]
     assert results[0]["steps"] == results[1]["steps"] and results[0]["lr"] == results[1]["lr"]
     assert abs(results[0]["top1"] - results[1]["top1"]) <= 1 / results[0]["test_images"]
+
+
+def test_finetuning_on_photo_folders_trains_on_crops_of_the_original_images(subset, tiny_args, tmp_path) -> None:
+    """Wide photos (3:1) with a white left third and a black right third: every crop of the original covers
+    part of a border (a box of at least half the area is wider than the middle third), where the old path's
+    stored center squares never showed one."""
+    from PIL import Image
+
+    from mimkit.data import ImageFolderDataset
+    from mimkit.data.crops import CropDataset
+    from mimkit.data.transforms import MAEAugment
+    from mimkit.eval.data import load_training_crops
+
+    photos = subset["train"][:8, 0].numpy().clip(40, 215)  # (8, 32, 32) real garments, no pure white or black
+    for split in ("train", "test"):
+        for index, middle in enumerate(photos):
+            folder = tmp_path / "data" / split / ("bag" if index % 2 else "shirt")
+            folder.mkdir(parents=True, exist_ok=True)
+            canvas = Image.new("L", (96, 32), 255)  # (width, height)
+            canvas.paste(0, (64, 0, 96, 32))
+            canvas.paste(Image.fromarray(middle), (32, 0))
+            canvas.save(folder / f"{index}.png")
+    crops = load_training_crops(
+        tmp_path / "data", img_size=32, in_chans=1, scale=(0.5, 1.0), hflip=True, seed=0, progress=False
+    )
+    assert isinstance(crops, CropDataset) and crops.classes == ["bag", "shirt"] and len(crops) == 8
+    seen: list[torch.Tensor] = []
+    model = Classifier(tiny_encoder(tiny_args), 2)
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if module.training else None)
+    config = FinetuneConfig(epochs=2, batch_size=4, num_workers=0, drop_path=0.0)
+    result = finetune(
+        model, crops, crops.labels, subset["test"][:4], torch.tensor([0, 1, 0, 1]),
+        config=config, mean=(0.5,), std=(0.25,), progress=False,
+    )  # fmt: skip
+    assert result.steps == 4 and len(seen) == 4
+    pixels = torch.cat(seen) * 0.25 * 255 + 0.5 * 255  # (16, 1, 32, 32) back to 0..255
+    border = (pixels >= 250) | (pixels <= 5)  # white or black, never in the garments
+    assert border.flatten(1).any(1).all()  # every training crop shows a border of its original
+    # the same images stored as center squares and cropped per batch, the old path: never a border
+    squares = ImageFolderDataset(tmp_path / "data" / "train", 32, in_chans=1, in_memory=True)
+    old = MAEAugment(32, (0.5, 1.0), mean=(0.0,), std=(1 / 255,))(squares.images, torch.Generator().manual_seed(0))
+    assert not ((old >= 250) | (old <= 5)).any()

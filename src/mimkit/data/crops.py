@@ -2,14 +2,20 @@
 
 Each sample's crop box is drawn on the original image (after EXIF orientation) with torchvision's
 ``RandomResizedCrop.get_params`` distribution, from a generator seeded by ``(seed, epoch, index)``; the
-crop is mirrored with probability 0.5 and resized to ``img_size`` with Pillow's bicubic filter, which is
-antialiased when it shrinks. Normalization happens later, on whole batches
-(:class:`~mimkit.data.transforms.Normalize`).
+crop is mirrored with probability 0.5 and resized to ``img_size`` with an antialiased bicubic filter (see
+below). Normalization happens later, on whole batches (:class:`~mimkit.data.transforms.Normalize`).
 
 Only what the crop needs is decoded: a JPEG whose crop box is at least 2, 4 or 8 times ``img_size`` on
 both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling, Pillow's ``draft``),
-and the box is mapped onto the reduced image. The result equals the crop of the full decode up to the
-resampling difference (PSNR in the README, Data section).
+and the box is mapped onto the reduced image; and libjpeg stops after the last row the crop (and the
+resampling filter around it) reads, instead of decoding the rest of the file. Rows are decoded top to
+bottom, so rows above the crop must still be decoded; the rows it does decode are bit-identical to those
+of a whole decode. A crop that needs no reduced decode is cut from the decoded pixels and resized by
+torch's antialiased bicubic interpolation on uint8 (crop then resize, as torchvision's reference does;
+three times faster than Pillow's resampling, 73.9 dB PSNR from torchvision's ``resized_crop`` on a real
+photo); a box on a reduced image or on the cache has fractional edges and is resized by Pillow's bicubic
+filter. The result equals the crop of the full decode up to the resampling difference (PSNR in the
+README, "Photos as MAE sees them").
 
 :class:`CropDataset` wraps an :class:`~mimkit.data.folder.ImageFolderDataset` or
 :class:`~mimkit.data.shards.TarShardDataset` (which keep the scanning, labels and bad-file handling) and
@@ -30,7 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 
 from mimkit.data.folder import (
@@ -48,6 +55,10 @@ log = logging.getLogger(__name__)
 
 DRAFT_SCALES = (8, 4, 2)  # libjpeg's DCT-domain reductions that Pillow's draft exposes
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_EOI = b"\xff\xd9"  # end of a JPEG's image; entropy-coded data never holds it (0xFF is stuffed as 0xFF00)
+_BROKEN = -2  # Pillow's decoder status for a libjpeg error; also what stopping before the last row gives
+# stopping early drives Pillow's JPEG decoder directly; without those internals, files are decoded whole
+_CAN_STOP_EARLY = hasattr(Image, "_getdecoder") and hasattr(ImageFile.ImageFile, "load_prepare")
 _ESTIMATE_HEADERS = 256  # image headers read to estimate the cache's size
 
 
@@ -136,22 +147,97 @@ def draft_scale(box: CropBox, img_size: int) -> int:
     return 1
 
 
+def _orientation(opened: Image.Image) -> int:
+    if opened.format not in ("JPEG", "TIFF", "WEBP", "PNG"):
+        return 1
+    return int(opened.getexif().get(0x0112, 1))
+
+
 def _oriented_size(opened: Image.Image) -> tuple[int, int]:
     width, height = opened.size
-    orientation = opened.getexif().get(0x0112, 1) if opened.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+    return (height, width) if _orientation(opened) in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def stored_rows_needed(box: CropBox, width: int, height: int, orientation: int, img_size: int) -> int:
+    """How many rows of the stored (not yet EXIF-oriented) image, from the top, hold the box and the pixels
+    Pillow's bicubic filter reads around it when resizing it to ``img_size``, in original pixels.
+
+    Args:
+        box: on the oriented image; width, height: the oriented image's size.
+        orientation: the EXIF orientation (1-8) that turns the stored image into the oriented one.
+    """
+    # the stored image's first row becomes the oriented image's top (1, 2), bottom (3, 4), left (5, 8) or
+    # right (6, 7) edge; the filter reads 2 output pixels' worth beyond the box (bicubic support)
+    if orientation in (3, 4):
+        needed, extent = height - box.top, box.height
+    elif orientation in (5, 8):
+        needed, extent = box.left + box.width, box.width
+    elif orientation in (6, 7):
+        needed, extent = width - box.left, box.width
+    else:
+        needed, extent = box.top + box.height, box.height
+    return needed + math.ceil(2 * max(extent / img_size, 1)) + 2
+
+
+def _load_top_rows(opened: ImageFile.ImageFile, data: bytes, rows: int) -> None:
+    """Decode only the first ``rows`` rows of an opened (possibly drafted) JPEG; the rows below stay
+    undefined. libjpeg stops there, so the rest of the entropy-coded data is never read.
+
+    Raises:
+        OSError: the data is cut off before ``rows`` rows, or libjpeg fails.
+    """
+    ((decoder_name, _, offset, args),) = opened.tile
+    opened.load_prepare()  # allocates the pixels
+    decoder = Image._getdecoder(opened.mode, decoder_name, args, opened.decoderconfig)
+    try:
+        decoder.setimage(opened.im, (0, 0, opened.width, rows))
+        consumed, status = decoder.decode(memoryview(data)[offset:])
+    finally:
+        decoder.cleanup()
+    if consumed >= 0:  # libjpeg still waits for data: the file ends before the rows it needs
+        raise OSError(f"image file is truncated (cut off before row {rows})")
+    if status < 0 and not (status == _BROKEN and rows < opened.height):
+        raise OSError(f"decoder error {status} when reading image file")
+    opened.tile = []
+
+
+def _read_bytes(source: str | Path | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as file:
+        return file.read()
+
+
+def _resize_region(
+    img: Image.Image, region: tuple[float, float, float, float], img_size: int, flip: bool
+) -> np.ndarray:
+    """Resize ``region`` (left, top, right, bottom in ``img``'s pixels) to ``img_size`` squared, bicubic and
+    antialiased, mirrored if asked: (C, S, S) uint8.
+
+    An integral region is cut out and resized by torch's uint8 antialiased bicubic interpolation (the
+    Keys a = -0.5 kernel of Pillow's filter, vectorized); a fractional one (a box mapped onto a reduced or
+    cached image) by Pillow's filter, which reads the pixels around the box.
+    """
+    if all(float(edge).is_integer() for edge in region):
+        left, top, right, bottom = (int(edge) for edge in region)
+        pixels = np.array(img.crop((left, top, right, bottom)))  # (h, w) or (h, w, 3), writable for torch
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # (h, w, C)
+        channels_last = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, C, h, w)
+        resized = F.interpolate(channels_last, size=(img_size, img_size), mode="bicubic", antialias=True)[0]
+        return (resized.flip(-1) if flip else resized.contiguous()).numpy()  # (C, S, S)
+    out = img.resize((img_size, img_size), Image.Resampling.BICUBIC, box=region)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(out)  # (S, S) or (S, S, 3)
+    return pixels[None].copy() if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()  # (C, S, S)
 
 
 def _resize_box(img: Image.Image, box: CropBox, factor: tuple[float, float], img_size: int) -> np.ndarray:
     """Resize the box (in original pixels, ``factor`` = this image's pixels per original pixel) to
-    ``img_size`` squared, bicubic and antialiased, mirrored if asked: (C, S, S) uint8."""
+    ``img_size`` squared: (C, S, S) uint8 (see :func:`_resize_region`)."""
     fx, fy = factor
     region = (box.left * fx, box.top * fy, (box.left + box.width) * fx, (box.top + box.height) * fy)
-    out = img.resize((img_size, img_size), Image.Resampling.BICUBIC, box=region)
-    if box.flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = np.asarray(out)  # (S, S) or (S, S, 3)
-    return pixels[None].copy() if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()  # (C, S, S)
+    return _resize_region(img, region, img_size, box.flip)
 
 
 def decode_crop(
@@ -171,27 +257,37 @@ def decode_crop(
         in_chans: 1 (luminance) or 3 (RGB).
         img_size: output side.
         draw: ``(width, height) -> CropBox`` on the original (oriented) image.
-        draft: allow the reduced JPEG decode (False decodes every pixel: the fidelity reference).
+        draft: allow the reduced JPEG decode and stopping after the crop's last row (False decodes every
+            pixel of the file: the fidelity reference).
 
     Returns:
         (C, S, S) uint8 pixels and the crop's record.
 
     Raises:
-        BadImageError: the file cannot be decoded.
+        BadImageError: the file cannot be decoded (a JPEG cut off anywhere counts, even below the crop).
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+        data = _read_bytes(source)
+        with Image.open(io.BytesIO(data)) as opened:
             _check_pixel_count(opened)
+            scan_start = opened.fp.tell() if opened.fp is not None else 0  # JPEG: after the first scan header
+            orientation = _orientation(opened)
             width, height = _oriented_size(opened)
             box = draw(width, height)
-            scale = draft_scale(box, img_size) if draft and opened.format == "JPEG" else 1
-            gray = "L" if in_chans == 1 and opened.mode == "RGB" and opened.format == "JPEG" else None
+            jpeg = opened.format == "JPEG"
+            scale = draft_scale(box, img_size) if draft and jpeg else 1
+            gray = "L" if in_chans == 1 and opened.mode == "RGB" and jpeg else None
             if scale > 1 or gray:
                 raw_w, raw_h = opened.size
                 request = (max(raw_w // scale, 1), max(raw_h // scale, 1))
                 drafted = opened.draft(gray, request)
                 if drafted is not None:
                     scale = round(raw_w / drafted[1][2])  # what libjpeg will really do
+            rows = math.ceil(stored_rows_needed(box, width, height, orientation, img_size) / scale)
+            if draft and jpeg and _CAN_STOP_EARLY and len(opened.tile) == 1:
+                if rows < opened.height and data.rfind(_EOI, scan_start) < 0:  # a whole decode rejects it
+                    raise OSError("image file is truncated (no end-of-image marker)")
+                _load_top_rows(opened, data, min(rows, opened.height))
             ImageOps.exif_transpose(opened, in_place=True)  # loads the (reduced) pixels
             img = _to_channels(opened, in_chans)
             pixels = _resize_box(img, box, (1 / scale, 1 / scale), img_size)

@@ -85,7 +85,7 @@ class ReconstructionPreviews:
     def __call__(self, model: Any, step: int, logger: Any) -> Path:
         """Write ``reconstruction_step<step>.png`` and log it as a TensorBoard image; its cost in seconds is
         appended to ``seconds`` (the loop logs it with the step's metrics)."""
-        from mimkit.analysis.reconstruct import reconstruct, save_reconstruction_grid
+        from mimkit.engine.reconstruction import reconstruct, save_reconstruction_grid
 
         started = time.perf_counter()
         devices = [self.batch.device] if self.batch.device.type == "cuda" else []

@@ -114,8 +114,8 @@ def knn_report(trainer: Pretrainer, model: MaskedImageModel) -> dict[str, Any]:
 
 def reconstruction_picture(trainer: Pretrainer, model: MaskedImageModel) -> str:
     """A grid of test images, their masks and reconstructions, saved as ``reconstruction.png``."""
-    from mimkit.analysis.reconstruct import reconstruct, save_reconstruction_grid
     from mimkit.data.transforms import EvalTransform
+    from mimkit.engine.reconstruction import reconstruct, save_reconstruction_grid
 
     cfg = trainer.config
     try:

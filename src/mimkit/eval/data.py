@@ -144,6 +144,53 @@ def load_labelled_split(
     )
 
 
+def load_training_crops(
+    folder: Path,
+    *,
+    img_size: int,
+    in_chans: int,
+    scale: tuple[float, float],
+    hflip: bool,
+    seed: int,
+    limit: int | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> Any:
+    """The train split of a labelled folder as training sees it: a random-resized crop of each original
+    image per epoch, drawn from ``(seed, epoch, index)`` as in pretraining
+    (:class:`~mimkit.data.crops.CropDataset`), cut from the aspect-ratio cache when it fits in memory.
+
+    Args:
+        folder: from :func:`data_source`.
+        img_size: crop side; in_chans: 1 or 3.
+        scale: crop area fraction range; hflip: mirror half the crops.
+        seed: base seed of the per-sample crops.
+        limit: keep only this many images (evenly spaced files, as :func:`load_labelled_split`).
+        num_workers: decoding threads for the cache.
+        progress: decoding progress bar.
+
+    Returns:
+        A :class:`~mimkit.data.crops.CropDataset` with ``labels`` and ``classes``.
+
+    Raises:
+        ValueError: unlabelled images or a non-positive limit.
+        FileNotFoundError: missing data.
+    """
+    from mimkit.data import CropDataset, ImageFolderDataset, resolve_folder_split
+
+    if limit is not None and limit <= 0:
+        raise ValueError(f"train_limit must be positive, got {limit}")
+    root = resolve_folder_split(folder, "train")
+    base = ImageFolderDataset(
+        root, img_size, in_chans, in_memory=False, limit=limit, progress=progress, num_workers=num_workers
+    )
+    if base.labels is None:
+        raise ValueError(f"the train split of {folder} has no labelled images")
+    return CropDataset(
+        base, img_size, in_chans, scale=scale, hflip=hflip, seed=seed, num_workers=num_workers, progress=progress
+    )
+
+
 @dataclass
 class EvalModel:
     """The encoder an evaluation measures, with what it needs to see images as in pretraining.

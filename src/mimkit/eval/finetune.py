@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mimkit.data.crops import CropDataset
+from mimkit.eval.data import LabelledSplit
 from mimkit.eval.linear import LinearProbe, predict
 from mimkit.models.convvit import ConvViT
 from mimkit.models.vit import VisionTransformer
@@ -60,6 +62,7 @@ class FinetuneConfig:
     pool: str = "avg"
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
+    num_workers: int = 2
     train_limit: int | None = None
     test_limit: int | None = None
     eval_batch_size: int = 256
@@ -91,6 +94,7 @@ class FinetuneConfig:
             (self.test_limit is None or self.test_limit >= 1, "test_limit", "must be >= 1"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive (or null)"),
             (self.log_every_steps >= 1, "log_every_steps", "must be >= 1"),
+            (self.num_workers >= 0, "num_workers", "must be >= 0"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -268,7 +272,7 @@ class FinetuneResult:
 
 def finetune(
     model: Classifier,
-    train_images: Tensor,
+    train_images: Tensor | CropDataset,
     train_labels: Tensor,
     test_images: Tensor,
     test_labels: Tensor,
@@ -282,10 +286,12 @@ def finetune(
 ) -> FinetuneResult:
     """Train ``model`` on uint8 images with MAE's fine-tuning recipe and measure it on the test images.
 
-    Every epoch visits ``N // batch_size`` full batches in a seeded order; each batch is randomly
-    resized-cropped (``crop_scale``) and flipped on the device, optionally mixed (timm's ``Mixup``, with
-    label smoothing folded into its soft targets), and the loss is cross-entropy with label smoothing.
-    The learning rate of each layer-decay group is ``lr_scale * warmup_cosine(step)``.
+    Every epoch visits ``N // batch_size`` full batches in a seeded order. In-memory squares (Fashion-MNIST)
+    are randomly resized-cropped (``crop_scale``) and flipped per batch on the device; a
+    :class:`~mimkit.data.crops.CropDataset` (photo folders) gives crops of the original images, made by
+    ``num_workers`` loader processes and only normalized here. Batches are optionally mixed (timm's
+    ``Mixup``, with label smoothing folded into its soft targets), and the loss is cross-entropy with label
+    smoothing. The learning rate of each layer-decay group is ``lr_scale * warmup_cosine(step)``.
 
     Under ``torchrun`` every rank trains a DistributedDataParallel copy on its ``batch_size`` rows of each
     global batch of ``batch_size * world_size`` (augmented as one process would augment the whole batch; lr
@@ -293,8 +299,8 @@ def finetune(
 
     Args:
         model: a :class:`Classifier` (its encoder's drop path is set from ``config.drop_path``).
-        train_images: (N, C, S, S) uint8.
-        train_labels: (N,) int64 in [0, num_classes).
+        train_images: (N, C, S, S) uint8, or a labelled :class:`~mimkit.data.crops.CropDataset` of N images.
+        train_labels: (N,) int64 in [0, num_classes) (a CropDataset's ``labels``).
         test_images: (M, C, S, S) uint8.
         test_labels: (M,).
         config: the recipe.
@@ -309,7 +315,8 @@ def finetune(
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
-    from mimkit.data.transforms import EvalTransform, MAEAugment
+    from mimkit.data import build_loader
+    from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize
     from mimkit.engine import distributed
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
@@ -318,7 +325,9 @@ def finetune(
     where = distributed.place()
     batch, global_batch = config.batch_size, config.batch_size * where.world_size
     progress = progress and where.is_main
-    num_train = train_images.shape[0]
+    num_train = len(train_images)
+    if len(train_labels) != num_train:
+        raise ValueError(f"{num_train} training images but {len(train_labels)} labels")
     if num_train < global_batch:
         raise ValueError(
             f"{num_train} training images are fewer than one batch of {global_batch}"
@@ -342,7 +351,20 @@ def finetune(
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
     img_size = int(model.encoder.grid[0] * model.encoder.patch_size)
-    augment = MAEAugment(img_size, config.crop_scale, hflip=config.hflip, mean=mean, std=std)
+    augment: MAEAugment | Normalize = MAEAugment(img_size, config.crop_scale, hflip=config.hflip, mean=mean, std=std)
+    crops = None  # photo folders: batches of crops of the originals, this rank's share of each global batch
+    if isinstance(train_images, CropDataset):
+        crops = build_loader(
+            train_images,
+            batch,
+            seed=config.seed,
+            drop_last=True,
+            num_workers=config.num_workers,
+            rank=where.rank,
+            world_size=where.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        augment = Normalize(mean, std)
     evaluate = EvalTransform(img_size, mean=mean, std=std)
     mixup = None
     if config.mixing:
@@ -370,6 +392,9 @@ def finetune(
     try:
         for epoch in range(config.epochs):
             order = torch.randperm(num_train, generator=order_generator)  # (N,)
+            if crops is not None:
+                crops.set_epoch(epoch)
+                crop_batches = iter(crops)
             running = torch.zeros((), device=device)
             bar = tqdm(
                 range(steps_per_epoch),
@@ -383,10 +408,14 @@ def finetune(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                start = index * global_batch + where.rank * batch
-                rows = order[start : start + batch]  # (B,) this rank's rows of the global batch
-                images = augment(train_images[rows].to(device, non_blocking=True), generator, **share)  # (B, C, S, S)
-                labels = train_labels[rows].to(device, non_blocking=True)  # (B,)
+                if crops is None:
+                    start = index * global_batch + where.rank * batch
+                    rows = order[start : start + batch]  # (B,) this rank's rows of the global batch
+                    pixels, labels = cast(Tensor, train_images)[rows], train_labels[rows]  # (B, C, S, S), (B,)
+                else:
+                    pixels, labels = next(crop_batches)  # (B, C, S, S) uint8 crops, (B,)
+                images = augment(pixels.to(device, non_blocking=True), generator, **share)  # (B, C, S, S) float
+                labels = labels.to(device, non_blocking=True)  # (B,)
                 if mixup is not None:
                     images, soft_targets = mixup(images, labels)  # (B, C, S, S), (B, num_classes)
                     loss = soft_loss(trained(images), soft_targets)
@@ -478,7 +507,13 @@ def run_finetune(
     from mimkit.engine import distributed
     from mimkit.engine.checkpoint import atomic_write
     from mimkit.engine.logging import MetricsLogger, NullLogger
-    from mimkit.eval.data import check_labelled_folder, data_source, load_eval_model, load_labelled_split
+    from mimkit.eval.data import (
+        check_labelled_folder,
+        data_source,
+        load_eval_model,
+        load_labelled_split,
+        load_training_crops,
+    )
     from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
 
     config = (config or FinetuneConfig()).validate()
@@ -494,23 +529,38 @@ def run_finetune(
     depth = len(encoder.blocks)
     if partial_blocks is not None and not 0 <= partial_blocks <= depth:
         raise ValueError(f"--partial-blocks must lie in [0, {depth}] for this encoder, got {partial_blocks}")
-    splits = {
-        split: load_labelled_split(
-            dataset,
-            folder,
-            split,
-            img_size=model.img_size,
-            in_chans=model.in_chans,
-            limit=config.train_limit if split == "train" else config.test_limit,
-            progress=progress,
-            # training squares keep the whole central square for the random crops; the test view is MAE's
-            crop_ratio=1.0 if split == "train" else model.eval_crop_ratio,
+    size, chans = model.img_size, model.in_chans
+    train: LabelledSplit | CropDataset
+    if folder is None:  # Fashion-MNIST: 28-pixel squares in memory, cropped per batch
+        train = load_labelled_split(
+            dataset, folder, "train", img_size=size, in_chans=chans, limit=config.train_limit, progress=progress
         )
-        for split in ("train", "test")
-    }
-    classes = splits["train"].classes
-    if splits["test"].classes != classes:
-        raise ValueError(f"test classes {splits['test'].classes} differ from train classes {classes}")
+    else:  # photos: crops of the original images, as in pretraining
+        train = load_training_crops(
+            folder,
+            img_size=size,
+            in_chans=chans,
+            scale=config.crop_scale,
+            hflip=config.hflip,
+            seed=config.seed,
+            limit=config.train_limit,
+            num_workers=config.num_workers,
+            progress=progress,
+        )
+    test = load_labelled_split(
+        dataset,
+        folder,
+        "test",
+        img_size=size,
+        in_chans=chans,
+        limit=config.test_limit,
+        progress=progress,
+        crop_ratio=model.eval_crop_ratio,
+    )
+    classes = list(train.classes)
+    if test.classes != classes:
+        raise ValueError(f"test classes {test.classes} differ from train classes {classes}")
+    train_labels = torch.as_tensor(train.labels).long()
     protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
     which = "random_init" if random_init else "pretrained"
     run_dir = Path(out_dir) / protocol / which
@@ -521,10 +571,10 @@ def run_finetune(
     try:
         result = finetune(
             classifier,
-            splits["train"].images,
-            splits["train"].labels,
-            splits["test"].images,
-            splits["test"].labels,
+            train.images if isinstance(train, LabelledSplit) else train,
+            train_labels,
+            test.images,
+            test.labels,
             config=config,
             mean=model.mean,
             std=model.std,
@@ -535,7 +585,7 @@ def run_finetune(
         if not where.is_main:
             return {"rank": where.rank}
         reported = result.ema_logits if result.ema_logits is not None else result.logits
-        scores = classification_metrics(reported, splits["test"].labels, len(classes))
+        scores = classification_metrics(reported, test.labels, len(classes))
         metrics.log(result.steps, {"finetune/final_top1": scores.top1})
     finally:
         metrics.close()
@@ -555,8 +605,8 @@ def run_finetune(
         "random_init": random_init,
         "data": dataset if folder is None else str(folder),
         "classes": classes,
-        "train_images": len(splits["train"].labels),
-        "test_images": len(splits["test"].labels),
+        "train_images": len(train_labels),
+        "test_images": len(test.labels),
         "trainable_parameters": trainable,
         "steps": result.steps,
         "lr": result.lr,
@@ -573,7 +623,7 @@ def run_finetune(
         "history": result.history,
     }
     if result.ema_logits is not None:
-        results["top1_without_ema"] = classification_metrics(result.logits, splits["test"].labels, len(classes)).top1
+        results["top1_without_ema"] = classification_metrics(result.logits, test.labels, len(classes)).top1
     if save_model:
         state = {
             "model": classifier.state_dict(),
