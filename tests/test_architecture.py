@@ -31,8 +31,6 @@ TOP = {"__init__", "__main__", "cli"}  # the package's entry points sit above ev
 # importer module -> imported module: the upward imports not yet removed (docs/architecture.md says where each
 # one's code is to move)
 KNOWN_UPWARD = {
-    ("mimkit.engine.previews", "mimkit.analysis.reconstruct"),
-    ("mimkit.engine.run", "mimkit.analysis.reconstruct"),
     ("mimkit.engine.run", "mimkit.eval.knn"),
     ("mimkit.models.load", "mimkit.config"),
     ("mimkit.models.load", "mimkit.engine.checkpoint"),

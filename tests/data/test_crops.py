@@ -213,7 +213,7 @@ def test_stopping_after_the_crop_rows_is_bit_identical(tmp_path: Path) -> None:
     data = (tmp_path / "o1.jpg").read_bytes()
     top_box = lambda w, h: CropBox(0, 0, w // 2, h // 4)  # noqa: E731
     assert decode_crop(data, "whole", 3, 64, top_box)[1].box == top_box(512, 600)
-    with pytest.raises(BadImageError, match="cut.*truncated"):
+    with pytest.raises(BadImageError, match=r"cut.*truncated"):
         decode_crop(data[: len(data) * 9 // 10], "cut", 3, 64, top_box)
     # the same on a reduced decode, where Pillow's filter reads rows below the box
     aerial = photo("deepforest", "data", "2019_YELL_2_528000_4978000_image_crop2.png")
