@@ -45,6 +45,7 @@ from mimkit.detection.train import (
     training_lines,
     with_legacy_defaults,
 )
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
@@ -320,11 +321,13 @@ def _class_names(config: SegConfig, num_classes: int) -> list[str]:
     return [f"class_{k}" for k in range(num_classes)]
 
 
+@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
 def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
     """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``.
 
     ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (see
-    :func:`~mimkit.detection.train.open_run`)."""
+    :func:`~mimkit.detection.train.open_run`). The run directory is locked against a second writer while
+    this runs (:class:`~mimkit.engine.run_guard.RunLock`)."""
     from mimkit.config import to_plain
     from mimkit.eval.report import write_results
 
