@@ -38,6 +38,7 @@ from mimkit.detection.train import (
     STEM_CHANNELS_ONLY,
     DetectTrainConfig,
     Pretrained,
+    check_data_paths,
     fit,
     mimdet_body,
     open_run,
@@ -340,6 +341,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
     pretrained = pretrained_for(config)
+    check_data_paths(config)
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
     common = dict(img_size=img_size, in_chans=in_chans, reduce_zero_label=d.reduce_zero_label)

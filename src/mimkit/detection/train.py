@@ -28,7 +28,7 @@ from mimkit.detection.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, 
 from mimkit.detection.coco import CocoDetection
 from mimkit.detection.evaluate import coco_evaluate, predict, save_prediction_grid
 from mimkit.detection.maskrcnn import build_detector
-from mimkit.engine.run_guard import holding_run_lock
+from mimkit.engine.run_guard import check_input_path, holding_run_lock
 from mimkit.eval.finetune import layer_decay_groups
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
@@ -233,9 +233,22 @@ def load_pretrained(
     return Pretrained(model, tuple(mean or default_mean), tuple(std or default_std), source)
 
 
+def check_data_paths(config: DetectConfig | SegConfig) -> None:
+    """Fail before any data loads, naming the key, when a data path of the run does not exist."""
+    paths = {"data.train": config.data.train, "data.val": config.data.val}
+    if isinstance(config, DetectConfig):
+        paths |= {"data.train_annotations": config.data.train_annotations}
+        paths |= {"data.val_annotations": config.data.val_annotations}
+    for key, path in paths.items():
+        if path is not None:
+            check_input_path(path, key, "any")
+
+
 def pretrained_for(config: DetectConfig | SegConfig) -> Pretrained:
     """:func:`load_pretrained` with a detection or segmentation config's settings."""
     m = config.model
+    if m.checkpoint is not None:
+        check_input_path(m.checkpoint, "model.checkpoint", "any")
     return load_pretrained(
         m.checkpoint,
         random_init=m.random_init,
@@ -581,6 +594,7 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resu
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
     pretrained = pretrained_for(config)
+    check_data_paths(config)
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
     masks = config.model.masks

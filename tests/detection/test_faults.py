@@ -1,13 +1,15 @@
-"""A detection run asked to stop by SIGTERM saves the finished step and resumes to the same weights."""
+"""Detection and segmentation runs against their environment: a stop signal, wrong paths."""
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from mimkit.detection.seg_train import SegConfig, run_seg_train
 from mimkit.detection.train import run_detect_train
 from mimkit.engine.run_guard import LOCK_NAME, TrainingInterrupted
 
@@ -44,3 +46,26 @@ def test_sigterm_saves_the_step_and_resume_ends_with_the_uninterrupted_weights(
     state = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     for key, value in full.items():
         assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("key", ["model.checkpoint", "data.train", "data.val", "data.train_annotations"])
+def test_a_missing_path_names_its_key_before_anything_loads(
+    shapes_root: Path, tmp_path: Path, tiny_config, key: str
+) -> None:
+    tiny_config.data.train = str(shapes_root)
+    section, name = key.split(".")
+    setattr(getattr(tiny_config, section), name, str(tmp_path / "missing"))
+    tiny_config.train.output_dir = str(tmp_path / "run")
+    with pytest.raises(
+        FileNotFoundError, match=f"^{re.escape(key)} {re.escape(str(tmp_path))}/missing does not exist$"
+    ):
+        run_detect_train(tiny_config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_segmentation_run_into_a_file_names_train_output_dir(tmp_path: Path) -> None:
+    config = SegConfig()
+    config.train.output_dir = str(tmp_path / "a_file")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"^train\.output_dir .*a_file is a file, not a folder"):
+        run_seg_train(config)
