@@ -465,21 +465,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # These import torch: not before --help has been handled.
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.run_guard import STOPPED_EXIT_STATUS, RunDirectoryInUse, StoppedAtOnce, TrainingInterrupted
     from mimkit.models.load import OptionalDependencyError
 
     try:
         return int(args.func(args))
     except (
-        CheckpointError,
+        CheckpointError,  # and DiskFullError: no space left, with the space free and needed
         ConfigError,
-        FileNotFoundError,
-        FileExistsError,
+        OSError,  # FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, no space left
         OptionalDependencyError,
-        PermissionError,
+        RunDirectoryInUse,
         ValueError,
     ) as err:
         print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # SIGTERM or Ctrl-C: the step finished and was saved
+        print(f"mimkit {args.command}: {err}", file=sys.stderr)
+        return STOPPED_EXIT_STATUS
+    except StoppedAtOnce as err:
+        print(f"mimkit {args.command}: {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt as err:
         print(f"mimkit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130

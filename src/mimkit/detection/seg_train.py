@@ -38,6 +38,7 @@ from mimkit.detection.train import (
     STEM_CHANNELS_ONLY,
     DetectTrainConfig,
     Pretrained,
+    check_data_paths,
     fit,
     mimdet_body,
     open_run,
@@ -45,6 +46,7 @@ from mimkit.detection.train import (
     training_lines,
     with_legacy_defaults,
 )
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
@@ -310,11 +312,13 @@ def _class_names(config: SegConfig, num_classes: int) -> list[str]:
     return [f"class_{k}" for k in range(num_classes)]
 
 
+@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
 def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
     """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``.
 
     ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (see
-    :func:`~mimkit.detection.train.open_run`)."""
+    :func:`~mimkit.detection.train.open_run`). The run directory is locked against a second writer while
+    this runs (:class:`~mimkit.engine.run_guard.RunLock`)."""
     from mimkit.config import to_plain
     from mimkit.eval.report import write_results
 
@@ -327,6 +331,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
     pretrained = pretrained_for(config)
+    check_data_paths(config)
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
     common = dict(img_size=img_size, in_chans=in_chans, reduce_zero_label=d.reduce_zero_label)

@@ -28,6 +28,7 @@ from mimkit.detection.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, 
 from mimkit.detection.coco import CocoDetection
 from mimkit.detection.evaluate import coco_evaluate, predict, save_prediction_grid
 from mimkit.detection.maskrcnn import build_detector
+from mimkit.engine.run_guard import check_input_path, holding_run_lock
 from mimkit.eval.finetune import layer_decay_groups
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
@@ -222,9 +223,22 @@ def load_pretrained(
     return Pretrained(model, tuple(mean or default_mean), tuple(std or default_std), source)
 
 
+def check_data_paths(config: DetectConfig | SegConfig) -> None:
+    """Fail before any data loads, naming the key, when a data path of the run does not exist."""
+    paths = {"data.train": config.data.train, "data.val": config.data.val}
+    if isinstance(config, DetectConfig):
+        paths |= {"data.train_annotations": config.data.train_annotations}
+        paths |= {"data.val_annotations": config.data.val_annotations}
+    for key, path in paths.items():
+        if path is not None:
+            check_input_path(path, key, "any")
+
+
 def pretrained_for(config: DetectConfig | SegConfig) -> Pretrained:
     """:func:`load_pretrained` with a detection or segmentation config's settings."""
     m = config.model
+    if m.checkpoint is not None:
+        check_input_path(m.checkpoint, "model.checkpoint", "any")
     return load_pretrained(
         m.checkpoint,
         random_init=m.random_init,
@@ -345,7 +359,8 @@ def fit(
     ``last.pt`` is rewritten atomically every ``train.save_every_steps`` steps and at the end, with
     everything a resume needs (weights, optimizer, step, the epoch's order and position, the data and global
     RNG states) plus ``checkpoint_extra``; ``resume`` (such a checkpoint) continues exactly where it was
-    written, ending with the weights of a run never interrupted.
+    written, ending with the weights of a run never interrupted. SIGTERM or SIGINT finish the step, write
+    ``last.pt`` and raise :class:`~mimkit.engine.run_guard.TrainingInterrupted`.
 
     Returns:
         ``steps``, ``seconds``, ``img_per_s``, ``resumed_at``, ``final_loss`` (mean of the last logging
@@ -353,6 +368,7 @@ def fit(
     """
     from mimkit.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
     from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import warmup_cosine
 
     generator = torch.Generator().manual_seed(t.seed)
@@ -391,6 +407,7 @@ def fit(
         save_checkpoint(out_dir / "last.pt", state)
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    signals = StopSignals().install()
     try:
         while step < total_steps:
             if position >= len(order):  # a new epoch
@@ -431,7 +448,11 @@ def fit(
                 last_window, window = mean, []
             if t.save_every_steps and step % t.save_every_steps == 0 and step < total_steps:
                 save()
+            if signals.agreed() and step < total_steps:
+                save()
+                raise signals.interrupted(step, out_dir / "last.pt")
     finally:
+        signals.restore()
         bar.close()
         metrics.close()
     seconds = time.perf_counter() - start
@@ -541,11 +562,13 @@ def open_run(out_dir: Path, recipe: dict[str, Any], resume: bool) -> dict[str, A
     return state
 
 
+@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
 def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
     """``mimkit detect-train``: load, build, train, evaluate on ``data.val``; write everything to ``train.output_dir``.
 
     ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (same recipe; the keys that
-    only change how it runs, such as ``train.progress``, may differ).
+    only change how it runs, such as ``train.progress``, may differ). The run directory is locked against
+    a second writer while this runs (:class:`~mimkit.engine.run_guard.RunLock`).
 
     Returns:
         The results written to ``results.json``.
@@ -561,6 +584,7 @@ def run_detect_train(config: DetectConfig, *, progress: bool | None = None, resu
     progress = t.progress if progress is None else progress
     torch.manual_seed(t.seed)
     pretrained = pretrained_for(config)
+    check_data_paths(config)
     model_config = dict(pretrained.model.config)
     img_size, in_chans = int(model_config["img_size"]), int(model_config["in_chans"])
     masks = config.model.masks

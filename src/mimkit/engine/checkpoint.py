@@ -23,10 +23,71 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or not a mimkit checkpoint."""
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
+class DiskFullError(CheckpointError):
+    """A run's file could not be written for lack of space; the file it would have replaced is intact.
+
+    Attributes:
+        path: the file that was being written.
+        free: bytes free on its file system after the failed write was removed.
+        needed: about how many bytes the file needs.
+    """
+
+    def __init__(self, path: Path, free: int, needed: int) -> None:
+        self.path, self.free, self.needed = path, free, needed
+        super().__init__(
+            f"no space left to write {path}: {format_bytes(free)} free in {path.parent}, about "
+            f"{format_bytes(needed)} needed; the previous checkpoint there is intact. Free disk space, then resume"
+        )
+
+
+def format_bytes(size: int) -> str:
+    """``size`` in the largest binary unit that keeps it above 1: ``512 B``, ``3.2 MiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an error a full disk (or exhausted quota) raises: ``ENOSPC``/``EDQUOT``, or the zip writer of
+    ``torch.save``, which reports a short write as ``unexpected pos ... vs ...`` or ``file write failed``."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, RuntimeError) and any(
+            sign in str(seen) for sign in ("No space left", "unexpected pos", "file write failed")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_error(path: str | Path, needed: int) -> DiskFullError:
+    """The :class:`DiskFullError` of a failed write of about ``needed`` bytes to ``path``, with the space
+    free there now."""
+    path = Path(path)
+    directory = path.parent
+    while not directory.exists():
+        directory = directory.parent
+    return DiskFullError(path, shutil.disk_usage(directory).free, needed)
+
+
+def atomic_write(path: str | Path, write: Any, needed: int | None = None) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename over ``path``.
 
     On any failure the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the file to (re)place.
+        write: writes the whole content to the binary file object it is given.
+        needed: about how many bytes the file takes, for the message of a full disk (default: what
+            was written before the disk filled up).
+
+    Raises:
+        DiskFullError: no space left (one line naming the file, the space free and the space needed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,8 +101,11 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise disk_full_error(path, max(needed or 0, written)) from err
         raise
 
 
@@ -49,24 +113,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` a checkpoint dict atomically.
 
     Raises:
-        CheckpointError: the disk is full (the previous checkpoint at ``path`` is left as it was).
+        DiskFullError: the disk is full (the previous checkpoint at ``path`` is left as it was).
     """
-    try:
-        atomic_write(path, lambda handle: torch.save(state, handle))
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise CheckpointError(
-            f"no space left to write {path} ({err.strerror}); the previous checkpoint there is intact. "
-            "Free disk space or choose another train.output_dir, then resume"
-        ) from err
-    except RuntimeError as err:  # torch.save's zip writer reports a full disk as a RuntimeError
-        if "No space left" not in str(err) and "file write failed" not in str(err):
-            raise
-        raise CheckpointError(
-            f"writing {path} failed ({error_summary(err)}), most likely a full disk; the previous checkpoint "
-            "there is intact. Free disk space or choose another train.output_dir, then resume"
-        ) from err
+    atomic_write(path, lambda handle: torch.save(state, handle), needed=state_bytes(state))
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mimkit.engine.checkpoint import atomic_write
+from mimkit.engine.checkpoint import atomic_write, disk_full_error, is_disk_full
 
 
 class MetricsLogger:
@@ -35,10 +35,19 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Write one record; non-numeric values go to the JSON file only."""
-        record = {"step": step, **metrics}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Write one record; non-numeric values go to the JSON file only.
+
+        Raises:
+            DiskFullError: no space left for the record (one line with the space free and needed).
+        """
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        try:
+            with self.path.open("a") as handle:
+                handle.write(line)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(self.path, len(line.encode())) from err
+            raise
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -6,10 +6,7 @@ import contextlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,6 +36,14 @@ from mimkit.engine.checkpoint import (
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
+from mimkit.engine.run_guard import (
+    RunLock,
+    StopSignals,
+    TrainingInterrupted,
+    check_input_path,
+    check_output_dir,
+    naming_key,
+)
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.models import MaskedImageModel, create_model
 from mimkit.models.probe_head import LinearProbe
@@ -48,40 +53,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 CONFIG_NAME = "config.yaml"
+__all__ = ["NonFiniteLossError", "PretrainResult", "Pretrainer", "TrainingInterrupted", "pretrain"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: the step in flight was finished and saved before stopping."""
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C (SIGINT) into a flag the loop reads between steps; a second one stops at once.
-
-    A step interrupted half-way (e.g. between the optimizer's parameter groups) would leave weights no
-    checkpoint could describe, so the loop finishes the step, saves, then stops. Outside the main
-    thread signals cannot be caught and this does nothing.
-    """
-    state = {"requested": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def request_stop(signum: int, frame: Any) -> None:
-        if state["requested"]:
-            raise KeyboardInterrupt
-        state["requested"] = True
-        log.warning("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -126,6 +102,22 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
+def check_paths(config: Config) -> None:
+    """Fail with the key's name when a path the run reads does not exist (teacher weights, tokenizer)."""
+    target = config.target
+    if target.tokenizer:
+        check_input_path(target.tokenizer, "target.tokenizer")
+    teacher = target.teacher
+    if teacher and teacher != "efficientnet_lite0":
+        kind, _, rest = teacher.partition(":") if ":" in teacher else ("", "", teacher)
+        if kind == "timm":
+            check_input_path(rest.partition("@")[2], "target.teacher (timm:NAME@FILE)")
+        elif kind == "hf_clip":
+            check_input_path(rest, "target.teacher (hf_clip:DIR)", "folder")
+        elif not kind:
+            check_input_path(rest, "target.teacher")
+
+
 def write_config(config: Config, out_dir: Path) -> None:
     """Save the resolved config next to the checkpoints (atomically)."""
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
@@ -143,6 +135,11 @@ class Pretrainer:
     checkpoints, logs and pictures; metrics are reduced over ranks. A worker that torchrun restarts after a
     failure resumes from ``output_dir/last.pt`` by itself.
 
+    Rank 0 holds the run directory's :class:`~mimkit.engine.run_guard.RunLock` from construction to
+    :meth:`close`: a second process writing the same ``train.output_dir`` is refused. SIGTERM and SIGINT
+    during :meth:`fit` finish the step, save and raise :class:`~mimkit.engine.run_guard.TrainingInterrupted`
+    (see :class:`~mimkit.engine.run_guard.StopSignals`).
+
     ``train.parallel``: ``ddp`` replicates the model on every rank (DistributedDataParallel); ``fsdp``
     shards weights, gradients and AdamW state over the ranks (``fully_shard``, one unit per transformer
     block), for models too big to replicate. An FSDP checkpoint is a folder of per-rank shard files named
@@ -155,12 +152,27 @@ class Pretrainer:
     """
 
     def __init__(self, config: Config, resume: bool | str = False) -> None:
+        self.config = config
+        self.out_dir = check_output_dir(config.train.output_dir, "train.output_dir")
+        check_paths(config)
+        self.place, self.device = distributed.setup(resolve_device(config.train.device))
+        self.lock = RunLock(self.out_dir, "train.output_dir")
+        if self.place.is_main:  # one writer: rank 0
+            self.lock.acquire()
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory for another process (rank 0 holds it from construction)."""
+        self.lock.release()
+
+    def _setup(self, resume: bool | str) -> None:
         from mimkit.data import build_loader, build_training_dataset, training_transform
 
-        self.config = config
-        cfg = config
-        self.out_dir = Path(cfg.train.output_dir)
-        self.place, self.device = distributed.setup(resolve_device(cfg.train.device))
+        cfg = self.config
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         if not resume and restarted_by_torchrun() and (self.out_dir / CHECKPOINT_NAME).is_file():
@@ -174,9 +186,10 @@ class Pretrainer:
 
         torch.manual_seed(cfg.train.seed)
         world = self.place.world_size
-        self.dataset = build_training_dataset(
-            cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world, seed=cfg.train.seed
-        )
+        with naming_key("data.root", cfg.data.root):
+            self.dataset = build_training_dataset(
+                cfg.data, cfg.model.img_size, cfg.model.in_chans, cfg.train.batch_size, world, seed=cfg.train.seed
+            )
         self.mean, self.std = cfg.normalization()
         self.augment = training_transform(cfg.data, cfg.model.img_size, self.dataset, self.mean, self.std)
         self.loader = build_loader(
@@ -298,11 +311,6 @@ class Pretrainer:
             raise FileExistsError(
                 f"{existing} already exists; pass --resume to continue that run or choose another train.output_dir"
             )
-        probe_dir = self.out_dir if self.out_dir.exists() else self.out_dir.parent
-        while not probe_dir.exists():
-            probe_dir = probe_dir.parent
-        if not os.access(probe_dir, os.W_OK):
-            raise PermissionError(f"train.output_dir {self.out_dir} is not writable")
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint_file(path, merge_shards=not self.sharded)
@@ -576,7 +584,7 @@ class Pretrainer:
         preview_seconds = 0.0  # reconstruction pictures since the last log
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            interrupt = stack.enter_context(deferred_interrupt())
+            signals = stack.enter_context(StopSignals())
             stack.callback(self.logger.close)
             stack.callback(bar.close)
             while self.step < self.total_steps:
@@ -629,12 +637,11 @@ class Pretrainer:
                         last_log_step, last_log_time = self.step, now
                     save_steps = cfg.train.save_every_steps
                     epochs_done = self.step // self.steps_per_epoch
-                    if self.place.distributed:  # every rank stops at the same step
-                        interrupt["requested"] = distributed.any_rank(interrupt["requested"], self.device)
+                    stopping = signals.agreed(self.device)  # every rank stops after the same step
                     if (
                         (save_steps and self.step % save_steps == 0)
                         or done
-                        or interrupt["requested"]
+                        or stopping
                         or (at_epoch_end and epochs_done % cfg.train.save_every_epochs == 0)
                     ):
                         self._check_finite(nonfinite, last_checked)
@@ -642,11 +649,8 @@ class Pretrainer:
                     keep = cfg.train.keep_every_epochs
                     if keep and at_epoch_end and epochs_done % keep == 0:
                         self.save(f"epoch_{epochs_done:04d}.pt")
-                    if interrupt["requested"]:
-                        raise TrainingInterrupted(
-                            f"interrupted at step {self.step}; saved {self.out_dir / CHECKPOINT_NAME}, "
-                            "continue with --resume"
-                        )
+                    if stopping:
+                        raise signals.interrupted(self.step, self.out_dir / CHECKPOINT_NAME)
                     if done:
                         break
         seconds = time.perf_counter() - started

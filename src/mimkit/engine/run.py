@@ -146,6 +146,14 @@ def run_pretraining(config: Config, resume: bool | str = False) -> dict[str, Any
         A summary dict, also written to ``output_dir/summary.json``.
     """
     trainer = Pretrainer(config, resume=resume)
+    try:
+        return _train_and_report(trainer)
+    finally:
+        trainer.close()  # the run directory is free again
+
+
+def _train_and_report(trainer: Pretrainer) -> dict[str, Any]:
+    config = trainer.config
     if config.eval.knn:
         check_knn_data(trainer)
     result = trainer.fit()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mimkit.data.crops import CropDataset
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.eval.data import LabelledSplit
 from mimkit.eval.linear import LinearProbe, predict
 from mimkit.models.convvit import ConvViT
@@ -318,6 +319,7 @@ def finetune(
     from mimkit.data import build_loader
     from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize
     from mimkit.engine import distributed
+    from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
 
@@ -389,6 +391,7 @@ def finetune(
     step = 0
     logits = torch.empty(0, num_classes)  # the test logits, on rank 0
     share = {"part": (where.rank * batch, global_batch)} if where.distributed else {}
+    signals = StopSignals().install()  # SIGTERM/SIGINT: every rank stops after the same step
     try:
         for epoch in range(config.epochs):
             order = torch.randperm(num_train, generator=order_generator)  # (N,)
@@ -440,6 +443,8 @@ def finetune(
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                     if metrics is not None:
                         metrics.log(step, {"finetune/loss": loss_value, "finetune/lr": lr})
+                if signals.agreed(device):
+                    raise signals.interrupted(step, None)
             running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
             if not where.is_main:
                 continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
@@ -453,6 +458,7 @@ def finetune(
                 metrics.log(step, {"finetune/epoch_loss": record["train_loss"], "finetune/test_top1": top1})
             log.info("fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1)
     finally:
+        signals.restore()
         np.random.set_state(numpy_state)
     model.eval()
     ema_logits = None
@@ -463,6 +469,15 @@ def finetune(
     return FinetuneResult(model=model, logits=logits, history=history, steps=step, lr=peak_lr, ema_logits=ema_logits)
 
 
+def finetune_run_dir(out_dir: str | Path, partial_blocks: int | None, random_init: bool) -> Path:
+    """Where :func:`run_finetune` writes: ``out_dir/<full|partial<k>>/<pretrained|random_init>``."""
+    protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
+    return Path(out_dir) / protocol / ("random_init" if random_init else "pretrained")
+
+
+@holding_run_lock(
+    lambda out_dir, partial_blocks, random_init, **_: finetune_run_dir(out_dir, partial_blocks, random_init), "--out"
+)
 def run_finetune(
     checkpoint: str | Path,
     *,
@@ -492,7 +507,7 @@ def run_finetune(
         save_model: write the fine-tuned classifier (atomically).
 
     Under ``torchrun`` every rank trains (see :func:`finetune`); rank 0 alone writes and reports, the
-    other ranks return ``{"rank": r}``.
+    other ranks return ``{"rank": r}``. Rank 0 locks the run folder against a second writer while this runs.
 
     Returns:
         The dict written to ``results.json``: top-1/top-5, per-class accuracy, confusion, per-epoch
@@ -563,7 +578,7 @@ def run_finetune(
     train_labels = torch.as_tensor(train.labels).long()
     protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
     which = "random_init" if random_init else "pretrained"
-    run_dir = Path(out_dir) / protocol / which
+    run_dir = finetune_run_dir(out_dir, partial_blocks, random_init)
     with torch.random.fork_rng(devices=[]):  # the head's initialisation is part of the seeded recipe
         torch.manual_seed(config.seed)
         classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from mimkit.config import ConfigError, to_plain
 from mimkit.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint_file, save_checkpoint
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.layers import Block, init_vit_weights, sincos_2d
 from mimkit.targets.teacher import Teacher, build_teacher, keep_teacher_out_of_state_dict
 
@@ -811,6 +812,7 @@ def load_tokenizer(
     return tokenizer.to(map_location).eval()
 
 
+@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
 def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train a VQ-KD tokenizer; writes ``tokenizer.pt``, ``config.yaml``, ``metrics.jsonl`` and
     ``summary.json`` to ``config.train.output_dir``.
@@ -819,6 +821,10 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     assignments are logged (and checked by :func:`check_codebook`); at each epoch's end those of the
     epoch. After training, ``train.eval_images`` un-augmented training images are tokenized (eval mode)
     for the summary's usage and perplexity.
+
+    The run directory is locked against a second writer while this runs. SIGTERM or SIGINT stop after the
+    step in flight with :class:`~mimkit.engine.run_guard.TrainingInterrupted`; the tokenizer is written
+    only at the end (this command does not resume).
 
     Args:
         config: a validated config.
@@ -840,6 +846,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.optim import build_optimizer
     from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
+    from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import warmup_cosine
 
     cfg = config
@@ -882,6 +889,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     bar = tqdm(total=total_steps, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     tokenizer.train()
+    signals = StopSignals().install()
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
@@ -948,7 +956,10 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
                     last_log_step = step
                 if done:
                     break
+                if signals.agreed():
+                    raise signals.interrupted(step, None)
     finally:
+        signals.restore()
         bar.close()
         logger.close()
     seconds = time.perf_counter() - started
