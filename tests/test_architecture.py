@@ -42,6 +42,7 @@ KNOWN_UPWARD = {
     ("mimkit.targets.vqkd", "mimkit.engine.logging"),
     ("mimkit.targets.vqkd", "mimkit.engine.optim"),
     ("mimkit.targets.vqkd", "mimkit.engine.pretrain"),
+    ("mimkit.targets.vqkd", "mimkit.engine.run_guard"),
     ("mimkit.targets.vqkd", "mimkit.engine.schedule"),
 }
 
