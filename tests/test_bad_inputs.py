@@ -51,9 +51,9 @@ from mimkit.config import ConfigError, load_config
 from mimkit.data import BadImageWarning, build_dataset
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from mimkit.data.transforms import MAEAugment
-from mimkit.engine.checkpoint import CheckpointError
 from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, build_model
 from mimkit.eval.probe import run_probe
+from mimkit.files import CheckpointError
 from mimkit.models import create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
 

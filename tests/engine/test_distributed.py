@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from mimkit.engine.checkpoint import load_checkpoint_file
 from mimkit.engine.pretrain import Pretrainer
+from mimkit.files import load_checkpoint_file
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not built")
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 import yaml
 
-from mimkit.engine.checkpoint import (
+from mimkit.engine.pretrain import Pretrainer
+from mimkit.files import (
     CheckpointError,
     check_free_space,
     load_checkpoint_file,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from mimkit.engine.pretrain import Pretrainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["train.epochs=8", "data.limit=256", "train.save_every_steps=1", "train.num_threads=1"]  # 128 steps
@@ -115,7 +115,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_pat
 import time
 from pathlib import Path
 import torch
-from mimkit.engine.checkpoint import atomic_write
+from mimkit.files import atomic_write
 
 def write(handle):
     handle.write(b"PK" + bytes(4096))  # the start of a zip that never ends

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from mimkit.data.fashion_mnist import load_fashion_mnist
-from mimkit.engine.checkpoint import load_checkpoint_file
 from mimkit.engine.pretrain import Pretrainer
+from mimkit.files import load_checkpoint_file
 
 PROBE = ["eval.online_probe=true", "eval.online_probe_lr=1e-2"]
 # 512 images, 16 steps per epoch; mild crops keep the class visible so the probe learns quickly.

@@ -11,9 +11,9 @@ import torch
 
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
-from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
 from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, TrainingInterrupted
 from mimkit.engine.schedule import warmup_cosine
+from mimkit.files import CheckpointError, load_checkpoint_file
 from mimkit.models import create_model
 
 

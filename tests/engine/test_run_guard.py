@@ -23,7 +23,6 @@ import torch
 import yaml
 
 from mimkit.cli import main
-from mimkit.engine.checkpoint import DiskFullError, load_checkpoint_file
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.engine.run_guard import (
     LOCK_NAME,
@@ -33,6 +32,7 @@ from mimkit.engine.run_guard import (
     StoppedAtOnce,
     StopSignals,
 )
+from mimkit.files import DiskFullError, load_checkpoint_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["train.epochs=8", "data.limit=256", "train.num_threads=1"]  # 128 steps, last.pt at each epoch's end

@@ -14,8 +14,8 @@ from torch import nn
 
 import mimkit
 from mimkit.config import load_config
-from mimkit.engine.checkpoint import CheckpointError
 from mimkit.engine.pretrain import build_model
+from mimkit.files import CheckpointError
 from mimkit.models import create_model
 from mimkit.models.convert import LAYOUTS, from_mimkit
 from mimkit.models.load import (

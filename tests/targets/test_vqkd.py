@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mimkit.cli import main
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
-from mimkit.engine.checkpoint import CheckpointError
+from mimkit.files import CheckpointError
 from mimkit.targets import (
     CodebookCollapseWarning,
     Teacher,

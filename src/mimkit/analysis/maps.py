@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from mimkit.analysis.reconstruct import pixel_mask, to_display
-from mimkit.engine.checkpoint import atomic_write
 from mimkit.engine.logging import read_metrics
+from mimkit.files import atomic_write
 
 __all__ = [
     "MAP_COLUMNS",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.analysis.reconstruct import load_model_images
-from mimkit.engine.checkpoint import atomic_write
+from mimkit.files import atomic_write
 from mimkit.masking import MaskSpec, informed_mask, num_hidden_patches
 from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_bipartition, ncut_split, patch_affinity
 from mimkit.masking.saliency import patch_saliency

@@ -362,8 +362,8 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
 def load_segmenter(path: str | Path) -> tuple[Segmenter, SegConfig, dict[str, Any]]:
     """A segmenter saved by ``seg-train``, its config and the checkpoint dict."""
     from mimkit.config import from_dict
-    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
     from mimkit.eval.data import untrained_model
+    from mimkit.files import CheckpointError, load_checkpoint_file
 
     state = load_checkpoint_file(path)
     missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]

@@ -366,10 +366,11 @@ def fit(
         ``steps``, ``seconds``, ``img_per_s``, ``resumed_at``, ``final_loss`` (mean of the last logging
         window) and ``losses`` (the mean of each loss term over that window).
     """
-    from mimkit.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
+    from mimkit.engine.rng import rng_state, set_rng_state
     from mimkit.engine.logging import MetricsLogger
     from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import warmup_cosine
+    from mimkit.files import save_checkpoint
 
     generator = torch.Generator().manual_seed(t.seed)
     total_steps = t.max_steps or t.epochs * math.ceil(num_samples / t.batch_size)
@@ -538,7 +539,7 @@ def open_run(out_dir: Path, recipe: dict[str, Any], resume: bool) -> dict[str, A
         CheckpointError: nothing (or nothing resumable) to resume.
         ValueError: the checkpoint was trained with another ``recipe`` (the keys are named).
     """
-    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+    from mimkit.files import CheckpointError, load_checkpoint_file
 
     path = out_dir / "last.pt"
     if not resume:
@@ -660,8 +661,8 @@ def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, 
     """A detector saved by ``detect-train`` (``last.pt``, eval mode), its config, and the checkpoint dict
     (``classes``, ``encoder_config``, ``mean``, ``std``, ...)."""
     from mimkit.config import from_dict
-    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
     from mimkit.eval.data import untrained_model
+    from mimkit.files import CheckpointError, load_checkpoint_file
 
     state = load_checkpoint_file(path)
     missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]

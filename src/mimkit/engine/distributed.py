@@ -204,22 +204,6 @@ def local_shards(state: Any, path: str = "") -> tuple[Any, list[str]]:
     return state, []
 
 
-def merge_shards(parts: list[Any], sharded: set[str], path: str = "") -> Any:
-    """Rebuild full tensors from every rank's :func:`local_shards` output (in rank order): sharded paths
-    are concatenated along dim 0 (FSDP's even ``torch.chunk`` split), everything else is taken from rank 0."""
-    first = parts[0]
-    if path in sharded:
-        return torch.cat(parts, dim=0)
-    if isinstance(first, dict):
-        return {
-            key: merge_shards([part[key] for part in parts], sharded, f"{path}.{key}" if path else str(key))
-            for key in first
-        }
-    if isinstance(first, list):
-        return [merge_shards([part[i] for part in parts], sharded, f"{path}.{i}") for i in range(len(first))]
-    return first
-
-
 def to_sharded_like(local: Any, like: Any) -> Any:
     """Saved tensors as DTensors placed like ``like`` (a sharded state dict of the same structure), for
     loading into a sharded model or its optimizer: this rank's local shards as they are, whole tensors cut

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mimkit.engine.checkpoint import atomic_write, disk_full_error, is_disk_full
+from mimkit.files import atomic_write, disk_full_error, is_disk_full
 
 
 class MetricsLogger:

@@ -18,21 +18,7 @@ from tqdm.auto import tqdm
 
 from mimkit.config import Config, config_from_dict, model_overrides
 from mimkit.engine import distributed
-from mimkit.engine.checkpoint import (
-    SHARDS_DIR,
-    CheckpointError,
-    atomic_write,
-    check_free_space,
-    load_checkpoint_file,
-    merged_sharded_state,
-    remove_stale_temporaries,
-    remove_unreferenced_shards,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    shard_path,
-    state_bytes,
-)
+from mimkit.engine.rng import rng_state, set_rng_state
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
@@ -45,6 +31,19 @@ from mimkit.engine.run_guard import (
     naming_key,
 )
 from mimkit.engine.schedule import effective_lr, warmup_cosine
+from mimkit.files import (
+    SHARDS_DIR,
+    CheckpointError,
+    atomic_write,
+    check_free_space,
+    load_checkpoint_file,
+    merged_sharded_state,
+    remove_stale_temporaries,
+    remove_unreferenced_shards,
+    save_checkpoint,
+    shard_path,
+    state_bytes,
+)
 from mimkit.models import MaskedImageModel, create_model
 from mimkit.models.probe_head import LinearProbe
 from mimkit.models.protocols import GuidedMasker, StatefulMasker
@@ -143,7 +142,7 @@ class Pretrainer:
     ``train.parallel``: ``ddp`` replicates the model on every rank (DistributedDataParallel); ``fsdp``
     shards weights, gradients and AdamW state over the ranks (``fully_shard``, one unit per transformer
     block), for models too big to replicate. An FSDP checkpoint is a folder of per-rank shard files named
-    by a small ``last.pt``; :func:`~mimkit.engine.checkpoint.load_checkpoint_file` joins them, so every
+    by a small ``last.pt``; :func:`~mimkit.files.load_checkpoint_file` joins them, so every
     command (and a resume with another number of ranks, or none) reads it like any other checkpoint.
 
     Args:

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mimkit.engine.checkpoint import atomic_write
+from mimkit.files import atomic_write
 from mimkit.layers import patchify, unpatchify
 from mimkit.masking import MaskSpec, RandomMasker
 from mimkit.models import MaskedImageModel

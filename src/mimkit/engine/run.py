@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from mimkit.config import Config
-from mimkit.engine.checkpoint import atomic_write
 from mimkit.engine.pretrain import Pretrainer, build_model
+from mimkit.files import atomic_write
 from mimkit.models import MaskedImageModel
 
 log = logging.getLogger(__name__)

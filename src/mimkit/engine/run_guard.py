@@ -8,7 +8,7 @@
   lock of a process that died is taken over, with a message.
 - :func:`check_output_dir` and :func:`naming_key`: a wrong path in a config names its key.
 
-A full disk is reported by the writers themselves (:class:`~mimkit.engine.checkpoint.DiskFullError`).
+A full disk is reported by the writers themselves (:class:`~mimkit.files.DiskFullError`).
 """
 
 from __future__ import annotations

@@ -520,7 +520,6 @@ def run_finetune(
     """
     from mimkit.config import to_plain
     from mimkit.engine import distributed
-    from mimkit.engine.checkpoint import atomic_write
     from mimkit.engine.logging import MetricsLogger, NullLogger
     from mimkit.eval.data import (
         check_labelled_folder,
@@ -530,6 +529,7 @@ def run_finetune(
         load_training_crops,
     )
     from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
+    from mimkit.files import atomic_write
 
     config = (config or FinetuneConfig()).validate()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -662,7 +662,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         CheckpointError: missing, truncated or foreign file.
     """
-    from mimkit.engine.checkpoint import CheckpointError, load_checkpoint_file
+    from mimkit.files import CheckpointError, load_checkpoint_file
     from mimkit.models.registry import create_model
 
     state = load_checkpoint_file(path, map_location)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from mimkit.engine import distributed
-from mimkit.engine.checkpoint import atomic_write
 from mimkit.eval.data import (
     LabelledSplit,
     check_labelled_folder,
@@ -31,6 +30,7 @@ from mimkit.eval.data import (
 from mimkit.eval.knn import extract_features, knn_scores
 from mimkit.eval.linear import train_linear_probe
 from mimkit.eval.report import ClassificationMetrics, classification_metrics, save_confusion_matrix, write_results
+from mimkit.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mimkit.engine.checkpoint import atomic_write
+from mimkit.files import atomic_write
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mimkit.config import Config, ConfigError, config_from_dict
-from mimkit.engine.checkpoint import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
+from mimkit.files import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
 from mimkit.models.convert import (
     args_from_hf_config,
     detect_layout,

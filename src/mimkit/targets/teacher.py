@@ -664,7 +664,7 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str | Path, identity: dict[str, Any]) -> None:
-        from mimkit.engine.checkpoint import atomic_write
+        from mimkit.files import atomic_write
 
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -691,7 +691,7 @@ class FeatureCache:
         (-> (M, L, D)) and stored. Returns (B, L, D) on the images' device."""
         import hashlib
 
-        from mimkit.engine.checkpoint import atomic_write
+        from mimkit.files import atomic_write
 
         pixels = images.detach().float().contiguous().cpu()  # (B, C, H, W)
         keys = [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in pixels]

@@ -65,8 +65,8 @@ import yaml
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, to_plain
-from mimkit.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint_file, save_checkpoint
 from mimkit.engine.run_guard import holding_run_lock
+from mimkit.files import CheckpointError, atomic_write, load_checkpoint_file, save_checkpoint
 from mimkit.layers import Block, init_vit_weights, sincos_2d
 from mimkit.targets.teacher import Teacher, build_teacher, keep_teacher_out_of_state_dict
 

@@ -1,17 +1,19 @@
-"""Atomic checkpoints: a partial file never replaces a good one."""
+"""The files a run writes and reads: atomic writes (a partial file never replaces a good one), one-line
+errors for a full disk, and safe loading of checkpoint files, whole or as an FSDP run's per-rank shards.
+
+A leaf: it imports nothing from mimkit, so every package can save and read its files through it.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -228,8 +230,6 @@ def shard_path(directory: Path, rank: int) -> Path:
 
 def merged_sharded_state(path: Path, state: dict[str, Any], map_location: str | torch.device) -> dict[str, Any]:
     """``state`` (a sharded checkpoint's ``last.pt``) with ``model`` and ``optimizer`` rebuilt from its shards."""
-    from mimkit.engine.distributed import merge_shards
-
     info = state["sharded"]
     directory = path.parent / info["dir"]
     parts = [load_checkpoint_file(shard_path(directory, rank), map_location) for rank in range(info["world_size"])]
@@ -258,29 +258,17 @@ def remove_unreferenced_shards(directory: str | Path) -> list[Path]:
     return removed
 
 
-def _numpy_state_plain() -> tuple:
-    """NumPy's legacy RNG state with plain Python values, loadable with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state())
-    return (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
-
-
-def rng_state() -> dict[str, Any]:
-    """Global RNG states of Python, NumPy and torch (CPU and CUDA)."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_plain(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state` output."""
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def merge_shards(parts: list[Any], sharded: set[str], path: str = "") -> Any:
+    """Rebuild full tensors from every rank's :func:`local_shards` output (in rank order): sharded paths
+    are concatenated along dim 0 (FSDP's even ``torch.chunk`` split), everything else is taken from rank 0."""
+    first = parts[0]
+    if path in sharded:
+        return torch.cat(parts, dim=0)
+    if isinstance(first, dict):
+        return {
+            key: merge_shards([part[key] for part in parts], sharded, f"{path}.{key}" if path else str(key))
+            for key in first
+        }
+    if isinstance(first, list):
+        return [merge_shards([part[i] for part in parts], sharded, f"{path}.{i}") for i in range(len(first))]
+    return first
