@@ -126,11 +126,14 @@ def ensure_tokenizer(path: Path, *, progress: bool = False) -> None:
 
 def _timed_step(model: Any, optimizer: Any, images: Any, seed: int) -> float:
     """Wall time of one training step (forward, backward, AdamW) of a masked image model on ``images``,
-    the mask drawn from ``seed``; CUDA synchronized around the step."""
+    the mask drawn from ``seed``; CUDA synchronized around the step. The step gets a copy of the batch, as a
+    new batch: a target that keeps its output for the tensor it last saw (a teacher's features, VQ-KD codes)
+    computes it again, as it does in training."""
     import time
 
     import torch
 
+    images = images.clone()
     cuda = images.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(images.device)
