@@ -14,11 +14,15 @@ budget (``benchmarks/ablation.py``). Groups and rows:
 * MILAN (prompting decoder, teacher-guided masks, cosine loss): MAE's decoder; random masks; smooth-L1.
 
 The teacher is the ImageNet EfficientNet-Lite0 (stage 4 at input 128: an 8x8 map); VQ-KD uses the tokenizer
-of ``configs/vqkd_fmnist.yaml`` (trained first when ``--tokenizer`` does not exist). Step cost: one training
-step of each row on the same batch, one after another in this process, relative to the MAE reference.
-Runs are cached under ``--out/<row>/`` (``--rows`` picks some; a last call gathers the table)::
+of ``configs/vqkd_fmnist.yaml`` (trained first when ``--tokenizer`` does not exist). Runs are cached under
+``--out/seed<N>/<row>/`` (``--rows`` picks some, ``--seed`` the seed); ``--gather --seeds 0 1`` prints the
+table of the finished rows, each row's mean and per-seed values. Step cost (``--step-cost``): one training
+step of every row on the same batch of 64 images, the rows taking turns round by round in one process, the
+median of ``--rounds`` relative to the MAE reference, cached as ``--out/step_cost.json`` for the table::
 
-    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 [--rows mae mae_loss_all]
+    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 [--seed 1] [--rows mae mae_loss_all]
+    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 --step-cost --rounds 3
+    .venv/bin/python benchmarks/design_space.py --out runs/design --gather --seeds 0 1
 """
 
 from __future__ import annotations
