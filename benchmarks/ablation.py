@@ -125,27 +125,58 @@ def ensure_tokenizer(path: Path, *, progress: bool = False) -> None:
     )
 
 
-def median_step_seconds(model: Any, images: Any, *, repeats: int, warmup: int) -> float:
-    """Median wall time of one training step (forward, backward, AdamW) of a masked image model on one
-    batch, after ``warmup`` untimed steps; masks seeded per step, CUDA synchronized around each step."""
-    import statistics
+def _timed_step(model: Any, optimizer: Any, images: Any, seed: int) -> float:
+    """Wall time of one training step (forward, backward, AdamW) of a masked image model on ``images``,
+    the mask drawn from ``seed``; CUDA synchronized around the step. The step gets a copy of the batch, as a
+    new batch: a target that keeps its output for the tensor it last saw (a teacher's features, VQ-KD codes)
+    computes it again, as it does in training."""
     import time
 
     import torch
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    images = images.clone()
     cuda = images.device.type == "cuda"
-    times = []
-    for index in range(warmup + repeats):
-        if cuda:
-            torch.cuda.synchronize(images.device)
-        start = time.perf_counter()
-        loss = model(images, generator=torch.Generator().manual_seed(index)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize(images.device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if cuda:
+        torch.cuda.synchronize(images.device)
+    start = time.perf_counter()
+    loss = model(images, generator=torch.Generator().manual_seed(seed)).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if cuda:
+        torch.cuda.synchronize(images.device)
+    return time.perf_counter() - start
+
+
+def _adamw(model: Any) -> Any:
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def median_step_seconds(model: Any, images: Any, *, repeats: int, warmup: int) -> float:
+    """Median wall time of one training step (forward, backward, AdamW) of a masked image model on one
+    batch, after ``warmup`` untimed steps; masks seeded per step, CUDA synchronized around each step."""
+    import statistics
+
+    optimizer = _adamw(model)
+    times = [_timed_step(model, optimizer, images, index) for index in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
+
+
+def interleaved_step_seconds(models: dict[str, Any], images: Any, *, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of one training step of each model on the same batch, the models taking turns: each
+    round times one step of every model, in an order that reverses from round to round, so that a change of
+    the machine's load reaches all of them alike. ``warmup`` untimed rounds first; the mask of round r is drawn
+    from seed r for every model."""
+    import statistics
+
+    optimizers = {name: _adamw(model) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for index in range(warmup + rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            seconds = _timed_step(models[name], optimizers[name], images, index)
+            if index >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -14,21 +14,33 @@ budget (``benchmarks/ablation.py``). Groups and rows:
 * MILAN (prompting decoder, teacher-guided masks, cosine loss): MAE's decoder; random masks; smooth-L1.
 
 The teacher is the ImageNet EfficientNet-Lite0 (stage 4 at input 128: an 8x8 map); VQ-KD uses the tokenizer
-of ``configs/vqkd_fmnist.yaml`` (trained first when ``--tokenizer`` does not exist). Step cost: one training
-step of each row on the same batch, one after another in this process, relative to the MAE reference.
-Runs are cached under ``--out/<row>/`` (``--rows`` picks some; a last call gathers the table)::
+of ``configs/vqkd_fmnist.yaml`` (trained first when ``--tokenizer`` does not exist). Runs are cached under
+``--out/seed<N>/<row>/`` (``--rows`` picks some, ``--seed`` the seed); ``--gather --seeds 0 1`` prints the
+table of the finished rows, each row's mean and per-seed values. Step cost (``--step-cost``): one training
+step of every row on the same batch of 64 images, the rows taking turns round by round in one process, the
+median of ``--rounds`` relative to the MAE reference, cached as ``--out/step_cost.json`` for the table::
 
-    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 [--rows mae mae_loss_all]
+    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 [--seed 1] [--rows mae mae_loss_all]
+    .venv/bin/python benchmarks/design_space.py --out runs/design --threads 1 --step-cost --rounds 3
+    .venv/bin/python benchmarks/design_space.py --out runs/design --gather --seeds 0 1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
-from targets_ablation import RECIPE, TEACHER, step_seconds
+from targets_ablation import RECIPE, TEACHER
+
+from mimkit.config import load_config
+from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
+from mimkit.data.transforms import EvalTransform, default_normalization
+from mimkit.engine.pretrain import build_model
 
 
 def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
@@ -58,6 +70,26 @@ def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
     }  # fmt: skip
 
 
+def step_costs(table: dict[str, tuple[str, str, list[str]]], names: list[str], rounds: int) -> dict[str, float]:
+    """Median seconds of one training step of each row's model on one batch of 64 real images, the rows taking
+    turns round by round in this process (:func:`ablation.interleaved_step_seconds`)."""
+    torch.manual_seed(0)
+    models = {name: build_model(load_config(RECIPE, table[name][2])) for name in names}
+    mean, std = default_normalization(1, "fashion_mnist")
+    images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
+    return ablation.interleaved_step_seconds(models, images, rounds=rounds)
+
+
+def cell(values: list[float], digits: int = 1, scale: float = 100.0) -> str:
+    """One seed's value, or the mean of several followed by each seed's value."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    each = " / ".join(f"{scale * value:.{digits}f}" for value in values)
+    return f"{scale * statistics.mean(values):.{digits}f} ({each})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/design"))
@@ -68,9 +100,13 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=2000, help="probe and fine-tuning training images")
     parser.add_argument("--test-limit", type=int, default=1000, help="probe and fine-tuning test images")
     parser.add_argument("--ft-epochs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-step-cost", action="store_true", help="skip the step timing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the runs (cached under --out/seed<N>/)")
     parser.add_argument("--gather", action="store_true", help="only print the table of the finished rows")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="--gather: seeds to show (default --seed)")
+    parser.add_argument(
+        "--step-cost", action="store_true", help="only time one training step of every row (--out/step_cost.json)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="--step-cost: timed rounds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
@@ -80,35 +116,53 @@ def main() -> None:
     names = args.rows or list(table)
     if unknown := set(names) - set(table):
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(table)}")
+    cost_path = args.out / "step_cost.json"
+    if args.step_cost:
+        timed = list(dict.fromkeys(["mae", *names]))
+        seconds = step_costs(table, timed, args.rounds)
+        record = {"threads": torch.get_num_threads(), "rounds": args.rounds, "batch": 64, "seconds": seconds}
+        args.out.mkdir(parents=True, exist_ok=True)
+        cost_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"one training step on 64 images, {record['threads']} thread(s), median of {args.rounds} rounds")
+        print("| row | ms | relative to `mae` |")
+        print("|---|---:|---:|")
+        for name in timed:
+            print(f"| `{name}` | {1000 * seconds[name]:.0f} | {seconds[name] / seconds['mae']:.2f}x |")
+        return
     if not args.gather and any(table[name][0] == "BEiT v2" for name in names):
         ablation.ensure_tokenizer(args.tokenizer, progress=args.progress)
     finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
-    budget = [f"train.epochs={args.epochs}", f"data.limit={args.limit}", f"train.seed={args.seed}"]
-    results = []
+    seeds = args.seeds if args.gather and args.seeds else [args.seed]
+    results: dict[str, list[tuple[dict[str, Any], float, float, float]]] = {}
     for name in names:
-        out = args.out / f"seed{args.seed}" / name
-        if args.gather and not (out / "finetune").is_dir():
-            continue
-        results.append((name, *ablation.measure(out, RECIPE, [*table[name][2], *budget], finetune_config, **limits)))
-    done = [name for name, *_ in results]
-    costs = {} if args.no_step_cost else {name: step_seconds(table[name][2]) for name in dict.fromkeys(["mae", *done])}
+        for seed in seeds:
+            out = args.out / f"seed{seed}" / name
+            if args.gather and not (out / "finetune" / "full" / "pretrained" / "results.json").is_file():
+                continue
+            budget = [f"train.epochs={args.epochs}", f"data.limit={args.limit}", f"train.seed={seed}"]
+            measured = ablation.measure(out, RECIPE, [*table[name][2], *budget], finetune_config, **limits)
+            results.setdefault(name, []).append(measured)
+    costs = json.loads(cost_path.read_text())["seconds"] if cost_path.is_file() else {}
 
-    steps = results[0][1].get("steps", "-") if results else "-"
+    steps = next(iter(results.values()))[0][0].get("steps", "-") if results else "-"
     print()
     print(
-        f"Fashion-MNIST 32x32, ViT-Tiny/4, seed {args.seed}: {args.epochs} epoch(s) of {args.limit} images ({steps} "
+        f"Fashion-MNIST 32x32, ViT-Tiny/4, seeds {seeds}: {args.epochs} epoch(s) of {args.limit} images ({steps} "
         f"steps of 64); kNN, linear probe and {args.ft_epochs}-epoch fine-tuning on {args.train_limit} train / "
-        f"{args.test_limit} test images (top-1 %); step cost relative to the MAE reference"
+        f"{args.test_limit} test images (top-1 %: the mean, then each seed's value where a row has several); "
+        "step cost relative to the MAE reference (--out/step_cost.json)"
     )
-    print("| group | row | changes | final loss | kNN | linear | fine-tune | step cost |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for name, summary, knn, linear, tuned in results:
+    print("| group | row | changes | seeds | final loss | kNN | linear | fine-tune | step cost |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, measured in results.items():
         group, change, _ = table[name]
-        cost = f"{costs[name] / costs['mae']:.2f}x" if costs else "-"
+        cost = f"{costs[name] / costs['mae']:.2f}x" if name in costs and "mae" in costs else "-"
+        losses = [summary["final_loss"] for summary, *_ in measured]
+        knn, linear, tuned = ([m[index] for m in measured] for index in (1, 2, 3))
         print(
-            f"| {group} | `{name}` | {change} | {summary['final_loss']:.4f} | {100 * knn:.1f} | {100 * linear:.1f} "
-            f"| {100 * tuned:.1f} | {cost} |"
+            f"| {group} | `{name}` | {change} | {len(measured)} | {cell(losses, 3, 1.0)} | {cell(knn)} "
+            f"| {cell(linear)} | {cell(tuned)} | {cost} |"
         )
 
 
