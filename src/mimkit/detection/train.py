@@ -366,8 +366,8 @@ def fit(
         ``steps``, ``seconds``, ``img_per_s``, ``resumed_at``, ``final_loss`` (mean of the last logging
         window) and ``losses`` (the mean of each loss term over that window).
     """
-    from mimkit.engine.rng import rng_state, set_rng_state
     from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.rng import rng_state, set_rng_state
     from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import warmup_cosine
     from mimkit.files import save_checkpoint

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from mimkit.config import Config, config_from_dict, model_overrides
 from mimkit.engine import distributed
-from mimkit.engine.rng import rng_state, set_rng_state
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
+from mimkit.engine.rng import rng_state, set_rng_state
 from mimkit.engine.run_guard import (
     RunLock,
     StopSignals,
