@@ -33,7 +33,7 @@ from PIL import Image
 
 from mimkit.data import build_dataset
 from mimkit.data.transforms import EvalTransform
-from mimkit.detection.sample_data import package_data_dir
+from mimkit.detection.data.sample_data import package_data_dir
 from mimkit.targets import tokenizer_config, train_tokenizer
 from mimkit.targets.vqkd import codebook_stats, load_tokenizer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.detection.shapes import generate_shapes
-from mimkit.detection.train import DetectConfig
+from mimkit.detection.data.shapes import generate_shapes
+from mimkit.detection.tasks.detect import DetectConfig
 
 torch.set_num_threads(1)
 

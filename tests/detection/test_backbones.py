@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit.detection.backbones import (
+from mimkit.detection.models.backbones import (
     ConvMAEBackbone,
     ConvStem,
     FPNBackbone,

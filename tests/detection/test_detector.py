@@ -8,10 +8,10 @@ import torch
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
-from mimkit.detection.coco import CocoDetection
-from mimkit.detection.evaluate import coco_evaluate, predict
-from mimkit.detection.shapes import generate_shapes
-from mimkit.detection.train import (
+from mimkit.detection.data.coco import CocoDetection
+from mimkit.detection.data.shapes import generate_shapes
+from mimkit.detection.evaluation.coco_ap import coco_evaluate, predict
+from mimkit.detection.tasks.detect import (
     DetectConfig,
     build_detection_model,
     load_detector,
@@ -138,7 +138,7 @@ def test_detect_train_and_detect_eval_run_end_to_end_from_a_checkpoint(
 def test_a_detector_trains_and_reloads_at_a_larger_input_than_its_pretraining(
     shapes_root: Path, tmp_path: Path, tiny_config
 ) -> None:
-    from mimkit.detection.train import run_detect_eval
+    from mimkit.detection.tasks.detect import run_detect_eval
     from mimkit.layers import sincos_2d
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_a_detector_of_the_layout_before_the_conv_stem_still_loads_and_evaluates
 ) -> None:
     """Checkpoints written before ``model.stem`` existed: pretrained patch embedding, side stem (64, 128),
     max-pooled 1/32 level. Their config has no ``stem`` or ``p5_pool`` key."""
-    from mimkit.detection.train import run_detect_eval
+    from mimkit.detection.tasks.detect import run_detect_eval
 
     config = tiny_config
     config.model.stem, config.model.p5_pool, config.model.stem_channels = "patch_embed", "max", (64, 128)
@@ -184,7 +184,7 @@ def test_a_detector_of_the_layout_before_the_conv_stem_still_loads_and_evaluates
     assert again["box"] == results["val"]["box"] and again["mask"] == results["val"]["mask"]
     # read with today's defaults instead, the same weights do not fit the ConvStem detector
     from mimkit.config import from_dict
-    from mimkit.detection.train import DetectConfig
+    from mimkit.detection.tasks.detect import DetectConfig
 
     today = from_dict(DetectConfig, state["config"])
     assert today.model.stem == "conv"
@@ -303,7 +303,7 @@ def test_a_detection_run_killed_mid_way_resumes_to_the_same_weights(
 def test_prediction_pictures_draw_confident_detections_and_caption_the_rest() -> None:
     import numpy as np
 
-    from mimkit.detection.evaluate import PALETTE, draw_detections
+    from mimkit.detection.evaluation.coco_ap import PALETTE, draw_detections
 
     image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
     output = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [2.0, 2.0, 30.0, 30.0]]),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.detection.seg_train import SegConfig, run_seg_train
-from mimkit.detection.train import run_detect_train
+from mimkit.detection.tasks.detect import run_detect_train
+from mimkit.detection.tasks.segment import SegConfig, run_seg_train
 from mimkit.engine.run_guard import LOCK_NAME, TrainingInterrupted
 
 

@@ -10,16 +10,7 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.detection.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
-from mimkit.detection.seg_train import (
-    SegConfig,
-    build_segmenter,
-    load_segmenter,
-    predict_masks,
-    save_overlays,
-    train_segmenter,
-)
-from mimkit.detection.segmentation import (
+from mimkit.detection.data.segmentation import (
     IGNORE_INDEX,
     SegmentationFolder,
     Segmenter,
@@ -27,7 +18,16 @@ from mimkit.detection.segmentation import (
     confusion_matrix,
     iou_from_confusion,
 )
-from mimkit.detection.train import load_pretrained
+from mimkit.detection.models.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.detection.tasks.detect import load_pretrained
+from mimkit.detection.tasks.segment import (
+    SegConfig,
+    build_segmenter,
+    load_segmenter,
+    predict_masks,
+    save_overlays,
+    train_segmenter,
+)
 from mimkit.models import create_model
 
 VIT = dict(img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=2, decoder="micro")
@@ -179,7 +179,7 @@ def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path
 def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
     shapes_root: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from mimkit.detection.seg_train import run_seg_train
+    from mimkit.detection.tasks.segment import run_seg_train
 
     def recipe(out: Path):
         config = load_config(
@@ -218,7 +218,7 @@ def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
 
 def test_a_mimdet_segmenter_of_the_layout_before_the_conv_stem_still_loads(shapes_root: Path, tmp_path: Path) -> None:
     """A checkpoint without ``model.stem`` / ``model.p5_pool`` is the patch-embed layout with max pooling."""
-    from mimkit.detection.seg_train import run_seg_train
+    from mimkit.detection.tasks.segment import run_seg_train
 
     config = load_config(
         None,

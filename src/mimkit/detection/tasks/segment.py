@@ -25,16 +25,16 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
-from mimkit.detection.evaluate import PALETTE
-from mimkit.detection.segmentation import (
+from mimkit.detection.data.segmentation import (
     IGNORE_INDEX,
     SegmentationFolder,
     Segmenter,
     confusion_matrix,
     iou_from_confusion,
 )
-from mimkit.detection.train import (
+from mimkit.detection.evaluation.coco_ap import PALETTE
+from mimkit.detection.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
+from mimkit.detection.tasks.detect import (
     STEM_CHANNELS_ONLY,
     DetectTrainConfig,
     Pretrained,
@@ -76,7 +76,7 @@ class SegModelConfig:
 
 @dataclass
 class SegDataConfig:
-    """Class-mask folders (see :class:`~mimkit.detection.segmentation.SegmentationFolder`)."""
+    """Class-mask folders (see :class:`~mimkit.detection.data.segmentation.SegmentationFolder`)."""
 
     train: str = "runs/detection/shapes_train"
     val: str | None = None
@@ -165,7 +165,7 @@ def train_segmenter(
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train with per-pixel cross-entropy (label ``IGNORE_INDEX`` ignored) through
-    :func:`~mimkit.detection.train.fit`: the same schedule, layer decay, checkpoints and resume as
+    :func:`~mimkit.detection.tasks.detect.fit`: the same schedule, layer decay, checkpoints and resume as
     detection; each image and its mask are flipped with probability 0.5 (``data.hflip``)."""
 
     def batch_loss(indices: list[int], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
@@ -317,7 +317,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
     """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``.
 
     ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (see
-    :func:`~mimkit.detection.train.open_run`). The run directory is locked against a second writer while
+    :func:`~mimkit.detection.tasks.detect.open_run`). The run directory is locked against a second writer while
     this runs (:class:`~mimkit.engine.run_guard.RunLock`)."""
     from mimkit.config import to_plain
     from mimkit.eval.report import write_results
