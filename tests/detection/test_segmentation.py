@@ -10,15 +10,10 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.detection.data.segmentation import (
-    IGNORE_INDEX,
-    SegmentationFolder,
-    Segmenter,
-    UperNetHead,
-    confusion_matrix,
-    iou_from_confusion,
-)
+from mimkit.detection.data.segmentation import IGNORE_INDEX, SegmentationFolder
+from mimkit.detection.evaluation.miou import confusion_matrix, iou_from_confusion
 from mimkit.detection.models.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.detection.models.upernet import Segmenter, UperNetHead
 from mimkit.detection.tasks.detect import load_pretrained
 from mimkit.detection.tasks.segment import (
     SegConfig,

