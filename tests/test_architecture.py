@@ -121,3 +121,36 @@ def test_the_graph_sees_imports_inside_functions_and_skips_type_checking_ones(tm
     found = set(runtime_imports(module, root=tmp_path))
     assert found == {"mimkit.layers", "mimkit.engine.rng", "mimkit.targets", "mimkit.data.folder"}
     assert rank("layers") < rank("models") < rank("engine") < rank("cli") == rank("__init__")
+
+
+# Inside a package split into layers of its own, bottom first: a module imports the layers before its own,
+# never one after it; the package's ``__init__`` re-exports and sits above them all.
+SUBLAYERS = {
+    "bench": ("timing", "contenders", "peers", "costs", "memory", "pipeline", "run"),
+    "detection": ("data", "models", "evaluation", "tasks"),
+}
+
+
+def sublayer_rank(module: str) -> int:
+    """``mimkit.detection.models.upernet`` -> the rank of ``models`` in ``SUBLAYERS["detection"]``."""
+    parts = module.split(".")
+    order = SUBLAYERS[parts[1]]
+    if len(parts) == 2:
+        return len(order)
+    assert parts[2] in order, f"{module} is in no layer of SUBLAYERS[{parts[1]!r}]: place it there"
+    return order.index(parts[2])
+
+
+def test_layered_packages_import_no_layer_above_their_own() -> None:
+    graph = import_graph()
+    for module in graph:
+        if package_of(module) in SUBLAYERS:
+            sublayer_rank(module)  # every module sits in a layer
+    upward = sorted(
+        (source, target)
+        for source, targets in graph.items()
+        if package_of(source) in SUBLAYERS
+        for target in targets
+        if package_of(target) == package_of(source) and sublayer_rank(target) > sublayer_rank(source)
+    )
+    assert not upward, f"upward imports inside a layered package (see docs/architecture.md): {upward}"
