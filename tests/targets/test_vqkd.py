@@ -16,11 +16,11 @@ from torch import Tensor
 from mimkit.cli import main
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.files import CheckpointError
+from mimkit.layers import VectorQuantizer
 from mimkit.targets import (
     CodebookCollapseWarning,
     Teacher,
     TokenizerConfig,
-    VectorQuantizer,
     VQKDTokenizer,
     build_teacher,
     check_codebook,
