@@ -20,7 +20,6 @@ from mimkit.layers import VectorQuantizer
 from mimkit.targets import (
     CodebookCollapseWarning,
     Teacher,
-    TokenizerConfig,
     VQKDTokenizer,
     build_teacher,
     check_codebook,
@@ -294,10 +293,11 @@ def test_save_load_round_trip_without_teacher_weights(images, teacher, targets, 
     tokenizer = tokenizer_with(teacher).train()
     tokenizer(images[:64], targets[:64])
     tokenizer.eval()
-    config = TokenizerConfig()
-    path = save_tokenizer(tmp_path / "tokenizer.pt", tokenizer, config, step=1)
+    path = save_tokenizer(tmp_path / "tokenizer.pt", tokenizer, teacher="efficientnet_lite0", step=1)
     state = torch.load(path, weights_only=True)
     assert not any("teacher" in key for key in state["model"])
+    assert state["teacher"] == {"spec": "efficientnet_lite0", "options": {}} and state["step"] == 1
+    assert state["normalization"] == {"mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)}
     assert len(state["model"]) == len(tokenizer.state_dict())
     assert {key for key in tokenizer.state_dict() if key.startswith("quantizer.")} >= {"quantizer.codebook"}
     loaded = load_tokenizer(path)

@@ -12,12 +12,10 @@ from mimkit.targets.teacher import FeatureCache, Teacher, build_teacher
 from mimkit.targets.vqkd import (
     CodebookCollapseWarning,
     CodebookStats,
-    TokenizerConfig,
     VQKDTokenizer,
     check_codebook,
     codebook_stats,
     load_tokenizer,
-    train_tokenizer,
 )
 
 TARGETS = ("pixel", "hog", "maskdistill", "milan", "vqkd")
@@ -113,7 +111,6 @@ __all__ = [
     "Teacher",
     "TeacherTarget",
     "TokenTarget",
-    "TokenizerConfig",
     "VQKDTokenizer",
     "build_teacher",
     "check_codebook",
@@ -123,5 +120,4 @@ __all__ = [
     "load_tokenizer",
     "masked_mean",
     "patch_loss",
-    "train_tokenizer",
 ]
