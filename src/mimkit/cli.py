@@ -1,4 +1,4 @@
-"""``mimkit <command>``: thin wrappers that parse a config and call engine, eval and analysis."""
+"""``mimkit <command>``: thin wrappers that parse a config and call tasks, engine, eval and analysis."""
 
 from __future__ import annotations
 

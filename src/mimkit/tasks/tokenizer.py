@@ -22,12 +22,15 @@ from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, to_plain
 from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
+from mimkit.data.transforms import default_normalization
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
 from mimkit.engine.run_guard import StopSignals, holding_run_lock
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import atomic_write
+from mimkit.layers import check_patch_grid
+from mimkit.models.registry import ENCODERS
 from mimkit.targets.teacher import Teacher, build_teacher
 from mimkit.targets.vqkd import (
     COLLAPSE_MIN_PERPLEXITY,
@@ -156,16 +159,11 @@ class TokenizerConfig:
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel (mean, std) of the images: ``data.mean``/``data.std`` or the data set's defaults."""
-        from mimkit.data.transforms import default_normalization
-
         mean, std = default_normalization(self.model.in_chans, self.data.dataset)
         return tuple(self.data.mean or mean), tuple(self.data.std or std)
 
     def validate(self) -> TokenizerConfig:
         """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
-        from mimkit.layers import check_patch_grid
-        from mimkit.models.registry import ENCODERS
-
         m, d, o, t, lg = self.model, self.data, self.optim, self.train, self.log
         checks = [
             (m.encoder in ENCODERS, "model.encoder", f"unknown ViT {m.encoder!r}; one of {sorted(ENCODERS)}"),
