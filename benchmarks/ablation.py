@@ -114,7 +114,7 @@ def measure(
 
 def ensure_tokenizer(path: Path, *, progress: bool = False) -> None:
     """Train the VQ-KD tokenizer of ``configs/vqkd_fmnist.yaml`` into ``path``'s folder unless ``path`` exists."""
-    from mimkit.targets import TokenizerConfig, train_tokenizer
+    from mimkit.tasks.tokenizer import TokenizerConfig, train_tokenizer
 
     if path.is_file():
         return

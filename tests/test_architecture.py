@@ -24,6 +24,7 @@ LAYERS = (
     "eval",
     "analysis",
     "detection",
+    "tasks",
     "bench",
     "cli",
 )
@@ -36,12 +37,6 @@ KNOWN_UPWARD = {
     ("mimkit.models.load", "mimkit.config"),
     ("mimkit.models.load", "mimkit.engine.pretrain"),
     ("mimkit.models.registry", "mimkit.targets"),
-    ("mimkit.targets.vqkd", "mimkit.config"),
-    ("mimkit.targets.vqkd", "mimkit.engine.logging"),
-    ("mimkit.targets.vqkd", "mimkit.engine.optim"),
-    ("mimkit.targets.vqkd", "mimkit.engine.pretrain"),
-    ("mimkit.targets.vqkd", "mimkit.engine.run_guard"),
-    ("mimkit.targets.vqkd", "mimkit.engine.schedule"),
 }
 
 

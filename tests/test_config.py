@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mimkit.config import Config, ConfigError, config_from_dict, from_dict, load_config, to_plain
-from mimkit.targets import TokenizerConfig
+from mimkit.tasks.tokenizer import TokenizerConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""``mimkit <command>``: thin wrappers that parse a config and call engine, eval and analysis."""
+"""``mimkit <command>``: thin wrappers that parse a config and call tasks, engine, eval and analysis."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from mimkit.targets.vqkd import TokenizerConfig, format_tokenizer_summary, train_tokenizer
+    from mimkit.tasks.tokenizer import TokenizerConfig, format_tokenizer_summary, train_tokenizer
 
     config = load_config(args.config, args.overrides, schema=TokenizerConfig)
     summary = train_tokenizer(config, progress=not args.no_progress)

@@ -16,7 +16,8 @@ from mimkit.engine.pretrain import Pretrainer
 from mimkit.masking import MaskSpec, RandomMasker
 from mimkit.models import PromptingDecoder, create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
-from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, TokenizerConfig, patch_loss, train_tokenizer
+from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss
+from mimkit.tasks.tokenizer import TokenizerConfig, train_tokenizer
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")

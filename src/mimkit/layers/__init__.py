@@ -14,6 +14,7 @@ from mimkit.layers.block import (
 from mimkit.layers.conv_block import ConvBlock, ConvMlp, ConvPatchEmbed, LayerNorm2d, masked, upsample_mask
 from mimkit.layers.patch_embed import PatchEmbed, check_patch_grid, patchify, unpatchify
 from mimkit.layers.pos_embed import resize_pos_embed, sincos_1d, sincos_2d
+from mimkit.layers.quantizer import QuantizerOutput, VectorQuantizer
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -26,6 +27,8 @@ __all__ = [
     "LayerNorm2d",
     "Mlp",
     "PatchEmbed",
+    "QuantizerOutput",
+    "VectorQuantizer",
     "check_patch_grid",
     "init_vit_weights",
     "masked",

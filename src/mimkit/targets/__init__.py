@@ -12,13 +12,10 @@ from mimkit.targets.teacher import FeatureCache, Teacher, build_teacher
 from mimkit.targets.vqkd import (
     CodebookCollapseWarning,
     CodebookStats,
-    TokenizerConfig,
-    VectorQuantizer,
     VQKDTokenizer,
     check_codebook,
     codebook_stats,
     load_tokenizer,
-    train_tokenizer,
 )
 
 TARGETS = ("pixel", "hog", "maskdistill", "milan", "vqkd")
@@ -114,9 +111,7 @@ __all__ = [
     "Teacher",
     "TeacherTarget",
     "TokenTarget",
-    "TokenizerConfig",
     "VQKDTokenizer",
-    "VectorQuantizer",
     "build_teacher",
     "check_codebook",
     "codebook_stats",
@@ -125,5 +120,4 @@ __all__ = [
     "load_tokenizer",
     "masked_mean",
     "patch_loss",
-    "train_tokenizer",
 ]

@@ -7,7 +7,8 @@ sees the whole image; per patch, ``encode_task_layer`` (Linear, Tanh, Linear) ma
 Linear) predicts a frozen teacher's features of that patch; the loss is ``1 - cosine`` between prediction
 and teacher features, averaged over patches, plus the quantizer's commitment loss. Once trained, the
 codes of :meth:`VQKDTokenizer.tokenize` are the classification targets of masked image modeling
-(predict each hidden patch's code with cross-entropy).
+(predict each hidden patch's code with cross-entropy). ``mimkit tokenizer-train`` trains it
+(:mod:`mimkit.tasks.tokenizer`).
 
 Choices, with BEiT v2's own values where they differ:
 
@@ -27,17 +28,11 @@ decoder                     2 blocks, sin-cos positions         3 blocks, learne
 teacher                     EfficientNet-Lite0 stage 4          CLIP ViT-B/16 (or DINO) last layer
 ==========================  ==================================  ===========================================
 
-The EMA update is the classic one (van den Oord et al. 2017, appendix; Sonnet's ``VectorQuantizerEMA``):
-cluster sizes ``N`` and embedding sums ``m`` are exponential moving averages, ``N`` is Laplace-smoothed and
-each code becomes ``normalize(m_k / N_k)``. Because codes are re-normalized, the smoothing only guards the
-division: a code's direction is that of its EMA sum. (BEiT v2's code instead moves each code towards the
-normalized mean of its batch members; both keep codes on the unit sphere and are EMA k-means steps.)
-
 Short runs: a decay of 0.99 averages over ~100 steps. On Fashion-MNIST with a 64-d, 2-block encoder (lr
 1e-3, 20 warmup steps, 256 codes, batch 32) the encoder's outputs moved faster than that and after 100
 steps only 15 codes were in use (perplexity 9); with decay 0.9 and dead-code restarts, 238 (perplexity
-142) and a lower loss. :class:`TokenizerConfig` therefore defaults to 0.9; the quantizer keeps BEiT v2's
-0.99 for long runs.
+142) and a lower loss. :class:`~mimkit.tasks.tokenizer.TokenizerConfig` therefore defaults to 0.9; the
+quantizer keeps BEiT v2's 0.99 for long runs.
 
 Codebook health: a code histogram's *usage* is the fraction of codes hit, its *perplexity*
 ``exp(entropy)`` the effective number of codes. :func:`check_codebook` calls a histogram collapsed, and
@@ -48,231 +43,33 @@ fill are used or its perplexity is below ``min_perplexity`` (5 %) of them; "coul
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError, to_plain
-from mimkit.engine.run_guard import holding_run_lock
-from mimkit.files import CheckpointError, atomic_write, load_checkpoint_file, save_checkpoint
+from mimkit.files import CheckpointError, load_checkpoint_file, save_checkpoint
 from mimkit.layers import Block, init_vit_weights, sincos_2d
+from mimkit.layers.quantizer import QuantizerOutput, VectorQuantizer
 from mimkit.targets.teacher import Teacher, build_teacher, keep_teacher_out_of_state_dict
 
 if TYPE_CHECKING:
     from mimkit.models.vit import VisionTransformer
 
-log = logging.getLogger(__name__)
-
 TOKENIZER_FORMAT = "mimkit.vqkd_tokenizer"
 TOKENIZER_NAME = "tokenizer.pt"
-SUMMARY_NAME = "summary.json"
-CONFIG_NAME = "config.yaml"
 COLLAPSE_MIN_USAGE = 0.1
 COLLAPSE_MIN_PERPLEXITY = 0.05
 
 
 class CodebookCollapseWarning(UserWarning):
     """Few codes of a VQ codebook are in use (see :func:`check_codebook`)."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-@dataclass
-class QuantizerOutput:
-    """What :class:`VectorQuantizer` returns.
-
-    Attributes:
-        quantized: (..., code_dim) the chosen codes with the straight-through gradient of the inputs.
-        codes: (...) int64 indices of the chosen codes.
-        loss: scalar commitment loss ``beta * mean((z - sg(q))**2)``.
-    """
-
-    quantized: Tensor
-    codes: Tensor
-    loss: Tensor
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-code quantization on the unit sphere with an EMA codebook (BEiT v2's quantizer).
-
-    Inputs are expected l2-normalized (the tokenizer normalizes them); codes always are. The nearest code
-    is the one of largest cosine similarity. In training mode each forward first (once) initializes the
-    codebook with spherical k-means on its inputs when ``kmeans_init``, then updates it by EMA from the
-    batch's assignments: counts and sums are computed without gradient and, when ``torch.distributed``
-    is initialized, all-reduced over ranks so that every rank keeps the same codebook. Eval-mode
-    forwards never change it. The codebook is a buffer, not a parameter: no optimizer touches it.
-
-    Args:
-        num_codes: codebook size K.
-        code_dim: code width d.
-        decay: EMA decay of cluster sizes and sums.
-        eps: Laplace smoothing of the cluster sizes.
-        beta: weight of the commitment loss.
-        kmeans_init: initialize the codebook by k-means on the first training batch, else keep its
-            random (normalized Gaussian) initialization.
-        kmeans_iters: k-means iterations.
-        dead_code_threshold: after each EMA step, codes whose EMA cluster size is below this many
-            assignments per batch are restarted at random inputs of the batch (rank 0's under DDP), with
-            that cluster size; 0 disables restarts.
-
-    Attributes:
-        codebook: (K, d) unit-norm codes.
-        cluster_size: (K,) EMA of each code's assignment count.
-        embed_sum: (K, d) EMA of the sum of each code's assigned inputs.
-        initialized: bool scalar, True once the codebook has been initialized from data (or when no
-            k-means initialization is wanted).
-    """
-
-    codebook: Tensor
-    cluster_size: Tensor
-    embed_sum: Tensor
-    initialized: Tensor
-
-    def __init__(
-        self,
-        num_codes: int,
-        code_dim: int,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        beta: float = 1.0,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if num_codes < 2 or code_dim < 1:
-            raise ValueError(f"need num_codes >= 2 and code_dim >= 1, got {num_codes} and {code_dim}")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must lie in (0, 1), got {decay}")
-        self.num_codes = int(num_codes)
-        self.code_dim = int(code_dim)
-        self.decay = float(decay)
-        self.eps = float(eps)
-        self.beta = float(beta)
-        self.kmeans_iters = int(kmeans_iters)
-        self.dead_code_threshold = float(dead_code_threshold)
-        codebook = F.normalize(torch.randn(num_codes, code_dim), dim=-1)
-        self.register_buffer("codebook", codebook)
-        self.register_buffer("cluster_size", torch.zeros(num_codes))
-        self.register_buffer("embed_sum", codebook.clone())
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
-
-    def nearest(self, z: Tensor) -> Tensor:
-        """Index of the code of largest cosine similarity: (..., d) -> (...) int64."""
-        scores = z.float() @ self.codebook.t()  # (..., K); codes have unit norm, so this ranks cosines
-        return scores.argmax(dim=-1)
-
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        """Quantize; in training mode, also update the codebook.
-
-        Args:
-            z: (..., code_dim) l2-normalized inputs.
-
-        Returns:
-            A :class:`QuantizerOutput`; ``quantized = z + (q - z).detach()`` so the gradient at the
-            quantized output flows unchanged to ``z`` (straight-through).
-        """
-        if z.shape[-1] != self.code_dim:
-            raise ValueError(f"inputs have width {z.shape[-1]}, the codebook {self.code_dim}")
-        flat = z.reshape(-1, self.code_dim)  # (N, d)
-        if self.training and not bool(self.initialized):
-            self.kmeans_init_(flat)
-        codes = self.nearest(flat)  # (N,)
-        chosen = self.codebook[codes].to(flat.dtype)  # (N, d), a copy: the update below does not touch it
-        if self.training:
-            self.ema_update_(flat, codes)
-            if self.dead_code_threshold > 0:
-                self.restart_dead_codes_(flat)
-        loss = self.beta * F.mse_loss(flat, chosen.detach())
-        quantized = flat + (chosen - flat).detach()  # (N, d)
-        return QuantizerOutput(quantized.view_as(z), codes.view(z.shape[:-1]), loss)
-
-    @torch.no_grad()
-    def kmeans_init_(self, z: Tensor) -> None:
-        """Set the codebook to spherical k-means centroids of ``z`` (N, d) (rank 0's under DDP).
-
-        Centroids start at distinct random inputs (sampled with replacement when N < K); empty clusters
-        keep their centroid. The EMA state starts from the last assignment: cluster sizes are the cluster
-        counts and sums the centroids times them (zero for empty clusters, which then keep their centroid
-        or, with ``dead_code_threshold``, are restarted).
-        """
-        data = z.detach().float()  # (N, d)
-        num = data.shape[0]
-        if num >= self.num_codes:
-            picks = torch.randperm(num, device=data.device)[: self.num_codes]
-        else:
-            picks = torch.randint(0, num, (self.num_codes,), device=data.device)
-        centroids = F.normalize(data[picks], dim=-1)  # (K, d)
-        counts = torch.zeros(self.num_codes, device=data.device)
-        for _ in range(max(self.kmeans_iters, 1)):
-            assign = (data @ centroids.t()).argmax(dim=-1)  # (N,)
-            sums = torch.zeros_like(centroids).index_add_(0, assign, data)  # (K, d)
-            counts = torch.bincount(assign, minlength=self.num_codes).float()  # (K,)
-            centroids = torch.where((counts > 0)[:, None], F.normalize(sums, dim=-1), centroids)
-        if _distributed():
-            dist.broadcast(centroids, src=0)
-            dist.broadcast(counts, src=0)
-        self.codebook.copy_(centroids)
-        self.embed_sum.copy_(centroids * counts[:, None])
-        self.cluster_size.copy_(counts)
-        self.initialized.fill_(True)
-
-    @torch.no_grad()
-    def ema_update_(self, z: Tensor, codes: Tensor) -> None:
-        """One EMA step of the codebook from inputs ``z`` (N, d) assigned to ``codes`` (N,).
-
-        ``N_k <- decay N_k + (1 - decay) n_k``, ``m_k <- decay m_k + (1 - decay) sum_{i: c_i = k} z_i``,
-        ``code_k = normalize(m_k / N~_k)`` with the Laplace-smoothed ``N~_k = (N_k + eps) / (n + K eps) n``,
-        ``n = sum_k N_k``. A code whose EMA sum has vanished keeps its direction.
-        """
-        data = z.detach().float()  # (N, d)
-        counts = torch.bincount(codes, minlength=self.num_codes).float()  # (K,)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, data)  # (K, d)
-        if _distributed():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        total = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total  # (K,)
-        means = self.embed_sum / smoothed.clamp_min(1e-30)[:, None]  # (K, d)
-        norms = means.norm(dim=-1, keepdim=True)  # (K, 1)
-        self.codebook.copy_(torch.where(norms > 1e-12, means / norms.clamp_min(1e-12), self.codebook))
-
-    @torch.no_grad()
-    def restart_dead_codes_(self, z: Tensor) -> int:
-        """Move codes whose EMA cluster size is below ``dead_code_threshold`` to random inputs ``z`` (N, d)
-        (distinct ones when N allows), giving them that cluster size; returns how many moved."""
-        dead = (self.cluster_size < self.dead_code_threshold).nonzero().flatten()  # (n_dead,)
-        num_dead = int(dead.numel())
-        if num_dead == 0:
-            return 0
-        data = z.detach().float()  # (N, d)
-        if data.shape[0] >= num_dead:
-            picks = torch.randperm(data.shape[0], device=data.device)[:num_dead]
-        else:
-            picks = torch.randint(0, data.shape[0], (num_dead,), device=data.device)
-        fresh = F.normalize(data[picks], dim=-1)  # (n_dead, d)
-        if _distributed():  # every rank has the same dead codes (synced sizes); take rank 0's inputs
-            dist.broadcast(fresh, src=0)
-        self.codebook[dead] = fresh
-        self.embed_sum[dead] = fresh * self.dead_code_threshold
-        self.cluster_size[dead] = self.dead_code_threshold
-        return num_dead
 
 
 @dataclass
@@ -565,213 +362,28 @@ class VQKDTokenizer(nn.Module):
             self.train(was_training)
 
 
-@dataclass
-class TokenizerModelConfig:
-    """The tokenizer's architecture (see :class:`VQKDTokenizer`); the patch grid is the student's."""
-
-    encoder: str = "vit_tiny"
-    img_size: int = 32
-    patch_size: int = 4
-    in_chans: int = 1
-    embed_dim: int | None = 128
-    depth: int | None = 4
-    num_heads: int | None = 4
-    mlp_ratio: float = 4.0
-    num_codes: int = 512
-    code_dim: int = 32
-    # BEiT v2's 0.99 remembers ~100 steps, fine for its 250k-step runs; in runs of a few hundred steps the
-    # codes then lag the moving encoder and the codebook collapses (< 20 of 256 codes used after 100 steps)
-    decay: float = 0.9
-    beta: float = 1.0
-    kmeans_init: bool = True
-    dead_code_threshold: float = 1.0
-    decoder_embed_dim: int = 128
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
-
-
-@dataclass
-class TokenizerTeacherConfig:
-    """The frozen teacher of :func:`~mimkit.targets.build_teacher`: ``spec``, its ``stage`` and input side
-    (None: the teacher's defaults)."""
-
-    spec: str = "efficientnet_lite0"
-    stage: int | None = None
-    input_size: int | None = None
-
-    def options(self) -> dict[str, Any]:
-        """Keyword options of :func:`~mimkit.targets.build_teacher` that are set."""
-        options = {"stage": self.stage, "input_size": self.input_size}
-        return {key: value for key, value in options.items() if value is not None}
-
-
-@dataclass
-class TokenizerDataConfig:
-    """Training images and their augmentation (random resized crop and flip, as BEiT v2's tokenizer)."""
-
-    dataset: str = "fashion_mnist"
-    root: str | None = None
-    limit: int | None = None
-    in_memory: bool | None = None
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip: bool = True
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    num_workers: int = 2
-    cache_size: int | None = None  # folders and shards: shorter side of cached images (see DataConfig)
-
-
-@dataclass
-class TokenizerOptimConfig:
-    """AdamW (no decay on biases and norms), linear warmup then cosine to ``min_lr``."""
-
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 20
-    clip_grad: float | None = 3.0
-
-
-@dataclass
-class TokenizerTrainConfig:
-    """Run length and outputs. ``overwrite``: replace a finished run's ``tokenizer.pt`` in ``output_dir``
-    (refused otherwise). ``eval_images``: un-augmented training images tokenized after training for the
-    summary's codebook usage."""
-
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    output_dir: str = "runs/vqkd"
-    seed: int = 0
-    device: str = "auto"
-    num_threads: int | None = None
-    overwrite: bool = False
-    eval_images: int = 2048
-
-
-@dataclass
-class TokenizerLogConfig:
-    """Metrics every ``every_steps`` (and at the end), TensorBoard, and the collapse thresholds of
-    :func:`check_codebook`."""
-
-    every_steps: int = 20
-    tensorboard: bool = False
-    collapse_usage: float = COLLAPSE_MIN_USAGE
-    collapse_perplexity: float = COLLAPSE_MIN_PERPLEXITY
-
-
-@dataclass
-class TokenizerConfig:
-    """A VQ-KD tokenizer training run (``mimkit tokenizer-train``)."""
-
-    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
-    teacher: TokenizerTeacherConfig = field(default_factory=TokenizerTeacherConfig)
-    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
-    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
-    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
-    log: TokenizerLogConfig = field(default_factory=TokenizerLogConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)  # type: ignore[no-any-return]
-
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (mean, std) of the images: ``data.mean``/``data.std`` or the data set's defaults."""
-        from mimkit.data.transforms import default_normalization
-
-        mean, std = default_normalization(self.model.in_chans, self.data.dataset)
-        return tuple(self.data.mean or mean), tuple(self.data.std or std)
-
-    def validate(self) -> TokenizerConfig:
-        """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
-        from mimkit.layers import check_patch_grid
-        from mimkit.models.registry import ENCODERS
-
-        m, d, o, t, lg = self.model, self.data, self.optim, self.train, self.log
-        checks = [
-            (m.encoder in ENCODERS, "model.encoder", f"unknown ViT {m.encoder!r}; one of {sorted(ENCODERS)}"),
-            (m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}"),
-            (m.num_codes >= 2, "model.num_codes", "must be >= 2"),
-            (m.code_dim >= 1, "model.code_dim", "must be >= 1"),
-            (0 < m.decay < 1, "model.decay", "must lie in (0, 1)"),
-            (m.beta >= 0, "model.beta", "must be >= 0"),
-            (m.dead_code_threshold >= 0, "model.dead_code_threshold", "must be >= 0 (0: no restarts)"),
-            (m.decoder_depth >= 1, "model.decoder_depth", "must be >= 1"),
-            (
-                m.decoder_embed_dim % 4 == 0 and m.decoder_embed_dim % m.decoder_num_heads == 0,
-                "model.decoder_embed_dim",
-                "must be divisible by 4 and by model.decoder_num_heads",
-            ),
-            (bool(self.teacher.spec), "teacher.spec", "must name a teacher (e.g. efficientnet_lite0)"),
-            (d.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'"),
-            (d.dataset != "folder" or bool(d.root), "data.root", "data.dataset=folder needs data.root"),
-            (d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 (or null)"),
-            (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be (low, high) in (0, 1]"),
-            (o.lr > 0, "optim.lr", "must be positive"),
-            (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
-            (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be positive (or null)"),
-            (t.epochs >= 1, "train.epochs", "must be >= 1"),
-            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)"),
-            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
-            (t.eval_images >= 0, "train.eval_images", "must be >= 0"),
-            (lg.every_steps >= 1, "log.every_steps", "must be >= 1"),
-            (0 <= lg.collapse_usage <= 1, "log.collapse_usage", "must lie in [0, 1]"),
-            (0 <= lg.collapse_perplexity <= 1, "log.collapse_perplexity", "must lie in [0, 1]"),
-        ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {message}")
-        try:
-            check_patch_grid(m.img_size, m.patch_size)
-        except ValueError as err:
-            raise ConfigError(f"model.img_size: {err}") from None
-        return self
-
-
-def build_tokenizer(config: TokenizerConfig, teacher: Teacher | None = None) -> VQKDTokenizer:
-    """The tokenizer a config describes, with ``teacher`` (built from ``config.teacher`` when None)."""
-    mean, std = config.normalization()
-    if teacher is None:
-        teacher = build_teacher(config.teacher.spec, student_mean=mean, student_std=std, **config.teacher.options())
-    m = config.model
-    return VQKDTokenizer(
-        img_size=m.img_size,
-        patch_size=m.patch_size,
-        in_chans=m.in_chans,
-        encoder=m.encoder,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        num_codes=m.num_codes,
-        code_dim=m.code_dim,
-        decay=m.decay,
-        beta=m.beta,
-        kmeans_init=m.kmeans_init,
-        dead_code_threshold=m.dead_code_threshold,
-        decoder_embed_dim=m.decoder_embed_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads,
-        teacher=teacher,
-        mean=mean,
-        std=std,
-    )
-
-
-def save_tokenizer(path: str | Path, tokenizer: VQKDTokenizer, config: TokenizerConfig, **extra: Any) -> Path:
-    """Write a tokenizer file atomically: its weights (no teacher), constructor arguments, teacher spec,
-    image normalization and run config, plus ``extra`` plain values (e.g. ``step``, ``summary``)."""
+def save_tokenizer(
+    path: str | Path,
+    tokenizer: VQKDTokenizer,
+    *,
+    teacher: str,
+    teacher_options: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write a tokenizer file atomically: its weights (no teacher), constructor arguments, the ``teacher``
+    spec and ``teacher_options`` of :func:`build_teacher` that rebuild its teacher, its image normalization
+    (``tokenizer.config``'s mean and std), the run ``config`` as plain values, plus ``extra`` plain values
+    (e.g. ``step``, ``summary``)."""
     path = Path(path)
-    mean, std = config.normalization()
     state = {
         "format": TOKENIZER_FORMAT,
         "version": 1,
         "model": tokenizer.state_dict(),
         "model_args": dict(tokenizer.config),
-        "teacher": {"spec": config.teacher.spec, "options": config.teacher.options()},
-        "normalization": {"mean": list(mean), "std": list(std)},
-        "config": config.to_dict(),
+        "teacher": {"spec": teacher, "options": dict(teacher_options or {})},
+        "normalization": {"mean": tokenizer.config["mean"], "std": tokenizer.config["std"]},
+        "config": dict(config or {}),
         **extra,
     }
     save_checkpoint(path, state)
@@ -781,7 +393,7 @@ def save_tokenizer(path: str | Path, tokenizer: VQKDTokenizer, config: Tokenizer
 def load_tokenizer(
     path: str | Path, *, map_location: str | torch.device = "cpu", with_teacher: bool = False
 ) -> VQKDTokenizer:
-    """Load a tokenizer written by :func:`train_tokenizer`, in eval mode.
+    """Load a tokenizer written by :func:`save_tokenizer` (``mimkit tokenizer-train``), in eval mode.
 
     Args:
         path: the ``tokenizer.pt`` file (or the run directory holding it).
@@ -810,202 +422,3 @@ def load_tokenizer(
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit the saved arguments: {err}") from None
     return tokenizer.to(map_location).eval()
-
-
-@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
-def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train a VQ-KD tokenizer; writes ``tokenizer.pt``, ``config.yaml``, ``metrics.jsonl`` and
-    ``summary.json`` to ``config.train.output_dir``.
-
-    Every ``log.every_steps`` steps the mean losses and the codebook usage and perplexity of that window's
-    assignments are logged (and checked by :func:`check_codebook`); at each epoch's end those of the
-    epoch. After training, ``train.eval_images`` un-augmented training images are tokenized (eval mode)
-    for the summary's usage and perplexity.
-
-    The run directory is locked against a second writer while this runs. SIGTERM or SIGINT stop after the
-    step in flight with :class:`~mimkit.engine.run_guard.TrainingInterrupted`; the tokenizer is written
-    only at the end (this command does not resume).
-
-    Args:
-        config: a validated config.
-        progress: show a tqdm progress bar.
-
-    Returns:
-        The summary: ``final_loss`` (mean of the last logging window), ``final_rec_loss``,
-        ``final_quant_loss``, ``codebook_usage``, ``used_codes``, ``perplexity``, ``num_codes``,
-        ``collapsed``, ``steps``, ``seconds``, ``tokenizer`` (the file's path).
-
-    Raises:
-        FileExistsError: ``output_dir`` holds a finished run and ``train.overwrite`` is false.
-        ValueError: fewer images than a batch; unknown teacher.
-        FileNotFoundError: missing data or teacher weights.
-    """
-    from tqdm.auto import tqdm
-
-    from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
-    from mimkit.engine.logging import MetricsLogger
-    from mimkit.engine.optim import build_optimizer
-    from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
-    from mimkit.engine.run_guard import StopSignals
-    from mimkit.engine.schedule import warmup_cosine
-
-    cfg = config
-    out_dir = Path(cfg.train.output_dir)
-    tokenizer_path = out_dir / TOKENIZER_NAME
-    if tokenizer_path.exists() and not cfg.train.overwrite:
-        raise FileExistsError(
-            f"{tokenizer_path} already exists (a finished run); set train.overwrite=true to replace it or choose "
-            "another train.output_dir"
-        )
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.train.seed)
-    batch_size = cfg.train.batch_size
-    dataset = build_training_dataset(cfg.data, cfg.model.img_size, cfg.model.in_chans, batch_size, seed=cfg.train.seed)
-    mean, std = cfg.normalization()
-    tokenizer = build_tokenizer(cfg).to(device)
-    augment = training_transform(cfg.data, cfg.model.img_size, dataset, mean, std)
-    loader = build_loader(
-        dataset, batch_size=batch_size, seed=cfg.train.seed, drop_last=True, num_workers=cfg.data.num_workers
-    )
-    steps_per_epoch = len(dataset) // batch_size
-    schedule_steps = cfg.train.epochs * steps_per_epoch
-    total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
-    optimizer = build_optimizer(tokenizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
-    logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard)
-    collapse = dict(min_usage=cfg.log.collapse_usage, min_perplexity=cfg.log.collapse_perplexity)
-
-    num_codes = tokenizer.num_codes
-    window = torch.zeros(3, device=device)  # summed (loss, rec_loss, quant_loss) since the last log
-    window_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
-    last_counts = window_counts.clone()  # the last logging window's histogram
-    epoch_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
-    last = {"loss": math.nan, "rec_loss": math.nan, "quant_loss": math.nan}
-    step, last_log_step = 0, 0
-    bar = tqdm(total=total_steps, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    tokenizer.train()
-    signals = StopSignals().install()
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            loader.set_epoch(epoch)
-            for images_uint8, _ in loader.iter_from(step - epoch * steps_per_epoch):
-                lr = warmup_cosine(
-                    step,
-                    base_lr=cfg.optim.lr,
-                    total_steps=schedule_steps,
-                    warmup_steps=cfg.optim.warmup_steps,
-                    min_lr=cfg.optim.min_lr,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = augment(images_uint8.to(device), generator=step_generator(cfg.train.seed, step, 0))
-                out = tokenizer(images)
-                out.loss.backward()
-                if cfg.optim.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(tokenizer.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.quant_loss.detach()])
-                counts = torch.bincount(out.codes.flatten(), minlength=num_codes)  # (K,)
-                window_counts += counts
-                epoch_counts += counts
-                bar.update(1)
-                at_epoch_end = step % steps_per_epoch == 0
-                done = step >= total_steps
-                if step % cfg.log.every_steps == 0 or at_epoch_end or done:
-                    sums = (window / (step - last_log_step)).tolist()
-                    if not all(math.isfinite(value) for value in sums):
-                        raise NonFiniteLossError(
-                            f"tokenizer loss became NaN/inf between steps {last_log_step} and {step}; lower optim.lr"
-                        )
-                    last = dict(zip(("loss", "rec_loss", "quant_loss"), sums, strict=True))
-                    stats = check_codebook(window_counts, where=f"step {step}", **collapse)
-                    metrics: dict[str, Any] = {f"train/{key}": value for key, value in last.items()}
-                    metrics.update(
-                        {
-                            "train/lr": lr,
-                            "codebook/usage": stats.usage,
-                            "codebook/used_codes": stats.used_codes,
-                            "codebook/perplexity": stats.perplexity,
-                            "epoch": step / steps_per_epoch,
-                        }
-                    )
-                    if at_epoch_end or done:
-                        epoch_stats = codebook_stats(epoch_counts)
-                        metrics.update(
-                            {
-                                "codebook/epoch_usage": epoch_stats.usage,
-                                "codebook/epoch_perplexity": epoch_stats.perplexity,
-                            }
-                        )
-                        epoch_counts.zero_()
-                    logger.log(step, metrics)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.4f}", usage=f"{stats.usage:.0%}", ppl=f"{stats.perplexity:.0f}"
-                    )
-                    window.zero_()
-                    last_counts.copy_(window_counts)
-                    window_counts.zero_()
-                    last_log_step = step
-                if done:
-                    break
-                if signals.agreed():
-                    raise signals.interrupted(step, None)
-    finally:
-        signals.restore()
-        bar.close()
-        logger.close()
-    seconds = time.perf_counter() - started
-
-    tokenizer.eval()
-    eval_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
-    images_all = getattr(dataset, "images", None)
-    if cfg.train.eval_images and images_all is not None:
-        transform = EvalTransform(cfg.model.img_size, mean=mean, std=std)
-        chunk = images_all[: cfg.train.eval_images]  # (N, C, S, S) uint8
-        for start in range(0, chunk.shape[0], 256):
-            codes = tokenizer.tokenize(transform(chunk[start : start + 256].to(device)))  # (b, L)
-            eval_counts += torch.bincount(codes.flatten(), minlength=num_codes)
-    final_counts = eval_counts if int(eval_counts.sum()) else last_counts
-    stats = check_codebook(final_counts, where="the end of training", **collapse)
-    summary: dict[str, Any] = {
-        "final_loss": last["loss"],
-        "final_rec_loss": last["rec_loss"],
-        "final_quant_loss": last["quant_loss"],
-        "codebook_usage": stats.usage,
-        "used_codes": stats.used_codes,
-        "perplexity": stats.perplexity,
-        "num_codes": num_codes,
-        "usage_tokens": stats.num_tokens,
-        "collapsed": stats.collapsed(**collapse),
-        "steps": step,
-        "seconds": seconds,
-        "images_per_second": step * batch_size / max(seconds, 1e-9),
-        "tokenizer": str(tokenizer_path),
-    }
-    save_tokenizer(tokenizer_path, tokenizer, cfg, step=step, summary=summary)
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out_dir / SUMMARY_NAME, lambda handle: handle.write(text.encode()))
-    return summary
-
-
-def format_tokenizer_summary(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    return "\n".join(
-        [
-            f"trained {summary['steps']} steps in {summary['seconds']:.0f} s",
-            f"final loss {summary['final_loss']:.4f} (1 - cosine {summary['final_rec_loss']:.4f}, "
-            f"commitment {summary['final_quant_loss']:.4f})",
-            f"codebook usage {summary['codebook_usage']:.1%} "
-            f"({summary['used_codes']} of {summary['num_codes']} codes), "
-            f"perplexity {summary['perplexity']:.1f}" + ("  [COLLAPSED]" if summary["collapsed"] else ""),
-            f"wrote {summary['tokenizer']}",
-        ]
-    )

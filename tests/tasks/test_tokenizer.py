@@ -1,15 +1,18 @@
-"""``mimkit tokenizer-train`` asked to stop: it ends after the step, says nothing was saved, and frees its folder."""
+"""``mimkit tokenizer-train`` end to end on real Fashion-MNIST with the real teacher, and asked to stop: it ends
+after the step, says nothing was saved, and frees its folder."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from mimkit.cli import main
 from mimkit.engine.run_guard import LOCK_NAME, STOPPED_EXIT_STATUS
-from mimkit.targets.vqkd import VQKDTokenizer
+from mimkit.targets.vqkd import CodebookCollapseWarning, VQKDTokenizer, load_tokenizer
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "vqkd_fmnist.yaml"
 TINY_CLI = [
@@ -71,3 +74,29 @@ def test_sigterm_stops_after_the_step_and_a_held_folder_is_refused(tmp_path: Pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_tokenizer_train_command_end_to_end(tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "run"
+    args = ["tokenizer-train", "--no-progress", "--config", str(RECIPE), f"train.output_dir={out_dir}", *TINY_CLI]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CodebookCollapseWarning)  # 4 steps may well leave a collapsed codebook
+        assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "codebook usage" in printed and "perplexity" in printed and str(out_dir / "tokenizer.pt") in printed
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["num_codes"] == 64 and summary["usage_tokens"] == 64 * 64
+    assert 0 < summary["final_loss"] < 2 and 0 < summary["codebook_usage"] <= 1 and summary["perplexity"] >= 1
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    assert all({"train/loss", "codebook/usage", "codebook/perplexity"} <= set(record) for record in records)
+    assert (out_dir / "config.yaml").is_file()
+    tokenizer = load_tokenizer(out_dir / "tokenizer.pt")
+    assert tokenizer.config["embed_dim"] == 32 and tokenizer.num_codes == 64
+
+    assert main(args) == 2  # a finished run is not overwritten without train.overwrite=true
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args[:4], f"train.output_dir={tmp_path / 'other'}", "model.bogus=1"]) == 2
+    assert "model.bogus" in capsys.readouterr().err
+    assert main([*args, "data.dataset=folder", f"data.root={tmp_path / 'missing'}", "train.overwrite=true"]) == 2
+    assert "does not exist" in capsys.readouterr().err

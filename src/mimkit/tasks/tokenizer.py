@@ -1,0 +1,433 @@
+"""``mimkit tokenizer-train``: BEiT v2's VQ-KD tokenizer (:mod:`mimkit.targets.vqkd`) trained on images.
+
+The run's schema (:class:`TokenizerConfig`), the tokenizer it describes (:func:`build_tokenizer`) and the
+training loop (:func:`train_tokenizer`): AdamW with warmup and cosine, the VQ-KD loss, codebook usage and
+perplexity logged every ``log.every_steps`` steps and checked for collapse, the tokenizer file written once
+at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from mimkit.config import ConfigError, to_plain
+from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
+from mimkit.data.transforms import default_normalization
+from mimkit.engine.logging import MetricsLogger
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
+from mimkit.engine.run_guard import StopSignals, holding_run_lock
+from mimkit.engine.schedule import warmup_cosine
+from mimkit.files import atomic_write
+from mimkit.layers import check_patch_grid
+from mimkit.models.registry import ENCODERS
+from mimkit.targets.teacher import Teacher, build_teacher
+from mimkit.targets.vqkd import (
+    COLLAPSE_MIN_PERPLEXITY,
+    COLLAPSE_MIN_USAGE,
+    TOKENIZER_NAME,
+    VQKDTokenizer,
+    check_codebook,
+    codebook_stats,
+    save_tokenizer,
+)
+
+SUMMARY_NAME = "summary.json"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class TokenizerModelConfig:
+    """The tokenizer's architecture (see :class:`VQKDTokenizer`); the patch grid is the student's."""
+
+    encoder: str = "vit_tiny"
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 1
+    embed_dim: int | None = 128
+    depth: int | None = 4
+    num_heads: int | None = 4
+    mlp_ratio: float = 4.0
+    num_codes: int = 512
+    code_dim: int = 32
+    # BEiT v2's 0.99 remembers ~100 steps, fine for its 250k-step runs; in runs of a few hundred steps the
+    # codes then lag the moving encoder and the codebook collapses (< 20 of 256 codes used after 100 steps)
+    decay: float = 0.9
+    beta: float = 1.0
+    kmeans_init: bool = True
+    dead_code_threshold: float = 1.0
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+
+
+@dataclass
+class TokenizerTeacherConfig:
+    """The frozen teacher of :func:`~mimkit.targets.build_teacher`: ``spec``, its ``stage`` and input side
+    (None: the teacher's defaults)."""
+
+    spec: str = "efficientnet_lite0"
+    stage: int | None = None
+    input_size: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options of :func:`~mimkit.targets.build_teacher` that are set."""
+        options = {"stage": self.stage, "input_size": self.input_size}
+        return {key: value for key, value in options.items() if value is not None}
+
+
+@dataclass
+class TokenizerDataConfig:
+    """Training images and their augmentation (random resized crop and flip, as BEiT v2's tokenizer)."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    limit: int | None = None
+    in_memory: bool | None = None
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_workers: int = 2
+    cache_size: int | None = None  # folders and shards: shorter side of cached images (see DataConfig)
+
+
+@dataclass
+class TokenizerOptimConfig:
+    """AdamW (no decay on biases and norms), linear warmup then cosine to ``min_lr``."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 20
+    clip_grad: float | None = 3.0
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Run length and outputs. ``overwrite``: replace a finished run's ``tokenizer.pt`` in ``output_dir``
+    (refused otherwise). ``eval_images``: un-augmented training images tokenized after training for the
+    summary's codebook usage."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    output_dir: str = "runs/vqkd"
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+    overwrite: bool = False
+    eval_images: int = 2048
+
+
+@dataclass
+class TokenizerLogConfig:
+    """Metrics every ``every_steps`` (and at the end), TensorBoard, and the collapse thresholds of
+    :func:`check_codebook`."""
+
+    every_steps: int = 20
+    tensorboard: bool = False
+    collapse_usage: float = COLLAPSE_MIN_USAGE
+    collapse_perplexity: float = COLLAPSE_MIN_PERPLEXITY
+
+
+@dataclass
+class TokenizerConfig:
+    """A VQ-KD tokenizer training run (``mimkit tokenizer-train``)."""
+
+    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
+    teacher: TokenizerTeacherConfig = field(default_factory=TokenizerTeacherConfig)
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    log: TokenizerLogConfig = field(default_factory=TokenizerLogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)  # type: ignore[no-any-return]
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of the images: ``data.mean``/``data.std`` or the data set's defaults."""
+        mean, std = default_normalization(self.model.in_chans, self.data.dataset)
+        return tuple(self.data.mean or mean), tuple(self.data.std or std)
+
+    def validate(self) -> TokenizerConfig:
+        """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
+        m, d, o, t, lg = self.model, self.data, self.optim, self.train, self.log
+        checks = [
+            (m.encoder in ENCODERS, "model.encoder", f"unknown ViT {m.encoder!r}; one of {sorted(ENCODERS)}"),
+            (m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}"),
+            (m.num_codes >= 2, "model.num_codes", "must be >= 2"),
+            (m.code_dim >= 1, "model.code_dim", "must be >= 1"),
+            (0 < m.decay < 1, "model.decay", "must lie in (0, 1)"),
+            (m.beta >= 0, "model.beta", "must be >= 0"),
+            (m.dead_code_threshold >= 0, "model.dead_code_threshold", "must be >= 0 (0: no restarts)"),
+            (m.decoder_depth >= 1, "model.decoder_depth", "must be >= 1"),
+            (
+                m.decoder_embed_dim % 4 == 0 and m.decoder_embed_dim % m.decoder_num_heads == 0,
+                "model.decoder_embed_dim",
+                "must be divisible by 4 and by model.decoder_num_heads",
+            ),
+            (bool(self.teacher.spec), "teacher.spec", "must name a teacher (e.g. efficientnet_lite0)"),
+            (d.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'"),
+            (d.dataset != "folder" or bool(d.root), "data.root", "data.dataset=folder needs data.root"),
+            (d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 (or null)"),
+            (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be (low, high) in (0, 1]"),
+            (o.lr > 0, "optim.lr", "must be positive"),
+            (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be positive (or null)"),
+            (t.epochs >= 1, "train.epochs", "must be >= 1"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)"),
+            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (t.eval_images >= 0, "train.eval_images", "must be >= 0"),
+            (lg.every_steps >= 1, "log.every_steps", "must be >= 1"),
+            (0 <= lg.collapse_usage <= 1, "log.collapse_usage", "must lie in [0, 1]"),
+            (0 <= lg.collapse_perplexity <= 1, "log.collapse_perplexity", "must lie in [0, 1]"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+        try:
+            check_patch_grid(m.img_size, m.patch_size)
+        except ValueError as err:
+            raise ConfigError(f"model.img_size: {err}") from None
+        return self
+
+
+def build_tokenizer(config: TokenizerConfig, teacher: Teacher | None = None) -> VQKDTokenizer:
+    """The tokenizer a config describes, with ``teacher`` (built from ``config.teacher`` when None)."""
+    mean, std = config.normalization()
+    if teacher is None:
+        teacher = build_teacher(config.teacher.spec, student_mean=mean, student_std=std, **config.teacher.options())
+    m = config.model
+    return VQKDTokenizer(
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        encoder=m.encoder,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        num_codes=m.num_codes,
+        code_dim=m.code_dim,
+        decay=m.decay,
+        beta=m.beta,
+        kmeans_init=m.kmeans_init,
+        dead_code_threshold=m.dead_code_threshold,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        teacher=teacher,
+        mean=mean,
+        std=std,
+    )
+
+
+@holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
+def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train a VQ-KD tokenizer; writes ``tokenizer.pt``, ``config.yaml``, ``metrics.jsonl`` and
+    ``summary.json`` to ``config.train.output_dir``.
+
+    Every ``log.every_steps`` steps the mean losses and the codebook usage and perplexity of that window's
+    assignments are logged (and checked by :func:`check_codebook`); at each epoch's end those of the
+    epoch. After training, ``train.eval_images`` un-augmented training images are tokenized (eval mode)
+    for the summary's usage and perplexity.
+
+    The run directory is locked against a second writer while this runs. SIGTERM or SIGINT stop after the
+    step in flight with :class:`~mimkit.engine.run_guard.TrainingInterrupted`; the tokenizer is written
+    only at the end (this command does not resume).
+
+    Args:
+        config: a validated config.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The summary: ``final_loss`` (mean of the last logging window), ``final_rec_loss``,
+        ``final_quant_loss``, ``codebook_usage``, ``used_codes``, ``perplexity``, ``num_codes``,
+        ``collapsed``, ``steps``, ``seconds``, ``tokenizer`` (the file's path).
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a finished run and ``train.overwrite`` is false.
+        ValueError: fewer images than a batch; unknown teacher.
+        FileNotFoundError: missing data or teacher weights.
+    """
+    cfg = config
+    out_dir = Path(cfg.train.output_dir)
+    tokenizer_path = out_dir / TOKENIZER_NAME
+    if tokenizer_path.exists() and not cfg.train.overwrite:
+        raise FileExistsError(
+            f"{tokenizer_path} already exists (a finished run); set train.overwrite=true to replace it or choose "
+            "another train.output_dir"
+        )
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    batch_size = cfg.train.batch_size
+    dataset = build_training_dataset(cfg.data, cfg.model.img_size, cfg.model.in_chans, batch_size, seed=cfg.train.seed)
+    mean, std = cfg.normalization()
+    tokenizer = build_tokenizer(cfg).to(device)
+    augment = training_transform(cfg.data, cfg.model.img_size, dataset, mean, std)
+    loader = build_loader(
+        dataset, batch_size=batch_size, seed=cfg.train.seed, drop_last=True, num_workers=cfg.data.num_workers
+    )
+    steps_per_epoch = len(dataset) // batch_size
+    schedule_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
+    optimizer = build_optimizer(tokenizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
+    logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard)
+    collapse = dict(min_usage=cfg.log.collapse_usage, min_perplexity=cfg.log.collapse_perplexity)
+
+    num_codes = tokenizer.num_codes
+    window = torch.zeros(3, device=device)  # summed (loss, rec_loss, quant_loss) since the last log
+    window_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
+    last_counts = window_counts.clone()  # the last logging window's histogram
+    epoch_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
+    last = {"loss": math.nan, "rec_loss": math.nan, "quant_loss": math.nan}
+    step, last_log_step = 0, 0
+    bar = tqdm(total=total_steps, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    tokenizer.train()
+    signals = StopSignals().install()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            loader.set_epoch(epoch)
+            for images_uint8, _ in loader.iter_from(step - epoch * steps_per_epoch):
+                lr = warmup_cosine(
+                    step,
+                    base_lr=cfg.optim.lr,
+                    total_steps=schedule_steps,
+                    warmup_steps=cfg.optim.warmup_steps,
+                    min_lr=cfg.optim.min_lr,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = augment(images_uint8.to(device), generator=step_generator(cfg.train.seed, step, 0))
+                out = tokenizer(images)
+                out.loss.backward()
+                if cfg.optim.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(tokenizer.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.quant_loss.detach()])
+                counts = torch.bincount(out.codes.flatten(), minlength=num_codes)  # (K,)
+                window_counts += counts
+                epoch_counts += counts
+                bar.update(1)
+                at_epoch_end = step % steps_per_epoch == 0
+                done = step >= total_steps
+                if step % cfg.log.every_steps == 0 or at_epoch_end or done:
+                    sums = (window / (step - last_log_step)).tolist()
+                    if not all(math.isfinite(value) for value in sums):
+                        raise NonFiniteLossError(
+                            f"tokenizer loss became NaN/inf between steps {last_log_step} and {step}; lower optim.lr"
+                        )
+                    last = dict(zip(("loss", "rec_loss", "quant_loss"), sums, strict=True))
+                    stats = check_codebook(window_counts, where=f"step {step}", **collapse)
+                    metrics: dict[str, Any] = {f"train/{key}": value for key, value in last.items()}
+                    metrics.update(
+                        {
+                            "train/lr": lr,
+                            "codebook/usage": stats.usage,
+                            "codebook/used_codes": stats.used_codes,
+                            "codebook/perplexity": stats.perplexity,
+                            "epoch": step / steps_per_epoch,
+                        }
+                    )
+                    if at_epoch_end or done:
+                        epoch_stats = codebook_stats(epoch_counts)
+                        metrics.update(
+                            {
+                                "codebook/epoch_usage": epoch_stats.usage,
+                                "codebook/epoch_perplexity": epoch_stats.perplexity,
+                            }
+                        )
+                        epoch_counts.zero_()
+                    logger.log(step, metrics)
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}", usage=f"{stats.usage:.0%}", ppl=f"{stats.perplexity:.0f}"
+                    )
+                    window.zero_()
+                    last_counts.copy_(window_counts)
+                    window_counts.zero_()
+                    last_log_step = step
+                if done:
+                    break
+                if signals.agreed():
+                    raise signals.interrupted(step, None)
+    finally:
+        signals.restore()
+        bar.close()
+        logger.close()
+    seconds = time.perf_counter() - started
+
+    tokenizer.eval()
+    eval_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
+    images_all = getattr(dataset, "images", None)
+    if cfg.train.eval_images and images_all is not None:
+        transform = EvalTransform(cfg.model.img_size, mean=mean, std=std)
+        chunk = images_all[: cfg.train.eval_images]  # (N, C, S, S) uint8
+        for start in range(0, chunk.shape[0], 256):
+            codes = tokenizer.tokenize(transform(chunk[start : start + 256].to(device)))  # (b, L)
+            eval_counts += torch.bincount(codes.flatten(), minlength=num_codes)
+    final_counts = eval_counts if int(eval_counts.sum()) else last_counts
+    stats = check_codebook(final_counts, where="the end of training", **collapse)
+    summary: dict[str, Any] = {
+        "final_loss": last["loss"],
+        "final_rec_loss": last["rec_loss"],
+        "final_quant_loss": last["quant_loss"],
+        "codebook_usage": stats.usage,
+        "used_codes": stats.used_codes,
+        "perplexity": stats.perplexity,
+        "num_codes": num_codes,
+        "usage_tokens": stats.num_tokens,
+        "collapsed": stats.collapsed(**collapse),
+        "steps": step,
+        "seconds": seconds,
+        "images_per_second": step * batch_size / max(seconds, 1e-9),
+        "tokenizer": str(tokenizer_path),
+    }
+    save_tokenizer(
+        tokenizer_path,
+        tokenizer,
+        teacher=cfg.teacher.spec,
+        teacher_options=cfg.teacher.options(),
+        config=cfg.to_dict(),
+        step=step,
+        summary=summary,
+    )
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out_dir / SUMMARY_NAME, lambda handle: handle.write(text.encode()))
+    return summary
+
+
+def format_tokenizer_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    return "\n".join(
+        [
+            f"trained {summary['steps']} steps in {summary['seconds']:.0f} s",
+            f"final loss {summary['final_loss']:.4f} (1 - cosine {summary['final_rec_loss']:.4f}, "
+            f"commitment {summary['final_quant_loss']:.4f})",
+            f"codebook usage {summary['codebook_usage']:.1%} "
+            f"({summary['used_codes']} of {summary['num_codes']} codes), "
+            f"perplexity {summary['perplexity']:.1f}" + ("  [COLLAPSED]" if summary["collapsed"] else ""),
+            f"wrote {summary['tokenizer']}",
+        ]
+    )
