@@ -102,6 +102,7 @@ def _finetune(args: argparse.Namespace) -> int:
             out_dir=args.out,
             progress=not args.no_progress,
             save_model=not args.no_save,
+            resume=args.resume,
         )
     if distributed.place().is_main:
         print(format_finetune(results))
@@ -326,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("finetune"), help="output folder (results.json, PNG, TensorBoard, model)"
     )
     p.add_argument("--no-save", action="store_true", help="do not write the fine-tuned classifier.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run stopped in this --out folder (same checkpoint, data and recipe) from its last.pt",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides",

@@ -301,3 +301,100 @@ def test_finetuning_on_photo_folders_trains_on_crops_of_the_original_images(subs
     squares = ImageFolderDataset(tmp_path / "data" / "train", 32, in_chans=1, in_memory=True)
     old = MAEAugment(32, (0.5, 1.0), mean=(0.0,), std=(1 / 255,))(squares.images, torch.Generator().manual_seed(0))
     assert not ((old >= 250) | (old <= 5)).any()
+
+
+RESUMED = ["epochs=2", "batch_size=16", "train_limit=96", "test_limit=64", "log_every_steps=1", "num_workers=0"]
+
+
+@pytest.mark.parametrize(
+    ("source", "stop_after"),
+    [("memory", 4), ("memory", 6), ("folder", 3)],  # mid-epoch, at an epoch's last step, crops of photos
+)
+def test_a_stopped_finetuning_resumes_to_the_uninterrupted_result(
+    checkpoint, tmp_path, monkeypatch, request, write_split_folder, source, stop_after
+) -> None:
+    """A real SIGTERM after a step: the run saves, stops, and ``resume=True`` ends with the weights, history,
+    accuracy and metrics of the run that was never stopped (drop path, mixup and the EMA all draw random
+    numbers, so every generator and RNG state must come back)."""
+    import signal
+
+    from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.run_guard import TrainingInterrupted
+    from mimkit.files import load_checkpoint_file
+
+    data = "fashion_mnist" if source == "memory" else str(write_split_folder(tmp_path / "data"))
+    config = load_config(None, [*RESUMED, "mixup=0.8", "ema=true", "drop_path=0.1"], schema=FinetuneConfig)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the two runs must do the same arithmetic
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+
+    def run(out: str, **kwargs):
+        torch.manual_seed(0)  # drop path draws from the global generator: both runs start from the same state
+        return run_finetune(checkpoint, data=data, config=config, out_dir=tmp_path / out, progress=False, **kwargs)
+
+    reference = run("whole")
+    assert reference["steps"] > stop_after + 1  # the memory runs: 2 epochs of 6 steps; the folder: of 4
+    logged = MetricsLogger.log
+
+    def log_then_signal(self, step, metrics):
+        logged(self, step, metrics)
+        if step == stop_after and "finetune/loss" in metrics:
+            signal.raise_signal(signal.SIGTERM)  # as a scheduler would send it, mid-run
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    run_dir = tmp_path / "stopped" / "full" / "pretrained"
+    with pytest.raises(
+        TrainingInterrupted, match=rf"after step {stop_after}; saved .*last\.pt, continue with --resume"
+    ):
+        run("stopped")
+    monkeypatch.setattr(MetricsLogger, "log", logged)
+    assert load_checkpoint_file(run_dir / "last.pt")["step"] == stop_after
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run("stopped", resume=True)
+    assert resumed["steps"] == reference["steps"] and resumed["history"] == reference["history"]
+    assert resumed["top1"] == reference["top1"] and torch.equal(resumed["confusion"], reference["confusion"])
+    whole = torch.load(tmp_path / "whole" / "full" / "pretrained" / "classifier.pt", weights_only=True)["model"]
+    again = torch.load(run_dir / "classifier.pt", weights_only=True)["model"]
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert not (run_dir / "last.pt").exists()  # finished: nothing left to resume
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "whole" / "full" / "pretrained" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_a_resume_needs_the_stopped_runs_file_and_settings(checkpoint, tmp_path, capsys) -> None:
+    from mimkit.engine.resumable import SettingsChanged
+
+    argv = ["finetune", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--no-progress", *RESUMED]
+    assert main([*argv, "--resume"]) == 2
+    assert "--resume: no " + str(tmp_path / "full" / "pretrained" / "last.pt") in capsys.readouterr().err
+    config = load_config(None, [*RESUMED, "epochs=1"], schema=FinetuneConfig)
+    run_finetune(checkpoint, config=config, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "full" / "pretrained" / "last.pt").exists()  # a finished run removes it
+    torch.save(  # a run stopped after step 2 of the 1-epoch recipe, continued with 2 epochs and blr 0.01
+        _stopped_state(checkpoint, config, tmp_path), tmp_path / "full" / "pretrained" / "last.pt"
+    )
+    other = load_config(None, [*RESUMED, "blr=0.01"], schema=FinetuneConfig)
+    with pytest.raises(SettingsChanged, match=r"config\.blr: 0\.001 there, 0\.01 now; config\.epochs: 1 there, 2 now"):
+        run_finetune(checkpoint, config=other, out_dir=tmp_path, progress=False, resume=True)
+
+
+def _stopped_state(checkpoint, config: FinetuneConfig, tmp_path) -> dict:
+    """The file a run of ``config`` stopped by a signal after step 2 leaves behind."""
+    import signal
+
+    from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.run_guard import TrainingInterrupted
+    from mimkit.files import load_checkpoint_file
+
+    class StopAtStepTwo(MetricsLogger):
+        def log(self, step, metrics):
+            super().log(step, metrics)
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+
+    out = tmp_path / "first"
+    with pytest.raises(TrainingInterrupted), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mimkit.engine.logging.MetricsLogger", StopAtStepTwo)
+        run_finetune(checkpoint, config=config, out_dir=out, progress=False)
+    return load_checkpoint_file(out / "full" / "pretrained" / "last.pt")

@@ -284,6 +284,9 @@ def finetune(
     device: torch.device | str = "cpu",
     metrics: Any = None,
     progress: bool = True,
+    state_path: str | Path | None = None,
+    resume_state: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train ``model`` on uint8 images with MAE's fine-tuning recipe and measure it on the test images.
 
@@ -309,16 +312,26 @@ def finetune(
         device: where to train.
         metrics: a :class:`~mimkit.engine.logging.MetricsLogger` for loss/lr curves and test accuracy.
         progress: tqdm bars.
+        state_path: where rank 0 writes the run's state (weights, optimizer, EMA, generators, RNG, the
+            position in the epoch) after every epoch and when a stop signal ends the run after a step;
+            None writes nothing (a stop then says that nothing was saved).
+        resume_state: such a state, loaded: training continues after its step and ends with the weights,
+            history and logits of the run that was not stopped.
+        settings: what a resume must share with the run it continues (checked against ``resume_state``;
+            ``config`` is always part of it).
 
     Raises:
         ValueError: a non-finite loss (the message says which lr) or too few images for one batch.
+        SettingsChanged: ``resume_state`` was saved with other settings.
     """
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
+    from mimkit.config import to_plain
     from mimkit.data import build_loader
     from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize
     from mimkit.engine import distributed
+    from mimkit.engine.resumable import HasState, ResumableState
     from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
@@ -391,16 +404,50 @@ def finetune(
     step = 0
     logits = torch.empty(0, num_classes)  # the test logits, on rank 0
     share = {"part": (where.rank * batch, global_batch)} if where.distributed else {}
+    parts: dict[str, HasState] = {"model": model, "optimizer": optimizer}
+    if ema is not None:
+        parts["ema"] = ema
+    state = ResumableState(
+        parts, {"augment": generator}, {**(settings or {}), "config": to_plain(config), "ranks": where.world_size}
+    )
+    # where the run stands: the epoch, the next step in it, the order generator at the epoch's start, the
+    # epoch's loss sum so far
+    first_epoch, first_index, running_sum = 0, 0, 0.0
+    if resume_state is not None:
+        step, done = state.load_state_dict(resume_state, source=state_path or "the resumed state")
+        first_epoch, first_index, running_sum = done["epoch"], done["index"], done["running"]
+        order_generator.set_state(done["order"])
+        history = list(done["history"])
+        log.info("fine-tuning resumed after step %d (epoch %d, step %d of it)", step, first_epoch + 1, first_index)
+
+    def save(epoch: int, index: int, order_state: Tensor, running: Tensor) -> Path | None:
+        """Rank 0 writes the state after ``step``; ``running``: the epoch's loss sum so far (rank mean)."""
+        if state_path is None:
+            return None
+        if where.is_main:
+            progress_state = {
+                "epoch": epoch,
+                "index": index,
+                "order": order_state,
+                "running": float(running),
+                "history": history,
+            }
+            state.save(state_path, step, progress_state)
+        return Path(state_path)
+
     signals = StopSignals().install()  # SIGTERM/SIGINT: every rank stops after the same step
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(first_epoch, config.epochs):
+            order_state = order_generator.get_state()  # saved with a stop mid-epoch, to draw this order again
             order = torch.randperm(num_train, generator=order_generator)  # (N,)
+            start = first_index if epoch == first_epoch else 0
             if crops is not None:
                 crops.set_epoch(epoch)
-                crop_batches = iter(crops)
-            running = torch.zeros((), device=device)
+                with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global
+                    crop_batches = iter(crops.iter_from(start))  # generator, which drop path must not see
+            running = torch.full((), running_sum if epoch == first_epoch else 0.0, device=device)
             bar = tqdm(
-                range(steps_per_epoch),
+                range(start, steps_per_epoch),
                 desc=f"fine-tune {epoch + 1}/{config.epochs}",
                 unit="step",
                 disable=not progress,
@@ -444,7 +491,8 @@ def finetune(
                     if metrics is not None:
                         metrics.log(step, {"finetune/loss": loss_value, "finetune/lr": lr})
                 if signals.agreed(device):
-                    raise signals.interrupted(step, None)
+                    so_far = distributed.all_reduce(running.clone()) / where.world_size  # every rank resumes with it
+                    raise signals.interrupted(step, save(epoch, index + 1, order_state, so_far))
             running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
             if not where.is_main:
                 continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
@@ -457,6 +505,7 @@ def finetune(
             if metrics is not None:
                 metrics.log(step, {"finetune/epoch_loss": record["train_loss"], "finetune/test_top1": top1})
             log.info("fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1)
+            save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()))
     finally:
         signals.restore()
         np.random.set_state(numpy_state)
@@ -489,6 +538,7 @@ def run_finetune(
     device: torch.device | str | None = None,
     progress: bool = True,
     save_model: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a checkpoint's encoder on labelled data and write what it measured.
 
@@ -505,6 +555,9 @@ def run_finetune(
         device: default CUDA when available.
         progress: progress bars.
         save_model: write the fine-tuned classifier (atomically).
+        resume: continue the run stopped in this folder from its ``last.pt`` (which the run writes after
+            every epoch and when a stop signal ends it after a step, and removes when it finishes), with
+            the same checkpoint, data and recipe; the result equals that of a run that was never stopped.
 
     Under ``torchrun`` every rank trains (see :func:`finetune`); rank 0 alone writes and reports, the
     other ranks return ``{"rank": r}``. Rank 0 locks the run folder against a second writer while this runs.
@@ -515,8 +568,9 @@ def run_finetune(
 
     Raises:
         ValueError: bad data (unlabelled, mismatched classes) or ``partial_blocks`` out of range.
-        FileNotFoundError: missing data.
+        FileNotFoundError: missing data, or ``resume`` without a ``last.pt`` to continue.
         CheckpointError: unreadable checkpoint.
+        SettingsChanged: ``resume`` with another checkpoint, data or recipe than the stopped run's.
     """
     from mimkit.config import to_plain
     from mimkit.engine import distributed
@@ -529,7 +583,7 @@ def run_finetune(
         load_training_crops,
     )
     from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
-    from mimkit.files import atomic_write
+    from mimkit.files import atomic_write, load_checkpoint_file
 
     config = (config or FinetuneConfig()).validate()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -579,10 +633,20 @@ def run_finetune(
     protocol = "full" if partial_blocks is None else f"partial{partial_blocks}"
     which = "random_init" if random_init else "pretrained"
     run_dir = finetune_run_dir(out_dir, partial_blocks, random_init)
+    state_path = run_dir / "last.pt"
+    resume_state = None
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(
+                f"--resume: no {state_path} to continue (a stopped run leaves it, a finished one removes it); "
+                "run without --resume to start"
+            )
+        resume_state = load_checkpoint_file(state_path)  # generator and RNG states stay on the CPU
     with torch.random.fork_rng(devices=[]):  # the head's initialisation is part of the seeded recipe
         torch.manual_seed(config.seed)
         classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)
-    metrics = MetricsLogger(run_dir, tensorboard=True) if where.is_main else NullLogger()
+    resume_step = None if resume_state is None else int(resume_state["step"])
+    metrics = MetricsLogger(run_dir, tensorboard=True, resume_step=resume_step) if where.is_main else NullLogger()
     try:
         result = finetune(
             classifier,
@@ -596,6 +660,14 @@ def run_finetune(
             device=device,
             metrics=metrics,
             progress=progress,
+            state_path=state_path,
+            resume_state=resume_state,
+            settings={
+                "checkpoint": str(checkpoint),
+                "data": str(data),
+                "partial_blocks": partial_blocks,
+                "random_init": random_init,
+            },
         )
         if not where.is_main:
             return {"rank": where.rank}
@@ -652,6 +724,7 @@ def run_finetune(
         atomic_write(path, lambda handle: torch.save(state, handle))
         results["classifier"] = str(path)
     results["results_json"] = str(write_results(run_dir / "results.json", results))
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     return results
 
 
