@@ -37,7 +37,7 @@ from pathlib import Path
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
-from mimkit.models import load_checkpoint
+from mimkit.build import load_checkpoint
 
 CONFIG = Path("configs/convmae_tiny_fmnist.yaml")
 ROWS: dict[str, tuple[str, list[str], bool]] = {  # row -> (what changes, overrides, long schedule)

@@ -16,7 +16,7 @@ from typing import Any
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
-from mimkit.models import create_model
+from mimkit.build import create_model
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mae vit_tiny/4": ("vit_tiny", dict(patch_size=4)),

@@ -37,10 +37,10 @@ import ablation  # benchmarks/ablation.py, beside this script
 import torch
 from targets_ablation import RECIPE, TEACHER
 
+from mimkit.build import build_model
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform, default_normalization
-from mimkit.engine.pretrain import build_model
 
 
 def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:

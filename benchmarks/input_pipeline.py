@@ -345,9 +345,9 @@ def vit_s_pipeline_share(name: str, root: Path, out: Path, steps: int = 6) -> di
 
 def preview_cost(root: Path, out: Path, repeats: int = 3) -> dict[str, Any]:
     """Seconds of one reconstruction picture during training (8 held-aside images, ViT-S/16 at 224)."""
+    from mimkit.build import build_model
     from mimkit.config import load_config
     from mimkit.engine.logging import NullLogger
-    from mimkit.engine.pretrain import build_model
     from mimkit.engine.previews import ReconstructionPreviews
 
     path = out / "preview_cost.json"

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from mimkit.build import create_model
 from mimkit.masking import choose_foreground, ncut_bipartition
-from mimkit.models import create_model
 
 GRID = (8, 8)
 

@@ -35,10 +35,10 @@ from pathlib import Path
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
+from mimkit.build import build_model
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform, default_normalization
-from mimkit.engine.pretrain import build_model
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linear import train_linear_probe
 from mimkit.eval.report import classification_metrics

@@ -46,15 +46,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from mimkit.build import build_model, create_model, load_checkpoint
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.data import BadImageWarning, build_dataset
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from mimkit.data.transforms import MAEAugment
-from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, build_model
+from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer
 from mimkit.eval.probe import run_probe
 from mimkit.files import CheckpointError
-from mimkit.models import create_model, load_checkpoint
 from mimkit.models.load import save_checkpoint_as
 
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")

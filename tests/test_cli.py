@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mimkit.build import build_model, load_checkpoint
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from mimkit.data.folder import BadImageWarning
-from mimkit.engine.pretrain import build_model
-from mimkit.models import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "mae_vit_tiny_fmnist.yaml"

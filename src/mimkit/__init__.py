@@ -11,16 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from mimkit.build import create_model, load_checkpoint
     from mimkit.config import load_config
     from mimkit.masking import MaskSpec
-    from mimkit.models.load import load_checkpoint
     from mimkit.models.mim import MaskedImageModel
-    from mimkit.models.registry import create_model
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "create_model": "mimkit.models.registry",
-    "load_checkpoint": "mimkit.models.load",
+    "create_model": "mimkit.build",
+    "load_checkpoint": "mimkit.build",
     "MaskedImageModel": "mimkit.models.mim",
     "MaskSpec": "mimkit.masking",
     "load_config": "mimkit.config",

@@ -45,7 +45,7 @@ def _show_batch(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from mimkit.models.load import convert_checkpoint
+    from mimkit.build import convert_checkpoint
 
     out = convert_checkpoint(args.input, args.output, to=args.to)
     print(f"wrote {out} ({args.to} layout)")
@@ -54,7 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from mimkit.analysis.complexity import format_info, model_info
-    from mimkit.engine.pretrain import build_model
+    from mimkit.build import build_model
 
     config = load_config(args.config, args.overrides)
     print(format_info(model_info(build_model(config))))

@@ -15,8 +15,8 @@ from mimkit.analysis.complexity import (
     format_info,
     model_info,
 )
+from mimkit.build import create_model
 from mimkit.masking import MaskSpec
-from mimkit.models import create_model
 
 
 @pytest.fixture(scope="module")

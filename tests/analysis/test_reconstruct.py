@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mimkit.analysis.reconstruct import assemble_panels, fill_value, reconstruct, save_reconstruction_grid
-from mimkit.models import create_model
+from mimkit.build import create_model
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = (0.2860,), (0.3530,)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mimkit.build import create_model
 from mimkit.detection.models.backbones import (
     ConvMAEBackbone,
     ConvStem,
@@ -16,7 +17,6 @@ from mimkit.detection.models.backbones import (
 )
 from mimkit.eval.finetune import layer_decay_groups
 from mimkit.masking import MaskSpec
-from mimkit.models import create_model
 
 VIT = dict(img_size=64, in_chans=3, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 

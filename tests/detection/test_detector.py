@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.detection.data.coco import CocoDetection
@@ -20,7 +21,6 @@ from mimkit.detection.tasks.detect import (
     run_detect_train,
     train_detector,
 )
-from mimkit.models import create_model
 from mimkit.models.load import save_checkpoint_as
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

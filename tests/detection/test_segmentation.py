@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mimkit.build import create_model
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.detection.data.segmentation import IGNORE_INDEX, SegmentationFolder
@@ -23,7 +24,6 @@ from mimkit.detection.tasks.segment import (
     save_overlays,
     train_segmenter,
 )
-from mimkit.models import create_model
 
 VIT = dict(img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 

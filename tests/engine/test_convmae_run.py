@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimkit.build import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.engine.run import run_pretraining
-from mimkit.models import load_checkpoint
 from mimkit.models.convvit import ConvViT
 
 RECIPE = Path(__file__).parents[2] / "configs" / "convmae_tiny_fmnist.yaml"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
 from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, TrainingInterrupted
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import CheckpointError, load_checkpoint_file
-from mimkit.models import create_model
 
 
 def test_schedule_is_pure_warmup_then_cosine() -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
@@ -21,7 +22,6 @@ from mimkit.eval.finetune import (
     run_finetune,
 )
 from mimkit.eval.linear import predict
-from mimkit.models import create_model
 
 FMNIST_MEAN, FMNIST_STD = (0.286,), (0.353,)
 

@@ -9,15 +9,14 @@ import torch
 from PIL import Image
 
 import mimkit.eval.probe as probe_module
+from mimkit.build import build_model, load_checkpoint
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
 from mimkit.engine.logging import read_metrics
-from mimkit.engine.pretrain import build_model
 from mimkit.eval.knn import extract_features
 from mimkit.eval.probe import format_probe, run_probe
-from mimkit.models import load_checkpoint
 from mimkit.models.load import save_checkpoint_as
 
 LIMITS = dict(train_limit=1000, test_limit=300)  # the first images of Fashion-MNIST: every class present

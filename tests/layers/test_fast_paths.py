@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.layers import Attention, Block, set_attention_impl
-from mimkit.models import MaskedImageModel, create_model
+from mimkit.models import MaskedImageModel
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=2, num_heads=3, decoder="micro")
 CONV = dict(img_size=16, patch_sizes=(1, 2, 2), in_chans=3, decoder="micro")

@@ -3,8 +3,8 @@ from collections import deque
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.masking import BlockMasker, MaskSpec, RandomMasker, create_masker, num_hidden_patches
-from mimkit.models import create_model
 
 
 def check_spec(spec: MaskSpec, batch: int, num_patches: int, num_hidden: int) -> None:
@@ -162,8 +162,8 @@ def test_pretraining_forward_with_masker(mask_type: str) -> None:
 
 
 def test_masker_settings_come_from_the_config_and_reach_the_model() -> None:
+    from mimkit.build import build_model
     from mimkit.config import ConfigError, load_config
-    from mimkit.engine.pretrain import build_model
 
     cfg = load_config(None, ["mask.type=block", "mask.ratio=0.5", "mask.min_num_patches=9", "mask.min_aspect=1.0"])
     model = build_model(cfg)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform
 from mimkit.masking import AttentionMasker, RandomMasker, SelfGuidedMasker, informed_mask, num_hidden_patches
-from mimkit.models import create_model
 
 GRID = (8, 8)
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")

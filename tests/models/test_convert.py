@@ -7,7 +7,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
-from mimkit.models import create_model
+from mimkit.build import create_model
 from mimkit.models.convert import (
     LAYOUTS,
     args_from_hf_config,

@@ -6,15 +6,15 @@ from __future__ import annotations
 import timm
 import torch
 
+from mimkit.build import build_model, create_model, load_checkpoint
 from mimkit.config import config_from_dict, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
-from mimkit.engine.pretrain import build_model
 from mimkit.masking import AttentionMasker, MaskSpec, RandomMasker
-from mimkit.models import MAEDecoder, PromptingDecoder, create_model
+from mimkit.models import MAEDecoder, PromptingDecoder
 from mimkit.models.cls_pretraining import ClassTokenBlocks, ClassTokenPretraining
 from mimkit.models.convert import encoder_to_timm
 from mimkit.models.linear_head import LinearHead
-from mimkit.models.load import load_checkpoint, save_checkpoint_as
+from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import patch_loss
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")

@@ -13,19 +13,11 @@ import torch
 from torch import nn
 
 import mimkit
+from mimkit.build import build_model, convert_checkpoint, create_model, load_checkpoint
 from mimkit.config import load_config
-from mimkit.engine.pretrain import build_model
 from mimkit.files import CheckpointError
-from mimkit.models import create_model
 from mimkit.models.convert import LAYOUTS, from_mimkit
-from mimkit.models.load import (
-    HF_CONFIG_NAME,
-    HF_WEIGHTS_NAME,
-    MIMKIT_EXTRA_NAME,
-    convert_checkpoint,
-    load_checkpoint,
-    save_checkpoint_as,
-)
+from mimkit.models.load import HF_CONFIG_NAME, HF_WEIGHTS_NAME, MIMKIT_EXTRA_NAME, load_encoder, save_checkpoint_as
 
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 # 192 wide is a registry width (vit_tiny, 3 heads): head counts can be inferred from bare weights.
@@ -137,6 +129,43 @@ def test_mimkit_mae_hf_round_trips_are_bit_identical(tmp_path: Path, transformer
         assert torch.equal(got.mask, expected.mask)
         assert torch.equal(got.pred, expected.pred) and torch.equal(got.loss, expected.loss), path
     assert torch.load(final, weights_only=True).keys() == {"model", "model_args", "config"}
+
+
+def test_load_encoder_builds_the_encoder_alone_from_every_layout(tmp_path: Path, transformers) -> None:
+    model = training_checkpoint(tmp_path / "last.pt")
+    convert_checkpoint(tmp_path / "last.pt", tmp_path / "mae.pth", to="mae")
+    convert_checkpoint(tmp_path / "last.pt", tmp_path / "hf", to="hf")
+    images = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.encoder(images).tokens  # (B, 1 + L, D)
+    for name in ("last.pt", "mae.pth", "hf"):
+        encoder, args, run_config = load_encoder(tmp_path / name)
+        assert not encoder.training, name
+        assert_same_weights(model.encoder, encoder)
+        with torch.no_grad():
+            assert torch.equal(encoder(images).tokens, expected), name
+        assert args == model.config and run_config == model.run_config.to_dict(), name
+
+    bare = perturb(create_model("vit_tiny", **REGISTRY_WIDTH)).eval()
+    torch.save(from_mimkit(bare.state_dict(), "mae"), tmp_path / "bare.pth")
+    encoder, args, run_config = load_encoder(tmp_path / "bare.pth")  # the architecture read off the shapes
+    assert args["embed_dim"] == 192 and args["num_heads"] == 3 and run_config is None
+    assert_same_weights(bare.encoder, encoder)
+
+    convmae = perturb(create_model("convmae_tiny", img_size=32, in_chans=1, patch_sizes=(2, 2, 2))).eval()
+    save_checkpoint_as(convmae, tmp_path / "convmae.pt", "mimkit")
+    encoder, args, _ = load_encoder(tmp_path / "convmae.pt")
+    assert args == convmae.config
+    assert_same_weights(convmae.encoder, encoder)
+
+    training_checkpoint(tmp_path / "config_only.pt", with_model_args=False)
+    with pytest.raises(CheckpointError, match=r"config_only.pt has no model_args, only a run config"):
+        load_encoder(tmp_path / "config_only.pt")
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["model"] = {key: value[:1] for key, value in state["model"].items()}
+    torch.save(state, tmp_path / "narrow.pt")
+    with pytest.raises(CheckpointError, match=r"narrow.pt: the encoder's weights do not fit"):
+        load_encoder(tmp_path / "narrow.pt")
 
 
 def test_original_mae_checkpoint_with_namespace_args(tmp_path: Path) -> None:
@@ -391,6 +420,6 @@ def test_import_mimkit_is_lazy() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["0.1.0", "mimkit.models.load", "MaskSpec"]
+    assert result.stdout.split() == ["0.1.0", "mimkit.build", "MaskSpec"]
     assert mimkit.create_model is create_model and mimkit.__version__ == "0.1.0"
     assert {"create_model", "load_checkpoint", "MaskedImageModel", "MaskSpec", "load_config"} <= set(dir(mimkit))

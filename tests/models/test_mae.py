@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.layers import patchify
-from mimkit.models import create_model, model_args
+from mimkit.models import model_args
 
 
 def tiny(**kw):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mimkit.build import create_model
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.layers import Block
 from mimkit.masking import RandomMasker
-from mimkit.models import MAEDecoder, PromptingDecoder, create_model
+from mimkit.models import MAEDecoder, PromptingDecoder
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from mimkit.build import create_model
 from mimkit.masking import MASKERS, create_masker
-from mimkit.models import MaskedImageModel, create_model
+from mimkit.models import MaskedImageModel
 from mimkit.models.protocols import (
     Decoder,
     Encoder,

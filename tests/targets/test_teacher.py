@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.build import build_model, create_model
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
-from mimkit.engine.pretrain import build_model
-from mimkit.models import create_model
 from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import Teacher, build_teacher
 from mimkit.targets.teacher import (

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mimkit.build import load_checkpoint
 from mimkit.data.folder import (
     DEFAULT_EVAL_CROP_RATIO,
     BadImageError,
@@ -32,7 +33,7 @@ from mimkit.engine.reconstruction import (
     save_reconstruction_grid,
     to_display,
 )
-from mimkit.models import MaskedImageModel, load_checkpoint
+from mimkit.models import MaskedImageModel
 
 __all__ = [
     "COLUMNS",
@@ -133,7 +134,7 @@ def reconstruct_files(
     set, or of ``"folder"`` when the checkpoint has no run config (MAE and HuggingFace checkpoints).
 
     Args:
-        checkpoint: anything :func:`~mimkit.models.load.load_checkpoint` reads.
+        checkpoint: anything :func:`~mimkit.build.load_checkpoint` reads.
         images: image files and/or folders (searched recursively, in sorted order).
         out: the PNG to write (atomically).
         mask_ratio: fraction of patches to hide; the model's own when None.

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.analysis.reconstruct import load_model_images
+from mimkit.build import load_checkpoint
 from mimkit.files import atomic_write
 from mimkit.masking import MaskSpec, informed_mask, num_hidden_patches
 from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_bipartition, ncut_split, patch_affinity
 from mimkit.masking.saliency import patch_saliency
-from mimkit.models import MaskedImageModel, load_checkpoint
+from mimkit.models import MaskedImageModel
 
 __all__ = [
     "LayerRelations",
@@ -439,7 +440,7 @@ def analyze_files(
     checkpoint's folder holds a ``metrics.jsonl`` with exploitation-rate records, ``out/exploitation.png``.
 
     Args:
-        checkpoint: anything :func:`~mimkit.models.load.load_checkpoint` reads.
+        checkpoint: anything :func:`~mimkit.build.load_checkpoint` reads.
         images: image files and/or folders.
         out: output folder (created).
         compare: a second checkpoint of the same architecture, run on the same images and mask.

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.bench.timing import Contender
-from mimkit.models import MaskedImageModel, create_model
+from mimkit.build import create_model
+from mimkit.models import MaskedImageModel
 
 # The architectures the benchmark compares (``create_model`` arguments) and their batch.
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -30,9 +30,10 @@ def pipeline_share(
     checkpoint before the last step) and reads its logged images/s after the first logging interval (which
     holds the warm-up); then times the model-only step on random images of the same shape.
     """
+    from mimkit.build import build_model
     from mimkit.config import load_config
     from mimkit.engine.optim import build_optimizer
-    from mimkit.engine.pretrain import Pretrainer, build_model
+    from mimkit.engine.pretrain import Pretrainer
 
     with tempfile.TemporaryDirectory() as out_dir:
         run_overrides = [

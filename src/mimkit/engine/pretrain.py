@@ -16,7 +16,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mimkit.config import Config, config_from_dict, model_overrides
+from mimkit.build import build_model
+from mimkit.config import Config, config_from_dict
 from mimkit.engine import distributed
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
@@ -44,7 +45,7 @@ from mimkit.files import (
     shard_path,
     state_bytes,
 )
-from mimkit.models import MaskedImageModel, create_model
+from mimkit.models import MaskedImageModel
 from mimkit.models.probe_head import LinearProbe
 from mimkit.models.protocols import GuidedMasker, StatefulMasker
 
@@ -78,11 +79,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_model(config: Config) -> MaskedImageModel:
-    """The pretraining model described by a config."""
-    return create_model(config.model.name, **model_overrides(config))
 
 
 # model.* keys that change how a model trains, not what it is: a run may resume with them changed

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from mimkit.build import build_model
 from mimkit.config import Config
-from mimkit.engine.pretrain import Pretrainer, build_model
+from mimkit.engine.pretrain import Pretrainer
 from mimkit.files import atomic_write
 from mimkit.models import MaskedImageModel
 

@@ -2,7 +2,7 @@
 
 Data is ``"fashion_mnist"`` or a folder holding ``train/`` and ``test/`` (or ``val/``), each with one
 subfolder of images per class, the same classes in both; the encoder comes from any checkpoint layout
-:func:`~mimkit.models.load.load_checkpoint` reads, or is the same architecture untrained (a baseline).
+:func:`~mimkit.build.load_checkpoint` reads, or is the same architecture untrained (a baseline).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class EvalModel:
 
 def untrained_model(config: dict[str, Any], seed: int) -> Any:
     """A freshly initialised model of the same architecture, seeded (without touching the global RNG)."""
-    from mimkit.models.registry import create_model
+    from mimkit.build import create_model
 
     args = dict(config)
     name = args.pop("name")
@@ -233,9 +233,9 @@ def load_eval_model(checkpoint: str | Path, *, random_init: bool = False, seed: 
     Raises:
         CheckpointError: unreadable checkpoint.
     """
+    from mimkit.build import load_checkpoint
     from mimkit.data.folder import DEFAULT_EVAL_CROP_RATIO
     from mimkit.data.transforms import default_normalization
-    from mimkit.models.load import load_checkpoint
 
     model = load_checkpoint(checkpoint)
     config = dict(model.config)

@@ -543,7 +543,7 @@ def run_finetune(
     """Fine-tune a checkpoint's encoder on labelled data and write what it measured.
 
     Args:
-        checkpoint: any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads (mimkit, MAE, HF).
+        checkpoint: any checkpoint :func:`~mimkit.build.load_checkpoint` reads (mimkit, MAE, HF).
         data: ``"fashion_mnist"`` or a folder with ``train/`` and ``test/`` (or ``val/``), one subfolder
             of images per class, the same classes in both.
         partial_blocks: None for full fine-tuning, else train only the last k blocks plus the head.
@@ -735,8 +735,8 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         CheckpointError: missing, truncated or foreign file.
     """
+    from mimkit.build import create_model
     from mimkit.files import CheckpointError, load_checkpoint_file
-    from mimkit.models.registry import create_model
 
     state = load_checkpoint_file(path, map_location)
     missing = {"model", "model_config", "classes", "pool", "partial_blocks"} - set(state)

@@ -186,7 +186,7 @@ def run_probe(
     """Measure a checkpoint's frozen encoder with a kNN classifier or MAE's linear probe.
 
     Args:
-        checkpoint: any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads (mimkit, MAE, HF).
+        checkpoint: any checkpoint :func:`~mimkit.build.load_checkpoint` reads (mimkit, MAE, HF).
         protocol: ``"knn"`` (DINO's weighted kNN, k=20, T=0.07) or ``"linear"`` (MAE's linear probe).
         data: ``"fashion_mnist"`` or a folder with ``train/`` and ``test/`` (or ``val/``) holding one
             subfolder of images per class, the same classes in both.

@@ -1,10 +1,14 @@
-"""Encoders, decoders, the :class:`MaskedImageModel` frame and the model registry."""
+"""Encoders, decoders, the :class:`MaskedImageModel` frame and the registry of architectures.
 
-from mimkit.models.load import convert_checkpoint, load_checkpoint, save_checkpoint_as
+:mod:`mimkit.build` assembles them with a masker and a target (``create_model``, ``build_model``,
+``load_checkpoint``).
+"""
+
+from mimkit.models.load import load_encoder, read_checkpoint, save_checkpoint_as
 from mimkit.models.mae_decoder import DecoderOutput, MAEDecoder
 from mimkit.models.mim import MaskedImageModel, MIMOutput
 from mimkit.models.prompting_decoder import PromptingDecoder
-from mimkit.models.registry import DECODERS, ENCODERS, create_encoder, create_model, model_args
+from mimkit.models.registry import DECODERS, ENCODERS, create_decoder, create_encoder, model_args
 from mimkit.models.vit import EncoderOutput, VisionTransformer
 
 __all__ = [
@@ -17,10 +21,10 @@ __all__ = [
     "MaskedImageModel",
     "PromptingDecoder",
     "VisionTransformer",
-    "convert_checkpoint",
+    "create_decoder",
     "create_encoder",
-    "create_model",
-    "load_checkpoint",
+    "load_encoder",
     "model_args",
+    "read_checkpoint",
     "save_checkpoint_as",
 ]

@@ -1,6 +1,8 @@
-"""Load any MAE checkpoint into a mimkit model, and save a model in the mimkit, MAE or HuggingFace layout.
+"""Read any MAE checkpoint, and save a model in the mimkit, MAE or HuggingFace layout.
 
-:func:`load_checkpoint` reads
+:func:`read_checkpoint` tells what a checkpoint describes (model arguments, run config, weights) without building
+anything; :func:`mimkit.build.load_checkpoint` builds the whole model from it, :func:`load_encoder` the encoder
+alone. They read
 
 * mimkit training checkpoints (``last.pt``: ``model`` + ``model_args`` and ``config``) and the files
   :func:`save_checkpoint_as` writes (``model`` in the mimkit or MAE layout + ``model_args``);
@@ -22,14 +24,14 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mimkit.config import Config, ConfigError, config_from_dict
 from mimkit.files import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
 from mimkit.models.convert import (
     args_from_hf_config,
@@ -45,7 +47,8 @@ from mimkit.models.convert import (
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
-from mimkit.models.registry import create_model
+from mimkit.models.registry import create_encoder
+from mimkit.models.vit import VisionTransformer
 
 SAVE_LAYOUTS = ("mimkit", "mae", "hf")
 HF_CONFIG_NAME = "config.json"
@@ -143,11 +146,16 @@ def _tensors_only(weights: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
     return dict(weights)
 
 
-def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
-    """Load weights of any layout; ``full`` refuses encoder-only weights (a training checkpoint has both).
+def load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: Path, *, full: bool) -> None:
+    """Load weights of any layout into a model; ``full`` refuses encoder-only weights (a training
+    checkpoint has both).
 
     ConvMAE and models with a decoder beyond MAE's (BEiT v2's class-token head) have the mimkit layout
-    only: their own keys, all of them."""
+    only: their own keys, all of them.
+
+    Raises:
+        CheckpointError: the weights do not fit the model; the message names ``path``.
+    """
     kind = type(model.encoder).__name__ + " + " + type(model.decoder).__name__
     advice = (
         f"the file's weights belong to another architecture than the {kind} it describes; re-save it from the "
@@ -169,43 +177,50 @@ def _load_weights(model: MaskedImageModel, weights: Mapping[str, Tensor], path: 
         raise CheckpointError(f"{path}: {err}" + (f"; {advice}" if fit else "")) from None
 
 
-def _build(args: Mapping[str, Any], path: Path, source: str) -> MaskedImageModel:
-    args = dict(args)
-    name = args.pop("name", "vit_base")
-    try:
-        return create_model(name, **args)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot build the model from its {source} ({err})") from None
+@dataclass
+class CheckpointContents:
+    """What a checkpoint tells about its model, before any model is built.
+
+    Attributes:
+        path: the file or directory read.
+        args: :func:`~mimkit.models.registry.model_args` arguments with the preset's ``name``; None when only
+            the run config describes the model.
+        args_source: where ``args`` come from (``"model_args"``, ``"inferred architecture"``, ``config.json``),
+            for error messages.
+        run_config: the run config as saved (:meth:`~mimkit.config.Config.to_dict` output), or None.
+        run_config_path: the file holding ``run_config``, for error messages.
+        run_config_required: whether the model can only be rebuilt from ``run_config`` (no ``args``), so that
+            an invalid one is an error rather than a warning.
+        full: whether the weights must hold the decoder too (a mimkit checkpoint saves whole models).
+        read_weights: returns the weights, in any of :data:`~mimkit.models.convert.LAYOUTS`.
+    """
+
+    path: Path
+    args: dict[str, Any] | None
+    args_source: str
+    run_config: Any
+    run_config_path: Path
+    run_config_required: bool
+    full: bool
+    read_weights: Callable[[], dict[str, Tensor]]
 
 
-def _run_config(data: Any, path: Path, required: bool) -> Config | None:
-    try:
-        return config_from_dict(data)
-    except ConfigError as err:
-        if required:
-            raise CheckpointError(f"{path}: its run config is not valid for this mimkit version ({err})") from None
-        warnings.warn(f"{path}: ignoring its run config, not valid for this mimkit version ({err})", stacklevel=3)
-        return None
-
-
-def _from_mimkit_checkpoint(state: dict[str, Any], path: Path) -> MaskedImageModel:
+def _mimkit_contents(state: dict[str, Any], path: Path) -> CheckpointContents:
     """A training checkpoint or a file from :func:`save_checkpoint_as` (weights in the mimkit or MAE layout)."""
-    from mimkit.engine.pretrain import build_model  # the engine imports mimkit.models: import late
-
     weights = _tensors_only(unwrap_checkpoint(state), path)
     model_args = state.get("model_args")
-    run_config = None
-    if state.get("config") is not None:
-        run_config = _run_config(state["config"], path, required=not isinstance(model_args, Mapping))
-    if isinstance(model_args, Mapping):
-        model = _build(model_args, path, "model_args")
-    elif run_config is not None:
-        model = build_model(run_config)
-    else:
+    if not isinstance(model_args, Mapping) and state.get("config") is None:
         raise CheckpointError(f"{path} has neither model_args nor a run config to rebuild its model from")
-    _load_weights(model, weights, path, full=True)
-    model.run_config = run_config
-    return model
+    return CheckpointContents(
+        path=path,
+        args=dict(model_args) if isinstance(model_args, Mapping) else None,
+        args_source="model_args",
+        run_config=state.get("config"),
+        run_config_path=path,
+        run_config_required=not isinstance(model_args, Mapping),
+        full=True,
+        read_weights=lambda: weights,
+    )
 
 
 def _infer_args(weights: Mapping[str, Tensor], path: Path, layout: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,7 +233,7 @@ def _infer_args(weights: Mapping[str, Tensor], path: Path, layout: str, override
                 f"{path}: HuggingFace weights without their config.json; the architecture is read off the shapes, "
                 "head counts come from the registry and layer_norm_eps=1e-12, norm_pix_loss=False, mask_ratio=0.75 "
                 "are HuggingFace's defaults. Load the save_pretrained directory for the exact model.",
-                stacklevel=4,
+                stacklevel=5,
             )
     try:
         return infer_args_from_mae_state_dict(weights, **{**hints, **overrides})
@@ -229,19 +244,26 @@ def _infer_args(weights: Mapping[str, Tensor], path: Path, layout: str, override
         raise CheckpointError(f"{path}: cannot infer the architecture from the weights ({err}); {advice}") from None
 
 
-def _from_weights(
+def _weights_contents(
     weights: Mapping[str, Tensor], path: Path, overrides: Mapping[str, Any], args_hint: Mapping[str, Any]
-) -> MaskedImageModel:
+) -> CheckpointContents:
     """A bare state dict (or an original MAE checkpoint's ``model``), architecture read off the shapes."""
     try:
         layout = detect_layout(weights)
     except ValueError as err:
         raise CheckpointError(f"{path} is not a checkpoint mimkit recognizes ({err}); expected {_KINDS}") from None
     args = _infer_args(weights, path, layout, {**args_hint, **overrides})
-    model = _build(args, path, "inferred architecture")
-    _load_weights(model, weights, path, full=False)
-    model.run_config = None
-    return model
+    tensors = dict(weights)
+    return CheckpointContents(
+        path=path,
+        args=args,
+        args_source="inferred architecture",
+        run_config=None,
+        run_config_path=path,
+        run_config_required=False,
+        full=False,
+        read_weights=lambda: tensors,
+    )
 
 
 def _mae_args_hint(args: Any) -> dict[str, Any]:
@@ -303,7 +325,7 @@ def _hf_key_fixes(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
-def _from_hf_directory(directory: Path, overrides: Mapping[str, Any]) -> MaskedImageModel:
+def _hf_contents(directory: Path, overrides: Mapping[str, Any]) -> CheckpointContents:
     config_path = directory / HF_CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(
@@ -333,57 +355,95 @@ def _from_hf_directory(directory: Path, overrides: Mapping[str, Any]) -> MaskedI
         saved = extra.get("model_args") if isinstance(extra, dict) else None
         if isinstance(saved, dict) and all(saved.get(key) == args.get(key) for key in _HF_CONFIG_KEYS):
             args = dict(saved)  # keeps the name, decoder preset, loss and mask type
-            if extra.get("config") is not None:
-                run_config = _run_config(extra["config"], extra_path, required=False)
+            run_config = extra.get("config")
         else:
-            warnings.warn(f"{extra_path} does not match {config_path}; using {HF_CONFIG_NAME}", stacklevel=3)
-    model = _build({**args, **overrides}, directory, HF_CONFIG_NAME)
-    _load_weights(model, _hf_key_fixes(_hf_weights(directory)), directory, full=False)
-    model.run_config = run_config
-    return model
+            warnings.warn(f"{extra_path} does not match {config_path}; using {HF_CONFIG_NAME}", stacklevel=4)
+    return CheckpointContents(
+        path=directory,
+        args={**args, **overrides},
+        args_source=HF_CONFIG_NAME,
+        run_config=run_config,
+        run_config_path=extra_path,
+        run_config_required=False,
+        full=False,
+        read_weights=lambda: _hf_key_fixes(_hf_weights(directory)),
+    )
 
 
-def load_checkpoint(
-    path: str | Path,
-    map_location: str | torch.device = "cpu",
-    *,
-    overrides: Mapping[str, Any] | None = None,
-) -> MaskedImageModel:
-    """Build the pretraining model a checkpoint describes and load its weights.
+def read_checkpoint(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> CheckpointContents:
+    """Read what a checkpoint tells about its model (arguments, run config, weights) without building it.
 
-    Accepts mimkit training checkpoints, files from :func:`save_checkpoint_as`, original MAE checkpoints,
-    bare state dicts of any layout (also ``.safetensors``) and HuggingFace ``save_pretrained``
-    directories (see the module docstring). Nothing stored in the file is executed (``weights_only``).
+    Accepts the files and directories of the module docstring; :func:`mimkit.build.load_checkpoint` builds
+    the model, :func:`load_encoder` its encoder alone. Nothing stored in the file is executed
+    (``weights_only``).
 
     Args:
         path: checkpoint file or HuggingFace directory.
-        map_location: device the returned model is placed on.
         overrides: :func:`~mimkit.models.registry.model_args` arguments the file does not tell, e.g.
             ``{"num_heads": 3}`` for a bare state dict whose width is not in the registry.
 
-    Returns:
-        The model in eval mode; ``model.config`` holds its arguments and ``model.run_config`` the
-        :class:`~mimkit.config.Config` it was trained with, or None when the checkpoint has none.
-
     Raises:
-        CheckpointError: missing, truncated or unrecognized checkpoint, or weights that do not fit the
-            architecture it describes; the message names the path.
+        CheckpointError: missing, truncated or unrecognized checkpoint; the message names the path.
         OptionalDependencyError: a HuggingFace directory or ``.safetensors`` file without transformers/safetensors.
     """
     path = Path(path)
     overrides = dict(overrides or {})
     if path.is_dir():
-        model = _from_hf_directory(path, overrides)
-    else:
-        state = _read_file(path)
-        if isinstance(state.get("model"), Mapping) and ("model_args" in state or "config" in state):
-            if overrides:
-                raise CheckpointError(f"{path} describes its model fully; overrides {sorted(overrides)} are not used")
-            model = _from_mimkit_checkpoint(state, path)
-        else:
-            args_hint = _mae_args_hint(state.get("args")) if isinstance(state.get("model"), Mapping) else {}
-            model = _from_weights(_tensors_only(unwrap_checkpoint(state), path), path, overrides, args_hint)
-    return model.to(map_location).eval()
+        return _hf_contents(path, overrides)
+    state = _read_file(path)
+    if isinstance(state.get("model"), Mapping) and ("model_args" in state or "config" in state):
+        if overrides:
+            raise CheckpointError(f"{path} describes its model fully; overrides {sorted(overrides)} are not used")
+        return _mimkit_contents(state, path)
+    args_hint = _mae_args_hint(state.get("args")) if isinstance(state.get("model"), Mapping) else {}
+    return _weights_contents(_tensors_only(unwrap_checkpoint(state), path), path, overrides, args_hint)
+
+
+def load_encoder(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[VisionTransformer | ConvViT, dict[str, Any], Any]:
+    """The encoder of any checkpoint :func:`read_checkpoint` reads, with its weights; decoder and target are
+    neither built nor loaded (a teacher needs the encoder only).
+
+    Args:
+        path: checkpoint file or HuggingFace directory.
+        map_location: device the returned encoder is placed on.
+
+    Returns:
+        ``(encoder, args, run_config)``: the encoder in eval mode, the model's
+        :func:`~mimkit.models.registry.model_args` (with ``name``) and its run config as saved, or None.
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint`, a checkpoint that only a run config describes (load it
+            with :func:`mimkit.build.load_checkpoint`), or encoder weights that do not fit.
+    """
+    contents = read_checkpoint(path)
+    if contents.args is None:
+        raise CheckpointError(
+            f"{contents.path} has no model_args, only a run config: load it with mimkit.build.load_checkpoint"
+        )
+    args = dict(contents.args)
+    name = args.pop("name", "vit_base")
+    try:
+        encoder = create_encoder(name, **args)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{contents.path}: cannot build the encoder from its {contents.args_source} ({err})"
+        ) from None
+    weights = contents.read_weights()
+    expected = encoder.state_dict()
+    if not {f"encoder.{key}" for key in expected} <= set(weights):
+        try:
+            weights = to_mimkit(weights)
+        except ValueError as err:
+            raise CheckpointError(f"{contents.path}: {err}") from None
+    encoder_weights = {
+        key.removeprefix("encoder."): value for key, value in weights.items() if key.startswith("encoder.")
+    }
+    if problems := fit_problems(expected, encoder_weights):
+        raise CheckpointError(f"{contents.path}: the encoder's weights do not fit its {name} encoder ({problems})")
+    encoder.load_state_dict(encoder_weights, strict=True)
+    return encoder.to(map_location).eval(), {"name": name, **args}, contents.run_config
 
 
 def _replaceable_directory(out: Path) -> None:
@@ -456,7 +516,7 @@ def save_checkpoint_as(model: MaskedImageModel, out: str | Path, layout: str) ->
       at ``out`` is replaced, any other existing directory is refused.
 
     Args:
-        model: a model from :func:`~mimkit.models.registry.create_model` or :func:`load_checkpoint`.
+        model: a model from :func:`mimkit.build.create_model` or :func:`mimkit.build.load_checkpoint`.
         out: the file (mimkit, mae) or directory (hf).
         layout: one of :data:`SAVE_LAYOUTS`.
 
@@ -485,22 +545,3 @@ def save_checkpoint_as(model: MaskedImageModel, out: str | Path, layout: str) ->
     state = {"model": weights if layout == "mimkit" else from_mimkit(weights, "mae"), **extra}
     save_checkpoint(out, state)
     return out
-
-
-def convert_checkpoint(input: str | Path, output: str | Path, to: str) -> Path:
-    """Convert any checkpoint :func:`load_checkpoint` reads to the ``to`` layout (see :func:`save_checkpoint_as`).
-
-    Conversion is lossless: mimkit -> mae -> mimkit and mimkit -> hf -> mimkit give bit-identical tensors.
-    A failed conversion leaves an existing ``output`` as it was.
-
-    Args:
-        input: checkpoint file or HuggingFace directory.
-        output: output file (mimkit, mae) or directory (hf).
-        to: one of :data:`SAVE_LAYOUTS`.
-
-    Returns:
-        The path written.
-    """
-    if to not in SAVE_LAYOUTS:
-        raise ValueError(f"unknown layout {to!r}; choose one of {SAVE_LAYOUTS}")
-    return save_checkpoint_as(load_checkpoint(input), output, to)

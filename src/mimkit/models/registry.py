@@ -1,20 +1,18 @@
-"""Model sizes as data, and ``create_model(name, **overrides)``."""
+"""Architectures as data: encoder and decoder sizes, ``model_args(name, **overrides)`` and the encoders and
+decoders they describe. :func:`mimkit.build.create_model` assembles them with a masker and a target."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from mimkit.masking import create_masker
 from mimkit.models.cls_pretraining import ClassTokenPretraining
 from mimkit.models.convvit import ConvViT
 from mimkit.models.linear_head import LinearHead
 from mimkit.models.mae_decoder import MAEDecoder
-from mimkit.models.mim import LOSS_ON, MaskedImageModel
+from mimkit.models.mim import LOSS_ON
 from mimkit.models.prompting_decoder import PromptingDecoder
-from mimkit.models.protocols import GridCheckedMasker
 from mimkit.models.vit import ENCODER_SEES, VisionTransformer
-from mimkit.targets import create_target
 
 # Standard ViT widths (timm / MAE vocabulary). Patch sizes are MAE's defaults; CPU recipes override.
 ENCODERS: dict[str, dict[str, Any]] = {
@@ -206,40 +204,29 @@ def create_encoder(name: str, **overrides: Any) -> VisionTransformer | ConvViT:
     )
 
 
-def create_model(name: str, **overrides: Any) -> MaskedImageModel:
-    """Build an MAE pretraining model, e.g. ``create_model("vit_tiny", patch_size=4, img_size=32)``, or a
-    ConvMAE one, e.g. ``create_model("convmae_tiny", patch_sizes=(2, 2, 2), img_size=32, in_chans=1)``.
+def create_decoder(
+    args: dict[str, Any], encoder: VisionTransformer | ConvViT, out_dim: int
+) -> MAEDecoder | LinearHead | ClassTokenPretraining:
+    """Build the head that predicts a target of ``out_dim`` values per patch from the encoder's output.
+
+    Args:
+        args: resolved arguments of :func:`model_args` (``head``, the ``decoder_*`` sizes, ``cls_pretraining``).
+        encoder: the encoder the head reads (its grid, width and prefix tokens).
+        out_dim: values the head predicts per patch, the target's ``dim``.
 
     Returns:
-        A :class:`MaskedImageModel`; ``model.encoder`` is the encoder used for evaluation and
-        ``model.config`` the resolved arguments (enough to rebuild it).
+        MAE's or MILAN's decoder or BEiT's linear head, wrapped in BEiT v2's class-token head when
+        ``cls_pretraining`` is set.
     """
-    args = model_args(name, **overrides)
-    encoder = create_encoder(name, **overrides)
-    target = create_target(
-        args["target"],
-        patch_size=encoder_stride(args),
-        in_chans=args["in_chans"],
-        grid=encoder.grid,
-        loss=args["loss"],
-        norm_pix=args["norm_pix_loss"],
-        teacher=args["teacher"],
-        teacher_options=args["teacher_options"],
-        mean=args["data_mean"],
-        std=args["data_std"],
-        tokenizer=args["tokenizer"],
-        teacher_cache=args["teacher_cache"],
-        norm_features=args["norm_features"],
-    )
     main_decoder: MAEDecoder | LinearHead
     if args["head"] == "linear":  # BEiT, MaskDistill, BEiT v2
-        main_decoder = LinearHead(encoder.embed_dim, int(target.dim), encoder.num_prefix_tokens)
+        main_decoder = LinearHead(encoder.embed_dim, out_dim, encoder.num_prefix_tokens)
     else:
         decoder_class = PromptingDecoder if args["head"] == "prompting" else MAEDecoder
         main_decoder = decoder_class(
             encoder.grid,
             in_dim=encoder.embed_dim,
-            out_dim=int(target.dim),
+            out_dim=out_dim,
             embed_dim=args["decoder_embed_dim"],
             depth=args["decoder_depth"],
             num_heads=args["decoder_num_heads"],
@@ -248,32 +235,19 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
             num_prefix_tokens=encoder.num_prefix_tokens,
             grad_checkpointing=args["grad_checkpointing"],
         )
-    decoder: MAEDecoder | LinearHead | ClassTokenPretraining = main_decoder
-    if args["cls_pretraining"]:  # BEiT v2's class-token head on an early block's patch tokens
-        depth = len(encoder.blocks)
-        layer = args["cls_layer"] if args["cls_layer"] is not None else max(round(0.75 * depth) - 1, 0)
-        if not 0 <= layer < depth:
-            raise ValueError(f"cls_layer must index one of the {depth} encoder blocks, got {layer}")
-        decoder = ClassTokenPretraining(
-            main_decoder,
-            encoder.embed_dim,
-            layer,
-            depth=args["cls_depth"],
-            # BEiT v2's head blocks are encoder blocks; in an MAE decoder's frame they are decoder blocks
-            num_heads=args["num_heads"] if args["head"] == "linear" else args["decoder_num_heads"],
-            mlp_ratio=args["mlp_ratio"],
-        )
-    mask_options = dict(args["mask_options"] or {})
-    if args["mask_type"] == "fine_random":  # drawn on the first convolution stage's grid
-        if not isinstance(encoder, ConvViT) or args["target"] != "pixel":
-            raise ValueError(
-                "mask_type 'fine_random' masks ConvMAE's stage-1 grid: it needs ConvMAE and a pixel target"
-            )
-        mask_options["factor"] = encoder.stage_factors[0]
-    masker = create_masker(args["mask_type"], args["mask_ratio"], **mask_options)
-    if isinstance(masker, GridCheckedMasker):  # e.g. grid masking needs even sides: say so now, not at a batch
-        masker.check_grid(encoder.grid)
-    model = MaskedImageModel(encoder, decoder, masker, target, loss_on=args["loss_on"])
-    model.name = name
-    model.config = {"name": name, **args}
-    return model
+    if not args["cls_pretraining"]:
+        return main_decoder
+    # BEiT v2's class-token head on an early block's patch tokens
+    depth = len(encoder.blocks)
+    layer = args["cls_layer"] if args["cls_layer"] is not None else max(round(0.75 * depth) - 1, 0)
+    if not 0 <= layer < depth:
+        raise ValueError(f"cls_layer must index one of the {depth} encoder blocks, got {layer}")
+    return ClassTokenPretraining(
+        main_decoder,
+        encoder.embed_dim,
+        layer,
+        depth=args["cls_depth"],
+        # BEiT v2's head blocks are encoder blocks; in an MAE decoder's frame they are decoder blocks
+        num_heads=args["num_heads"] if args["head"] == "linear" else args["decoder_num_heads"],
+        mlp_ratio=args["mlp_ratio"],
+    )

