@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from mimkit.config import load_config, to_plain
-from mimkit.engine.run import run_pretraining
 from mimkit.eval.finetune import FinetuneConfig, run_finetune
 from mimkit.eval.probe import run_probe
+from mimkit.tasks.pretrain import run_pretraining
 
 
 def pretrain(out: Path, config: Path, overrides: list[str], *, progress: bool = False) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def guided_run(args: argparse.Namespace, seed: int, switch: int) -> Path:
         "eval.reconstruct=true",
     ]
     from mimkit.config import load_config
-    from mimkit.engine.run import run_pretraining
+    from mimkit.tasks.pretrain import run_pretraining
 
     print(f"[{run.name}] pretraining from epoch {switch} ...", flush=True)
     run_pretraining(load_config(args.config, overrides), resume=str(start))

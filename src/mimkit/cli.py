@@ -12,7 +12,7 @@ from mimkit.config import ConfigError, load_config
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mimkit.engine import distributed
-    from mimkit.engine.run import format_summary, run_pretraining
+    from mimkit.tasks.pretrain import format_summary, run_pretraining
 
     config = load_config(args.config, args.overrides)
     resume: bool | str = args.resume if args.resume not in (None, "") else False

@@ -11,8 +11,8 @@ import torch
 from mimkit.build import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.engine.pretrain import Pretrainer
-from mimkit.engine.run import run_pretraining
 from mimkit.models.convvit import ConvViT
+from mimkit.tasks.pretrain import run_pretraining
 
 RECIPE = Path(__file__).parents[2] / "configs" / "convmae_tiny_fmnist.yaml"
 SMALL = ["data.limit=64", "train.batch_size=16", "train.progress=false", "log.tensorboard=false", "eval.knn=false"]

@@ -10,8 +10,8 @@ import torch
 
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.pretrain import Pretrainer
-from mimkit.engine.run import run_pretraining
 from mimkit.files import load_checkpoint_file
+from mimkit.tasks.pretrain import run_pretraining
 
 SELF_GUIDED = ["mask.type=self_guided", "train.epochs=3", "log.every_steps=1"]
 
