@@ -52,7 +52,8 @@ from mimkit.config import ConfigError, load_config
 from mimkit.data import BadImageWarning, build_dataset
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from mimkit.data.transforms import MAEAugment
-from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer
+from mimkit.engine.divergence import TrainingDiverged
+from mimkit.engine.pretrain import Pretrainer
 from mimkit.eval.probe import run_probe
 from mimkit.files import CheckpointError
 from mimkit.models.load import save_checkpoint_as
@@ -445,7 +446,7 @@ def test_nan_in_a_pretraining_step_stops_without_saving(tmp_path, write_folder) 
 
     trainer.augment = with_nan  # type: ignore[assignment]
     with pytest.raises(
-        NonFiniteLossError, match=r"loss became NaN/inf between steps 0 and \d+; .*kept\. .*check the data"
+        TrainingDiverged, match=r"loss became NaN/inf between steps 0 and \d+; .*kept\. .*check the data"
     ):
         trainer.fit()
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # These import torch: not before --help has been handled.
+    from mimkit.engine.divergence import TrainingDiverged
     from mimkit.engine.run_guard import STOPPED_EXIT_STATUS, RunDirectoryInUse, StoppedAtOnce, TrainingInterrupted
     from mimkit.files import CheckpointError
     from mimkit.models.load import OptionalDependencyError
@@ -486,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # NaN/inf loss: the message says which step and what to lower
+        print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as err:  # SIGTERM or Ctrl-C: the step finished and was saved
         print(f"mimkit {args.command}: {err}", file=sys.stderr)
         return STOPPED_EXIT_STATUS

@@ -12,7 +12,8 @@ import torch
 from mimkit.build import create_model
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.data.transforms import EvalTransform
-from mimkit.engine.pretrain import NonFiniteLossError, Pretrainer, TrainingInterrupted
+from mimkit.engine.divergence import TrainingDiverged
+from mimkit.engine.pretrain import Pretrainer, TrainingInterrupted
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import CheckpointError, load_checkpoint_file
 
@@ -105,7 +106,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, sma
 
     trainer.train_step = poisoned  # type: ignore[method-assign]
     good = tmp_path / "last.pt"
-    with pytest.raises(NonFiniteLossError, match="NaN/inf"):
+    with pytest.raises(TrainingDiverged, match="NaN/inf"):
         trainer.fit()
     state = load_checkpoint_file(good)
     assert state["step"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -360,6 +361,16 @@ def test_a_stopped_finetuning_resumes_to_the_uninterrupted_result(
     assert not (run_dir / "last.pt").exists()  # finished: nothing left to resume
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert lines == (tmp_path / "whole" / "full" / "pretrained" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_a_diverging_finetuning_stops_with_one_line_naming_the_step_and_lr(checkpoint, tmp_path, capsys) -> None:
+    argv = ["finetune", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--no-progress", *RESUMED]
+    assert main([*argv, "lr=1e30", "warmup_epochs=0"]) == 1
+    err = capsys.readouterr().err.strip()
+    pattern = (
+        r"mimkit finetune: error: fine-tuning diverged at step \d+ \(loss nan\) with peak lr 1e\+30; lower blr or lr"
+    )
+    assert re.fullmatch(pattern, err), err
 
 
 def test_a_resume_needs_the_stopped_runs_file_and_settings(checkpoint, tmp_path, capsys) -> None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mimkit.build import build_model
 from mimkit.config import Config, config_from_dict
 from mimkit.engine import distributed
+from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger, NullLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
@@ -53,11 +54,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 CONFIG_NAME = "config.yaml"
-__all__ = ["NonFiniteLossError", "PretrainResult", "Pretrainer", "TrainingInterrupted", "pretrain"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+__all__ = ["PretrainResult", "Pretrainer", "TrainingInterrupted", "pretrain"]
 
 
 @dataclass
@@ -555,7 +552,7 @@ class Pretrainer:
 
     def _check_finite(self, nonfinite: torch.Tensor, since: int) -> None:
         if distributed.any_rank(nonfinite, self.device):
-            raise NonFiniteLossError(
+            raise TrainingDiverged(
                 f"loss became NaN/inf between steps {since} and {self.step}; training stopped and the last good "
                 f"checkpoint in {self.out_dir} was kept. Lower optim.blr, set optim.clip_grad, or check the data."
             )

@@ -321,7 +321,8 @@ def finetune(
             ``config`` is always part of it).
 
     Raises:
-        ValueError: a non-finite loss (the message says which lr) or too few images for one batch.
+        ValueError: too few images for one batch.
+        TrainingDiverged: a non-finite loss (the message says which step and lr).
         SettingsChanged: ``resume_state`` was saved with other settings.
     """
     from timm.data import Mixup
@@ -331,6 +332,7 @@ def finetune(
     from mimkit.data import build_loader
     from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize
     from mimkit.engine import distributed
+    from mimkit.engine.divergence import TrainingDiverged
     from mimkit.engine.resumable import HasState, ResumableState
     from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import effective_lr, warmup_cosine
@@ -472,7 +474,7 @@ def finetune(
                 else:
                     loss = F.cross_entropy(trained(images), labels, label_smoothing=config.label_smoothing)
                 if distributed.any_rank(~torch.isfinite(loss.detach()), device):
-                    raise ValueError(
+                    raise TrainingDiverged(
                         f"fine-tuning diverged at step {step} (loss {loss.item()}) with peak lr {peak_lr:g}; "
                         "lower blr or lr"
                     )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.report import classification_metrics
 from mimkit.models.probe_head import LinearProbe
@@ -265,7 +266,7 @@ def train_linear_probe(
             step += 1
         losses.append(epoch_loss.item() / steps_per_epoch)
         if not torch.isfinite(torch.tensor(losses[-1])):
-            raise ValueError(f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr")
+            raise TrainingDiverged(f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr")
 
     probe = probe.cpu().eval()
     metrics = classification_metrics(predict(probe, test_features.float()), test_labels, num_classes)

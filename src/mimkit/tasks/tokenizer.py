@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from mimkit.config import ConfigError, to_plain
 from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
 from mimkit.data.transforms import default_normalization
+from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer
-from mimkit.engine.pretrain import NonFiniteLossError, resolve_device, step_generator
+from mimkit.engine.pretrain import resolve_device, step_generator
 from mimkit.engine.run_guard import StopSignals, holding_run_lock
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import atomic_write
@@ -336,7 +337,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
                 if step % cfg.log.every_steps == 0 or at_epoch_end or done:
                     sums = (window / (step - last_log_step)).tolist()
                     if not all(math.isfinite(value) for value in sums):
-                        raise NonFiniteLossError(
+                        raise TrainingDiverged(
                             f"tokenizer loss became NaN/inf between steps {last_log_step} and {step}; lower optim.lr"
                         )
                     last = dict(zip(("loss", "rec_loss", "quant_loss"), sums, strict=True))

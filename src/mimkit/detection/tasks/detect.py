@@ -28,6 +28,7 @@ from mimkit.detection.data.coco import CocoDetection
 from mimkit.detection.evaluation.coco_ap import coco_evaluate, predict, save_prediction_grid
 from mimkit.detection.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
 from mimkit.detection.models.maskrcnn import build_detector
+from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.run_guard import check_input_path, holding_run_lock
 from mimkit.eval.finetune import layer_decay_groups
 from mimkit.models.convvit import ConvViT
@@ -422,7 +423,7 @@ def fit(
                 group["lr"] = lr * group["lr_scale"]
             loss, terms = batch_loss(indices, generator)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"the {desc} loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
                 )
             optimizer.zero_grad(set_to_none=True)
