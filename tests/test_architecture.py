@@ -121,6 +121,7 @@ def test_the_graph_sees_imports_inside_functions_and_skips_type_checking_ones(tm
 SUBLAYERS = {
     "bench": ("timing", "contenders", "peers", "costs", "memory", "pipeline", "run"),
     "detection": ("data", "models", "evaluation", "tasks"),
+    "config": ("loader", "pretrain"),
 }
 
 
