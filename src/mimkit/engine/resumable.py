@@ -92,6 +92,20 @@ class ResumableState:
         return self.load_state_dict(load_checkpoint_file(path), source=path)
 
 
+def read_resume_file(path: str | Path) -> dict[str, Any]:
+    """The state a stopped run left at ``path``, for ``--resume`` (generator and RNG states stay on the CPU).
+
+    Raises:
+        FileNotFoundError: there is none; the message says that a finished run removes it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--resume: no {path} to continue (a stopped run leaves it, a finished one removes it); "
+            "run without --resume to start"
+        )
+    return load_checkpoint_file(path)
+
+
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, so that a difference is named by its full key."""
     flat: dict[str, Any] = {}
