@@ -136,7 +136,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from mimkit.tasks.tokenizer import TokenizerConfig, format_tokenizer_summary, train_tokenizer
 
     config = load_config(args.config, args.overrides, schema=TokenizerConfig)
-    summary = train_tokenizer(config, progress=not args.no_progress)
+    summary = train_tokenizer(config, progress=not args.no_progress, resume=args.resume)
     print(format_tokenizer_summary(summary))
     return 0
 
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("tokenizer-train", help="train a BEiT v2 VQ-KD visual tokenizer (codes as MIM targets)")
     p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run stopped in train.output_dir (same config) from last.pt"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 model.num_codes=256")
     p.set_defaults(func=_tokenizer_train)
 
