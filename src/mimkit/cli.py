@@ -81,6 +81,7 @@ def _probe(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             seed=args.seed,
             progress=not args.no_progress,
+            resume=args.resume,
         )
     if distributed.place().is_main:
         print(format_probe(results))
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the linear probe")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the linear probe stopped in this --out folder (same checkpoint, data and settings)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_probe)
 
