@@ -262,7 +262,8 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True, resume: b
     Returns:
         The summary: ``final_loss`` (mean of the last logging window), ``final_rec_loss``,
         ``final_quant_loss``, ``codebook_usage``, ``used_codes``, ``perplexity``, ``num_codes``,
-        ``collapsed``, ``steps``, ``seconds``, ``tokenizer`` (the file's path).
+        ``collapsed``, ``steps``, ``seconds`` (summed over the parts of a resumed run), ``tokenizer`` (the
+        file's path).
 
     Raises:
         FileExistsError: ``output_dir`` holds a finished run and ``train.overwrite`` is false.
