@@ -81,6 +81,7 @@ def _probe(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             seed=args.seed,
             progress=not args.no_progress,
+            resume=args.resume,
         )
     if distributed.place().is_main:
         print(format_probe(results))
@@ -136,7 +137,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from mimkit.tasks.tokenizer import TokenizerConfig, format_tokenizer_summary, train_tokenizer
 
     config = load_config(args.config, args.overrides, schema=TokenizerConfig)
-    summary = train_tokenizer(config, progress=not args.no_progress)
+    summary = train_tokenizer(config, progress=not args.no_progress, resume=args.resume)
     print(format_tokenizer_summary(summary))
     return 0
 
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the linear probe")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the linear probe stopped in this --out folder (same checkpoint, data and settings)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_probe)
 
@@ -367,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("tokenizer-train", help="train a BEiT v2 VQ-KD visual tokenizer (codes as MIM targets)")
     p.add_argument("--config", type=Path, help="YAML recipe (defaults when omitted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run stopped in train.output_dir (same config) from last.pt"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 model.num_codes=256")
     p.set_defaults(func=_tokenizer_train)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, FASHION_MNIST_CLASSES, load_fashion_mnist
+from mimkit.engine.resumable import SettingsChanged
+from mimkit.engine.run_guard import TrainingInterrupted
 from mimkit.eval.linear import LARS, LinearProbe, train_linear_probe
 from mimkit.eval.report import classification_metrics, confusion_matrix, save_confusion_matrix, write_results
 
@@ -120,6 +123,51 @@ def test_linear_probe_is_seeded(pixels) -> None:
     assert first.losses == again.losses
     assert torch.equal(first.head.head.weight, again.head.head.weight)
     assert first.losses != other.losses
+
+
+def _signalled_at_step(monkeypatch, step: int) -> None:
+    """SIGTERM in the ``step``-th training forward pass of the probe head (1-based)."""
+    real_forward = LinearProbe.forward
+    calls = {"n": 0}
+
+    def forward(self, features):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                signal.raise_signal(signal.SIGTERM)
+        return real_forward(self, features)
+
+    monkeypatch.setattr(LinearProbe, "forward", forward)
+
+
+@pytest.mark.parametrize("stop_after", [6, 8])  # 4 steps an epoch: in the second epoch, at its end
+def test_stopped_probe_resumes_to_the_head_of_a_run_never_stopped(pixels, tmp_path, monkeypatch, stop_after) -> None:
+    subset = {key: value[:600] for key, value in pixels.items()}
+    args = (subset["train_features"], subset["train_labels"], subset["test_features"], subset["test_labels"])
+    recipe = dict(num_classes=10, epochs=4, batch_size=150, optimizer="lars", blr=5.0, warmup_epochs=1, seed=3)
+    whole = train_linear_probe(*args, **recipe)
+    state_path = tmp_path / "last.pt"
+    _signalled_at_step(monkeypatch, stop_after)
+    with pytest.raises(TrainingInterrupted, match=f"after step {stop_after}; saved {state_path}, continue with"):
+        train_linear_probe(*args, **recipe, state_path=state_path, settings={"blr": 5.0}, keep={"mine": [1]})
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.undo()
+    saved = torch.load(state_path, weights_only=True)
+    assert saved["step"] == stop_after and saved["progress"]["keep"] == {"mine": [1]}
+    with pytest.raises(SettingsChanged, match=r"blr: 5\.0 there, 4\.0 now"):
+        train_linear_probe(*args, **recipe, resume_state=saved, settings={"blr": 4.0})
+    resumed = train_linear_probe(*args, **recipe, resume_state=saved, settings={"blr": 5.0})
+    assert resumed.losses == whole.losses and len(whole.losses) == 4
+    for name, tensor in whole.head.state_dict().items():  # the weights and BatchNorm's running statistics
+        assert torch.equal(tensor, resumed.head.state_dict()[name]), name
+    assert resumed.confusion.tolist() == whole.confusion.tolist()
+
+
+def test_a_probe_without_a_state_path_stops_saving_nothing(pixels, monkeypatch) -> None:
+    train, labels = pixels["train_features"][:300], pixels["train_labels"][:300]
+    _signalled_at_step(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted, match="after step 2; this command does not resume, so nothing was saved"):
+        train_linear_probe(train, labels, train, labels, num_classes=10, epochs=3, batch_size=100)
 
 
 def test_linear_probe_rejects_bad_inputs(pixels) -> None:

@@ -199,3 +199,81 @@ def test_torchrun_probe_splits_feature_extraction_and_matches_one_process(checkp
         json.loads((tmp_path / run / "knn" / "pretrained" / "results.json").read_text()) for run in ("one", "two")
     )
     assert one["top1"] == two["top1"] and one["test_images"] == two["test_images"] == 101
+
+
+HOLD = """
+import time
+from mimkit.engine.run_guard import RunLock
+RunLock({folder!r}).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _probe_files(run_dir) -> tuple[dict, list[dict]]:
+    """results.json without the paths of its pictures and the count of encoder passes, and metrics.jsonl."""
+    results = json.loads((run_dir / "results.json").read_text())
+    results.pop("features_extracted")
+    for entry in results["results"].values():
+        entry.pop("confusion_png")
+    return results, read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_cli_linear_probe_stopped_in_its_second_pool_resumes_to_the_uninterrupted_results(
+    checkpoint, tmp_path, capsys, monkeypatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from mimkit.engine.run_guard import LOCK_NAME, STOPPED_EXIT_STATUS
+    from mimkit.eval.linear import LinearProbe
+
+    argv = ["probe", "--checkpoint", str(checkpoint), "--protocol", "linear", "--no-progress"]
+    argv += ["--train-limit", "1000", "--test-limit", "300", "--epochs", "4", "--blr", "1"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "parted"
+    run_dir = out / "linear" / "pretrained"
+    real_forward = LinearProbe.forward
+    calls = {"n": 0}
+
+    def signalled(self, features):  # 3 steps an epoch, 12 a pool: step 17 is the second pool's 5th
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 17:
+                signal.raise_signal(signal.SIGTERM)
+        return real_forward(self, features)
+
+    monkeypatch.setattr(LinearProbe, "forward", signalled)
+    assert main([*argv, "--out", str(out)]) == STOPPED_EXIT_STATUS
+    monkeypatch.undo()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mimkit probe: stopped by SIGTERM after step 5; saved {run_dir / 'last.pt'}, continue with --resume"
+    )
+    assert not (run_dir / LOCK_NAME).exists() and not (run_dir / "results.json").exists()
+    assert (run_dir / "confusion_cls.png").is_file()  # the first pool had finished
+
+    assert main([*argv, "--out", str(out), "--resume", "--epochs", "5"]) == 2
+    assert "epochs: 4 there, 5 now" in capsys.readouterr().err
+    assert main([*argv[:4], "knn", "--out", str(out), "--resume"]) == 2
+    assert "a kNN probe trains nothing to continue" in capsys.readouterr().err
+    holder = subprocess.Popen(  # another program writes to the run folder
+        [sys.executable, "-c", HOLD.format(folder=str(run_dir))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main([*argv, "--out", str(out), "--resume"]) == 2
+        assert f"--out {run_dir} is in use by another run (pid {holder.pid} on" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    calls["n"] = 0
+    monkeypatch.setattr(LinearProbe, "forward", signalled)  # counts the steps the resume trains
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert calls["n"] == 12 - 5 and "all features from the cache" in capsys.readouterr().out
+    assert not (run_dir / "last.pt").exists()  # finished: nothing left to resume
+    resumed, resumed_records = _probe_files(run_dir)
+    whole, records = _probe_files(tmp_path / "whole" / "linear" / "pretrained")
+    assert resumed == whole and resumed_records == records
+    assert len(whole["results"]["avg"]["losses"]) == 4 and whole["top1"] > 0.3

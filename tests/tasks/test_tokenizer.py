@@ -1,17 +1,24 @@
 """``mimkit tokenizer-train`` end to end on real Fashion-MNIST with the real teacher, and asked to stop: it ends
-after the step, says nothing was saved, and frees its folder."""
+after the step, saves its state, frees its folder, and ``--resume`` ends where a run never stopped ends."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import pytest
+import torch
+from PIL import Image
+
 from mimkit.cli import main
+from mimkit.data import load_fashion_mnist
 from mimkit.engine.run_guard import LOCK_NAME, STOPPED_EXIT_STATUS
+from mimkit.files import load_checkpoint_file
 from mimkit.targets.vqkd import CodebookCollapseWarning, VQKDTokenizer, load_tokenizer
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "vqkd_fmnist.yaml"
@@ -56,10 +63,10 @@ def test_sigterm_stops_after_the_step_and_a_held_folder_is_refused(tmp_path: Pat
     monkeypatch.setattr(VQKDTokenizer, "forward", signalled_in_step_two)
     assert main(args) == STOPPED_EXIT_STATUS
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "mimkit tokenizer-train: stopped by SIGTERM after step 2; this command does not resume, so nothing was "
-        "saved: run it again"
+        f"mimkit tokenizer-train: stopped by SIGTERM after step 2; saved {out_dir / 'last.pt'}, continue with --resume"
     )
     assert calls["n"] == 2 and not (out_dir / "tokenizer.pt").exists() and not (out_dir / LOCK_NAME).exists()
+    assert load_checkpoint_file(out_dir / "last.pt")["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     monkeypatch.undo()
 
@@ -100,3 +107,64 @@ def test_tokenizer_train_command_end_to_end(tmp_path: Path, capsys) -> None:
     assert "model.bogus" in capsys.readouterr().err
     assert main([*args, "data.dataset=folder", f"data.root={tmp_path / 'missing'}", "train.overwrite=true"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _tokenizer_files(out_dir: Path) -> tuple[dict, dict, list[dict]]:
+    """The weights and buffers of ``tokenizer.pt``, the summary without its timings, the metrics records."""
+    weights = load_checkpoint_file(out_dir / "tokenizer.pt")["model"]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for key in ("seconds", "images_per_second", "tokenizer"):
+        summary.pop(key)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return weights, summary, records
+
+
+@pytest.mark.parametrize("source", ["fashion_mnist", "folder"])
+def test_resume_after_sigterm_ends_bit_identical_to_a_run_never_stopped(
+    source: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # 2 epochs of 4 steps, logged every 2: the stop after step 3 falls mid-epoch and mid-window; the k-means
+    # start (step 1) and the dead-code restarts (9 to 30 codes a step here) draw from the global RNG
+    settings = [*TINY_CLI, "train.max_steps=6", "train.epochs=2", "model.dead_code_threshold=12.0"]
+    if source == "folder":  # crops streamed by a DataLoader, which draws a seed from the global RNG per epoch
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for index, pixels in enumerate(load_fashion_mnist(split="test")[0][:64, 0]):
+            Image.fromarray(pixels.numpy()).resize((40, 40)).save(photos / f"{index:02d}.png")
+        settings += ["data.dataset=folder", f"data.root={photos}", "data.num_workers=0", "data.in_memory=false"]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CodebookCollapseWarning)
+        base = ["tokenizer-train", "--no-progress", "--config", str(RECIPE)]
+        assert main([*base, f"train.output_dir={whole}", *settings]) == 0
+
+        real_forward = VQKDTokenizer.forward
+        calls = {"n": 0}
+
+        def signalled_in_step_three(self, *inputs, **options):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                signal.raise_signal(signal.SIGTERM)
+            return real_forward(self, *inputs, **options)
+
+        monkeypatch.setattr(VQKDTokenizer, "forward", signalled_in_step_three)
+        assert main([*base, f"train.output_dir={parted}", *settings]) == STOPPED_EXIT_STATUS
+        monkeypatch.undo()
+        assert "after step 3; saved" in capsys.readouterr().err and not (parted / "tokenizer.pt").exists()
+
+        assert main([*base, "--resume", f"train.output_dir={parted}", *settings, "optim.lr=0.002"]) == 2
+        assert "optim.lr: 0.001 there, 0.002 now" in capsys.readouterr().err  # another recipe is refused
+        assert main([*base, "--resume", f"train.output_dir={parted}", *settings]) == 0
+    assert not (parted / "last.pt").exists() and not (whole / "last.pt").exists()  # finished runs remove it
+
+    weights, summary, records = _tokenizer_files(whole)
+    resumed_weights, resumed_summary, resumed_records = _tokenizer_files(parted)
+    assert weights.keys() == resumed_weights.keys() and "quantizer.cluster_size" in weights
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+    assert summary == resumed_summary and summary["steps"] == 6 and math.isfinite(summary["final_loss"])
+    assert [record["step"] for record in records] == [2, 4, 6] and resumed_records == records
+
+    capsys.readouterr()
+    assert main([*base, "--resume", f"train.output_dir={tmp_path / 'none'}", *settings]) == 2
+    assert "--resume: no " in capsys.readouterr().err

@@ -69,6 +69,20 @@ class ResumableState:
         Raises:
             SettingsChanged: ``state`` was saved with other settings (each differing key is named).
         """
+        self.check_settings(state, source)
+        for name, part in self.parts.items():
+            part.load_state_dict(state["parts"][name])
+        for name, generator in self.generators.items():
+            generator.set_state(state["generators"][name])
+        set_rng_state(state["rng"])
+        return int(state["step"]), state["progress"]
+
+    def check_settings(self, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+        """Refuse ``state`` when it was saved with other settings (before a task spends time on it).
+
+        Raises:
+            SettingsChanged: naming each differing key, its saved value and its value now.
+        """
         saved = _flat(state["settings"])
         changed = sorted(
             f"{key}: {saved.get(key)!r} there, {value!r} now"
@@ -80,16 +94,24 @@ class ResumableState:
                 f"{source} continues a run with other settings ({'; '.join(changed)}); "
                 "resume with the same settings, or start again without --resume"
             )
-        for name, part in self.parts.items():
-            part.load_state_dict(state["parts"][name])
-        for name, generator in self.generators.items():
-            generator.set_state(state["generators"][name])
-        set_rng_state(state["rng"])
-        return int(state["step"]), state["progress"]
 
     def load(self, path: str | Path) -> tuple[int, dict[str, Any]]:
         """:meth:`load_state_dict` of the file at ``path`` (read safely, no code executed)."""
         return self.load_state_dict(load_checkpoint_file(path), source=path)
+
+
+def read_resume_file(path: str | Path) -> dict[str, Any]:
+    """The state a stopped run left at ``path``, for ``--resume`` (generator and RNG states stay on the CPU).
+
+    Raises:
+        FileNotFoundError: there is none; the message says that a finished run removes it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--resume: no {path} to continue (a stopped run leaves it, a finished one removes it); "
+            "run without --resume to start"
+        )
+    return load_checkpoint_file(path)
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -577,6 +577,7 @@ def run_finetune(
     from mimkit.config import to_plain
     from mimkit.engine import distributed
     from mimkit.engine.logging import MetricsLogger, NullLogger
+    from mimkit.engine.resumable import read_resume_file
     from mimkit.eval.data import (
         check_labelled_folder,
         data_source,
@@ -585,7 +586,7 @@ def run_finetune(
         load_training_crops,
     )
     from mimkit.eval.report import classification_metrics, save_confusion_matrix, write_results
-    from mimkit.files import atomic_write, load_checkpoint_file
+    from mimkit.files import atomic_write
 
     config = (config or FinetuneConfig()).validate()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -636,14 +637,7 @@ def run_finetune(
     which = "random_init" if random_init else "pretrained"
     run_dir = finetune_run_dir(out_dir, partial_blocks, random_init)
     state_path = run_dir / "last.pt"
-    resume_state = None
-    if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(
-                f"--resume: no {state_path} to continue (a stopped run leaves it, a finished one removes it); "
-                "run without --resume to start"
-            )
-        resume_state = load_checkpoint_file(state_path)  # generator and RNG states stay on the CPU
+    resume_state = read_resume_file(state_path) if resume else None
     with torch.random.fork_rng(devices=[]):  # the head's initialisation is part of the seeded recipe
         torch.manual_seed(config.seed)
         classifier = Classifier(encoder, len(classes), pool=config.pool, trainable_blocks=partial_blocks)

@@ -1,13 +1,17 @@
 """MAE's linear probe: a BatchNorm-then-linear head trained with LARS on cached frozen features.
 
 Features are extracted once (no augmentation, as in MAE's ``main_linprobe.py`` the encoder is frozen and
-only the head learns), so every epoch is a pass over an (N, D) tensor rather than over images.
+only the head learns), so every epoch is a pass over an (N, D) tensor rather than over images. SIGTERM or
+Ctrl-C stop the probe after a step; given a ``state_path`` it saves its state there first and continues
+from it (``resume_state``) to the head a run never stopped ends with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mimkit.engine.divergence import TrainingDiverged
+from mimkit.engine.resumable import ResumableState
+from mimkit.engine.run_guard import StopSignals
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.report import classification_metrics
 from mimkit.models.probe_head import LinearProbe
@@ -173,6 +179,10 @@ def train_linear_probe(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    state_path: str | Path | None = None,
+    resume_state: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> LinearProbeResult:
     """Train MAE's linear probe on frozen features and measure it on the test features.
 
@@ -202,12 +212,20 @@ def train_linear_probe(
         seed: seeds the head's initialisation and the shuffling.
         device: where to train.
         progress: show a tqdm bar over epochs.
+        state_path: where a stop signal saves the probe's state (head, optimizer, shuffling generator,
+            RNG, step, position in the epoch, losses) before it ends the run; None saves nothing.
+        resume_state: such a state, loaded: training continues after its step and ends with the head
+            and losses of a run never stopped.
+        settings: what a resume must share with the run it continues (checked against ``resume_state``).
+        keep: the caller's own values saved with the state, under ``progress["keep"]``.
 
     Returns:
         A :class:`LinearProbeResult`.
 
     Raises:
         ValueError: mismatched shapes, labels out of range, or bad hyperparameters.
+        TrainingInterrupted: SIGTERM or SIGINT stopped it after a step (the message says what was saved).
+        SettingsChanged: ``resume_state`` was saved with other settings.
     """
     _check_features(train_features, train_labels, "train", num_classes)
     _check_features(test_features, test_labels, "test", num_classes)
@@ -247,26 +265,58 @@ def train_linear_probe(
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     probe.train()
-    step = 0
-    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress):
-        order = torch.randperm(num_train, generator=generator).to(device)  # (N,)
-        epoch_loss = torch.zeros((), device=device)
-        for index in range(steps_per_epoch):
-            step_lr = warmup_cosine(
-                step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr
-            )
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            rows = order[index * batch : (index + 1) * batch]  # (B,)
-            loss = F.cross_entropy(probe(features[rows]), labels[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss += loss.detach()
-            step += 1
-        losses.append(epoch_loss.item() / steps_per_epoch)
-        if not torch.isfinite(torch.tensor(losses[-1])):
-            raise TrainingDiverged(f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr")
+    step, first_epoch, first_index = 0, 0, 0
+    epoch_loss = torch.zeros((), device=device)
+    state = ResumableState({"probe": probe, "optimizer": opt}, settings=settings or {})
+    if resume_state is not None:
+        step, saved = state.load_state_dict(resume_state, source=state_path or "the resumed state")
+        first_epoch, first_index, losses = saved["epoch"], saved["index"], list(saved["losses"])
+        generator.set_state(saved["order"])  # as at the start of that epoch: it draws the same order again
+        epoch_loss = saved["epoch_loss"].to(device)
+
+    def save(epoch: int, index: int, order_state: Tensor) -> Path | None:
+        if state_path is None:
+            return None
+        counters = {
+            "epoch": epoch,
+            "index": index,
+            "order": order_state,
+            "epoch_loss": epoch_loss.cpu(),
+            "losses": losses,
+            "keep": keep or {},
+        }
+        return state.save(state_path, step, counters)
+
+    signals = StopSignals().install()  # one process trains the head (rank 0 under torchrun): no all-reduce
+    try:
+        epochs_left = range(first_epoch, epochs)
+        for epoch in tqdm(epochs_left, desc="linear probe", unit="epoch", disable=not progress):
+            order_state = generator.get_state()
+            order = torch.randperm(num_train, generator=generator).to(device)  # (N,)
+            if epoch > first_epoch or resume_state is None:
+                epoch_loss = torch.zeros((), device=device)
+            for index in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
+                step_lr = warmup_cosine(
+                    step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr
+                )
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                rows = order[index * batch : (index + 1) * batch]  # (B,)
+                loss = F.cross_entropy(probe(features[rows]), labels[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                epoch_loss += loss.detach()
+                step += 1
+                if signals.requested:
+                    raise signals.interrupted(step, save(epoch, index + 1, order_state))
+            losses.append(epoch_loss.item() / steps_per_epoch)
+            if not torch.isfinite(torch.tensor(losses[-1])):
+                raise TrainingDiverged(
+                    f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr"
+                )
+    finally:
+        signals.restore()
 
     probe = probe.cpu().eval()
     metrics = classification_metrics(predict(probe, test_features.float()), test_labels, num_classes)

@@ -2,7 +2,8 @@
 
 Features are extracted once per (checkpoint content, random_init, seed, pool, data, split, limit, image
 size, normalization) and cached under ``out_dir/cache/``, so re-running a probe with other head
-hyperparameters, or the other protocol, costs no encoder passes.
+hyperparameters, or the other protocol, costs no encoder passes. A linear probe stopped by SIGTERM or
+Ctrl-C leaves ``last.pt`` in its run folder and continues with ``resume`` (the features from the cache).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 from mimkit.engine import distributed
+from mimkit.engine.resumable import ResumableState, read_resume_file
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.eval.data import (
     LabelledSplit,
     check_labelled_folder,
@@ -159,6 +162,12 @@ def _per_class(accuracy: Tensor, classes: Sequence[str]) -> dict[str, float | No
     }
 
 
+def probe_run_dir(out_dir: str | Path, protocol: str, random_init: bool) -> Path:
+    """Where :func:`run_probe` writes a run's results: ``out_dir/<protocol>/<pretrained|random_init>``."""
+    return Path(out_dir) / protocol / ("random_init" if random_init else "pretrained")
+
+
+@holding_run_lock(lambda out_dir, protocol, random_init, **_: probe_run_dir(out_dir, protocol, random_init), "--out")
 def run_probe(
     checkpoint: str | Path,
     *,
@@ -182,6 +191,7 @@ def run_probe(
     device: torch.device | str | None = None,
     extract_batch_size: int = 256,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Measure a checkpoint's frozen encoder with a kNN classifier or MAE's linear probe.
 
@@ -204,6 +214,15 @@ def run_probe(
         device: where the encoder and head run; default CUDA when available.
         extract_batch_size: images per encoder pass.
         progress: progress bars.
+        resume: continue the linear probe stopped in this run folder from its ``last.pt`` (which a stop
+            signal leaves there after a step, and a finished run removes), with the same checkpoint,
+            data and settings; the pools it had finished are kept, and the result equals that of a run
+            never stopped.
+
+    SIGTERM or Ctrl-C stop a linear probe after the step in flight
+    (:class:`~mimkit.engine.run_guard.TrainingInterrupted`, exit status 75 from the command line); the
+    kNN protocol does not train and ends when its work is done. Rank 0 locks the run folder against a
+    second writer while this runs.
 
     Returns:
         The dict written to ``out_dir/<protocol>/<pretrained|random_init>/results.json``: protocol,
@@ -212,12 +231,16 @@ def run_probe(
         (``best_pool``).
 
     Raises:
-        ValueError: unknown protocol or pool, unlabelled data, classes that differ between splits.
-        FileNotFoundError: missing data or split.
+        ValueError: unknown protocol or pool, unlabelled data, classes that differ between splits,
+            ``resume`` with the kNN protocol.
+        FileNotFoundError: missing data or split, or ``resume`` without a ``last.pt`` to continue.
         CheckpointError: unreadable checkpoint.
+        SettingsChanged: ``resume`` with another checkpoint, data or probe settings than the stopped run's.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if resume and protocol != "linear":
+        raise ValueError("--resume continues a stopped linear probe; a kNN probe trains nothing to continue")
     pool = pool or ("both" if protocol == "linear" else "avg")
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
@@ -225,7 +248,9 @@ def run_probe(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     where, device = distributed.setup(device)  # under torchrun: features extracted by all ranks, rank 0 probes
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    run_dir = out_dir / protocol / ("random_init" if random_init else "pretrained")
+    run_dir = probe_run_dir(out_dir, protocol, random_init)
+    state_path = run_dir / "last.pt"
+    resume_state = read_resume_file(state_path) if resume and where.is_main else None
     features = _Features(
         checkpoint=checkpoint,
         random_init=random_init,
@@ -259,13 +284,37 @@ def run_probe(
             warmup_epochs=warmup_epochs,
             seed=seed,
         )
+    # what a resume must share with the run it continues: the features' key (checkpoint content, data,
+    # sizes, normalization), the limits and the probe's settings
+    settings = {
+        "features": features.key_base,
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+        "pools": pools,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "blr": blr,
+        "weight_decay": weight_decay,
+        "optimizer": optimizer,
+        "warmup_epochs": warmup_epochs,
+        "seed": seed,
+    }
     per_pool: dict[str, Any] = {}
+    resumed_pool = None  # the pool the stopped run was training, whose state continues
+    if resume_state is not None:
+        ResumableState({}, settings=settings).check_settings(resume_state, state_path)  # before any work
+        kept = resume_state["progress"]["keep"]
+        per_pool, resumed_pool = dict(kept["pools"]), kept["pool"]
     for name in pools:
         train, train_labels, classes = features.get("train", name)
         test, test_labels, test_classes = features.get("test", name)
         if classes != test_classes:  # Fashion-MNIST or a folder checked above; guards a stale cache
             raise ValueError(f"test classes {test_classes} differ from train classes {classes}")
         if not where.is_main:
+            continue
+        results.update(classes=classes, train_images=len(train), test_images=len(test))
+        if name in per_pool:  # finished before the stop that a resume continues
             continue
         num_classes = len(classes)
         entry: dict[str, Any] = {"feature_dim": train.shape[1]}
@@ -291,6 +340,10 @@ def run_probe(
                 seed=seed,
                 device=device,
                 progress=progress,
+                state_path=state_path,
+                resume_state=resume_state if name == resumed_pool else None,
+                settings=settings,
+                keep={"pool": name, "pools": per_pool},
             )
             entry.update(lr=probe.lr, final_loss=probe.losses[-1], losses=probe.losses)
             metrics = ClassificationMetrics(probe.top1, probe.top5, probe.per_class_accuracy, probe.confusion)
@@ -309,7 +362,6 @@ def run_probe(
             confusion_png=str(png),
         )
         per_pool[name] = entry
-        results.update(classes=classes, train_images=len(train), test_images=len(test))
     if not where.is_main:
         return {"rank": where.rank}
     best = max(pools, key=lambda name: per_pool[name]["top1"])
@@ -322,6 +374,7 @@ def run_probe(
     )
     _log_scalars(run_dir, protocol, per_pool)
     results["results_json"] = str(write_results(run_dir / "results.json", results))
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     return results
 
 

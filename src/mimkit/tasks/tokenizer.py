@@ -3,7 +3,7 @@
 The run's schema (:class:`TokenizerConfig`), the tokenizer it describes (:func:`build_tokenizer`) and the
 training loop (:func:`train_tokenizer`): AdamW with warmup and cosine, the VQ-KD loss, codebook usage and
 perplexity logged every ``log.every_steps`` steps and checked for collapse, the tokenizer file written once
-at the end.
+at the end. A stopped run continues with ``--resume`` (:data:`STATE_NAME`, see :func:`train_tokenizer`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.pretrain import resolve_device, step_generator
+from mimkit.engine.resumable import ResumableState, read_resume_file
 from mimkit.engine.run_guard import StopSignals, holding_run_lock
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import atomic_write
@@ -45,6 +46,7 @@ from mimkit.targets.vqkd import (
 
 SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "config.yaml"
+STATE_NAME = "last.pt"  # the state of a run in progress: written at each log and on a stop, removed at the end
 
 
 @dataclass
@@ -237,7 +239,7 @@ def build_tokenizer(config: TokenizerConfig, teacher: Teacher | None = None) -> 
 
 
 @holding_run_lock(lambda config, **_: config.train.output_dir, "train.output_dir")
-def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[str, Any]:
+def train_tokenizer(config: TokenizerConfig, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train a VQ-KD tokenizer; writes ``tokenizer.pt``, ``config.yaml``, ``metrics.jsonl`` and
     ``summary.json`` to ``config.train.output_dir``.
 
@@ -246,21 +248,28 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     epoch. After training, ``train.eval_images`` un-augmented training images are tokenized (eval mode)
     for the summary's usage and perplexity.
 
-    The run directory is locked against a second writer while this runs. SIGTERM or SIGINT stop after the
-    step in flight with :class:`~mimkit.engine.run_guard.TrainingInterrupted`; the tokenizer is written
-    only at the end (this command does not resume).
+    The run directory is locked against a second writer while this runs. Its ``last.pt``
+    (:data:`STATE_NAME`: the tokenizer with its codebook, EMA buffers and cluster sizes, the optimizer, the
+    global RNG states the k-means start and dead-code restarts draw from, the step, the logging windows'
+    sums and code counts) is written at every log and when SIGTERM or SIGINT stop the run after the step
+    in flight (:class:`~mimkit.engine.run_guard.TrainingInterrupted`), and removed when the run finishes.
 
     Args:
         config: a validated config.
         progress: show a tqdm progress bar.
+        resume: continue the run stopped in ``train.output_dir`` from its ``last.pt``, with the same
+            config; the tokenizer and the summary (but its timings) equal those of a run never stopped.
 
     Returns:
         The summary: ``final_loss`` (mean of the last logging window), ``final_rec_loss``,
         ``final_quant_loss``, ``codebook_usage``, ``used_codes``, ``perplexity``, ``num_codes``,
-        ``collapsed``, ``steps``, ``seconds``, ``tokenizer`` (the file's path).
+        ``collapsed``, ``steps``, ``seconds`` (summed over the parts of a resumed run), ``tokenizer`` (the
+        file's path).
 
     Raises:
         FileExistsError: ``output_dir`` holds a finished run and ``train.overwrite`` is false.
+        FileNotFoundError: ``resume`` without a ``last.pt`` to continue.
+        SettingsChanged: ``resume`` with another config than the stopped run's (each key named).
         ValueError: fewer images than a batch; unknown teacher.
         FileNotFoundError: missing data or teacher weights.
     """
@@ -272,6 +281,8 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
             f"{tokenizer_path} already exists (a finished run); set train.overwrite=true to replace it or choose "
             "another train.output_dir"
         )
+    state_path = out_dir / STATE_NAME
+    resume_state = read_resume_file(state_path) if resume else None
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -288,10 +299,6 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     schedule_steps = cfg.train.epochs * steps_per_epoch
     total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
     optimizer = build_optimizer(tokenizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
-    logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard)
     collapse = dict(min_usage=cfg.log.collapse_usage, min_perplexity=cfg.log.collapse_perplexity)
 
     num_codes = tokenizer.num_codes
@@ -300,8 +307,35 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     last_counts = window_counts.clone()  # the last logging window's histogram
     epoch_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
     last = {"loss": math.nan, "rec_loss": math.nan, "quant_loss": math.nan}
-    step, last_log_step = 0, 0
-    bar = tqdm(total=total_steps, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
+    step, last_log_step, seconds_before = 0, 0, 0.0
+    # the k-means start and the dead-code restarts draw from the global RNG, which the state holds
+    state = ResumableState({"tokenizer": tokenizer, "optimizer": optimizer}, settings=cfg.to_dict())
+    if resume_state is not None:
+        step, saved = state.load_state_dict(resume_state, source=state_path)
+        window.copy_(saved["window"])
+        window_counts.copy_(saved["window_counts"])
+        last_counts.copy_(saved["last_counts"])
+        epoch_counts.copy_(saved["epoch_counts"])
+        last, last_log_step, seconds_before = dict(saved["last"]), saved["last_log_step"], saved["seconds"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
+
+    def save() -> Path:
+        """Write the state after ``step`` (the accumulators on the CPU: the state loads on the CPU)."""
+        counters = {
+            "window": window.cpu(),
+            "window_counts": window_counts.cpu(),
+            "last_counts": last_counts.cpu(),
+            "epoch_counts": epoch_counts.cpu(),
+            "last": last,
+            "last_log_step": last_log_step,
+            "seconds": seconds_before + time.perf_counter() - started,
+        }
+        return state.save(state_path, step, counters)
+
+    logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard, resume_step=None if resume_state is None else step)
+    bar = tqdm(total=total_steps, initial=step, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     tokenizer.train()
     signals = StopSignals().install()
@@ -309,7 +343,9 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
         while step < total_steps:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
-            for images_uint8, _ in loader.iter_from(step - epoch * steps_per_epoch):
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global
+                batches = iter(loader.iter_from(step - epoch * steps_per_epoch))  # RNG, restarts must not see it
+            for images_uint8, _ in batches:
                 lr = warmup_cosine(
                     step,
                     base_lr=cfg.optim.lr,
@@ -372,12 +408,14 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
                 if done:
                     break
                 if signals.agreed():
-                    raise signals.interrupted(step, None)
+                    raise signals.interrupted(step, save())
+                if last_log_step == step:
+                    save()
     finally:
         signals.restore()
         bar.close()
         logger.close()
-    seconds = time.perf_counter() - started
+    seconds = seconds_before + time.perf_counter() - started
 
     tokenizer.eval()
     eval_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
@@ -416,6 +454,7 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True) -> dict[s
     )
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out_dir / SUMMARY_NAME, lambda handle: handle.write(text.encode()))
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     return summary
 
 
