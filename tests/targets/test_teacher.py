@@ -16,7 +16,7 @@ from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import Teacher, build_teacher
-from mimkit.targets.teacher import (
+from mimkit.targets.teachers.base import (
     CLIP_MEAN,
     CLIP_STD,
     EFFICIENTNET_LITE0_STAGES,
