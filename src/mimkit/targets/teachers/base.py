@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Standard normalizations of the teachers' pretraining (pixels in [0, 1]).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma weights (PIL's convert("L")), for RGB students of a gray teacher.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
