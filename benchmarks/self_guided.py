@@ -237,7 +237,7 @@ def photo_sides(out: Path) -> Path | None:
 
     from mimkit.analysis.maps import save_foreground_rules
     from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_split, patch_affinity
-    from mimkit.targets.teacher import build_teacher
+    from mimkit.targets.teachers import build_teacher
 
     try:
         files = map_photo_files()

@@ -16,13 +16,9 @@ from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import Teacher, build_teacher
-from mimkit.targets.teacher import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EFFICIENTNET_LITE0_STAGES,
-    efficientnet_lite0_weights_path,
-    resample_to_grid,
-)
+from mimkit.targets.teachers.base import resample_to_grid
+from mimkit.targets.teachers.clip import CLIP_MEAN, CLIP_STD
+from mimkit.targets.teachers.efficientnet import EFFICIENTNET_LITE0_STAGES, efficientnet_lite0_weights_path
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

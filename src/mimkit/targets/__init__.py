@@ -8,7 +8,7 @@ from typing import Any
 from mimkit.targets.feature import FeatureTarget, HOGTarget, TeacherTarget, TokenTarget
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, PixelTarget, elementwise_loss, masked_mean, patch_loss
-from mimkit.targets.teacher import FeatureCache, Teacher, build_teacher
+from mimkit.targets.teachers import FeatureCache, Teacher, build_teacher
 from mimkit.targets.vqkd import (
     CodebookCollapseWarning,
     CodebookStats,

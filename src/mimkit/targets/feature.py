@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mimkit.masking import MaskSpec
 from mimkit.targets.hog import HOGFeatures
 from mimkit.targets.pixel import LOSSES, masked_mean, patch_loss
-from mimkit.targets.teacher import FeatureCache, LastOutput, Teacher, keep_teacher_out_of_state_dict
+from mimkit.targets.teachers import FeatureCache, LastOutput, Teacher, keep_teacher_out_of_state_dict
 
 
 class FeatureTarget(nn.Module):
@@ -107,7 +107,7 @@ class TeacherTarget(FeatureTarget):
         grid: the student's (grid_h, grid_w) patch grid.
         loss: regression loss.
         normalize: per-patch LayerNorm of the teacher's features.
-        cache: keep the teacher's features on disk (see :class:`~mimkit.targets.teacher.FeatureCache`).
+        cache: keep the teacher's features on disk (see :class:`~mimkit.targets.teachers.FeatureCache`).
     """
 
     def __init__(

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from mimkit.files import CheckpointError, load_checkpoint_file, save_checkpoint
 from mimkit.layers import Block, init_vit_weights, sincos_2d
 from mimkit.layers.quantizer import QuantizerOutput, VectorQuantizer
-from mimkit.targets.teacher import Teacher, build_teacher, keep_teacher_out_of_state_dict
+from mimkit.targets.teachers import Teacher, build_teacher, keep_teacher_out_of_state_dict
 
 if TYPE_CHECKING:
     from mimkit.models.vit import VisionTransformer

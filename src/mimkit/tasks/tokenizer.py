@@ -33,7 +33,7 @@ from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import atomic_write
 from mimkit.layers import check_patch_grid
 from mimkit.models.registry import ENCODERS
-from mimkit.targets.teacher import Teacher, build_teacher
+from mimkit.targets.teachers import Teacher, build_teacher
 from mimkit.targets.vqkd import (
     COLLAPSE_MIN_PERPLEXITY,
     COLLAPSE_MIN_USAGE,
