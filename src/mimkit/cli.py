@@ -143,7 +143,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _detect_train(args: argparse.Namespace) -> int:
-    from mimkit.detection.tasks.detect import DetectConfig, format_detection, run_detect_train
+    from mimkit.tasks.detect import DetectConfig, format_detection, run_detect_train
 
     config = load_config(args.config, args.overrides, schema=DetectConfig)
     results = run_detect_train(config, progress=False if args.no_progress else None, resume=args.resume)
@@ -153,7 +153,7 @@ def _detect_train(args: argparse.Namespace) -> int:
 
 
 def _detect_eval(args: argparse.Namespace) -> int:
-    from mimkit.detection.tasks.detect import format_detection, run_detect_eval
+    from mimkit.tasks.detect import format_detection, run_detect_eval
 
     results = run_detect_eval(
         args.checkpoint,
@@ -169,7 +169,7 @@ def _detect_eval(args: argparse.Namespace) -> int:
 
 
 def _detect_shapes(args: argparse.Namespace) -> int:
-    from mimkit.detection.data.shapes import generate_shapes
+    from mimkit.dense.data.shapes import generate_shapes
 
     root = generate_shapes(args.out, args.num_images, size=args.size, max_objects=args.max_objects, seed=args.seed)
     print(f"wrote {args.num_images} images to {root}/images, {root}/annotations.json and {root}/masks")
@@ -177,7 +177,7 @@ def _detect_shapes(args: argparse.Namespace) -> int:
 
 
 def _detect_import_voc(args: argparse.Namespace) -> int:
-    from mimkit.detection.data.voc import voc_to_coco
+    from mimkit.dense.data.voc import voc_to_coco
 
     report = voc_to_coco(args.annotations, args.out, classes=args.classes, skip_difficult=args.skip_difficult)
     print(report.summary())
@@ -219,7 +219,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _seg_train(args: argparse.Namespace) -> int:
-    from mimkit.detection.tasks.segment import SegConfig, format_segmentation, run_seg_train
+    from mimkit.tasks.segment import SegConfig, format_segmentation, run_seg_train
 
     config = load_config(args.config, args.overrides, schema=SegConfig)
     results = run_seg_train(config, progress=False if args.no_progress else None, resume=args.resume)
@@ -229,7 +229,7 @@ def _seg_train(args: argparse.Namespace) -> int:
 
 
 def _seg_eval(args: argparse.Namespace) -> int:
-    from mimkit.detection.tasks.segment import format_segmentation, run_seg_eval
+    from mimkit.tasks.segment import format_segmentation, run_seg_eval
 
     results = run_seg_eval(args.checkpoint, args.data, out_dir=args.out, split=args.split, limit=args.limit)
     print(format_segmentation(results))

@@ -13,7 +13,7 @@ from mimkit.analysis.show_batch import BOX_COLOUR
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data import build_training_dataset
-from mimkit.detection.data.sample_data import package_data_dir
+from mimkit.dense.data.sample_data import package_data_dir
 
 
 def is_box_red(pixels: np.ndarray) -> np.ndarray:

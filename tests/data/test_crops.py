@@ -29,7 +29,7 @@ from mimkit.data.crops import (
     stored_rows_needed,
 )
 from mimkit.data.folder import BadImageError
-from mimkit.detection.data.sample_data import package_data_dir
+from mimkit.dense.data.sample_data import package_data_dir
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mimkit.config import load_config
 from mimkit.data import CropDataset, Normalize
-from mimkit.detection.data.sample_data import package_data_dir
+from mimkit.dense.data.sample_data import package_data_dir
 from mimkit.engine.pretrain import Pretrainer
 
 

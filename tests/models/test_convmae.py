@@ -294,7 +294,7 @@ def perturb_fusion(encoder: ConvViT) -> None:
 
 
 def test_fusion_feeds_only_the_pretraining_decoder(images) -> None:
-    from mimkit.detection import ConvMAEBackbone
+    from mimkit.dense import ConvMAEBackbone
     from mimkit.eval.finetune import Classifier
 
     torch.manual_seed(0)

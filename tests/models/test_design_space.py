@@ -227,7 +227,7 @@ def test_norm_features_switches_maskdistill_s_layernorm_only() -> None:
 
 
 def test_mimdet_drops_the_tokens_it_does_not_sample_from_a_beit_encoder() -> None:
-    from mimkit.detection.models.backbones import MIMDetBackbone
+    from mimkit.dense.models.backbones import MIMDetBackbone
 
     model = beit_model()
     backbone = MIMDetBackbone(model.encoder, None, sample_ratio=0.5, fill="mask_token", stem="patch_embed").train()

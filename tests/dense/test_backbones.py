@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.build import create_model
-from mimkit.detection.models.backbones import (
+from mimkit.dense.models.backbones import (
     ConvMAEBackbone,
     ConvStem,
     FPNBackbone,

@@ -68,7 +68,7 @@ class Segmenter(nn.Module):
     """A multi-scale backbone and a :class:`UperNetHead`; normalizes [0, 1] images itself.
 
     Args:
-        body: a backbone of :mod:`mimkit.detection.models.backbones` (``channels``, ordered dict of levels).
+        body: a backbone of :mod:`mimkit.dense.models.backbones` (``channels``, ordered dict of levels).
         num_classes: output classes.
         channels: width of the head.
         mean, std: per-channel normalization of the encoder's pretraining.

@@ -2,8 +2,8 @@
 
 A run loads a pretrained encoder (mimkit, original MAE or HuggingFace checkpoint, through
 :func:`mimkit.models.load.load_checkpoint`), wraps it in a multi-scale backbone
-(:mod:`mimkit.detection.models.backbones`), assembles torchvision's Mask R-CNN on it
-(:func:`~mimkit.detection.models.maskrcnn.build_detector`) and trains with AdamW, layer-wise lr decay on the
+(:mod:`mimkit.dense.models.backbones`), assembles torchvision's Mask R-CNN on it
+(:func:`~mimkit.dense.models.maskrcnn.build_detector`) and trains with AdamW, layer-wise lr decay on the
 encoder, linear warmup then cosine. It writes ``last.pt``, ``config.yaml``, ``metrics.jsonl``,
 ``results.json`` (COCO box and mask AP on the validation folder) and ``predictions.png``.
 """
@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.data.coco import CocoDetection
-from mimkit.detection.evaluation.coco_ap import coco_evaluate, predict, save_prediction_grid
-from mimkit.detection.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
-from mimkit.detection.models.maskrcnn import build_detector
+from mimkit.dense.data.coco import CocoDetection
+from mimkit.dense.evaluation.coco_ap import coco_evaluate, predict, save_prediction_grid
+from mimkit.dense.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
+from mimkit.dense.models.maskrcnn import build_detector
 from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.run_guard import check_input_path, holding_run_lock
 from mimkit.eval.finetune import layer_decay_groups
@@ -37,7 +37,7 @@ from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
 
 if TYPE_CHECKING:
-    from mimkit.detection.tasks.segment import SegConfig, SegModelConfig
+    from mimkit.tasks.segment import SegConfig, SegModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class DetectModelConfig:
 
 @dataclass
 class DetectDataConfig:
-    """COCO-format folders (see :class:`~mimkit.detection.data.coco.CocoDetection`)."""
+    """COCO-format folders (see :class:`~mimkit.dense.data.coco.CocoDetection`)."""
 
     train: str = "runs/detection/shapes_train"
     train_annotations: str | None = None
@@ -511,7 +511,7 @@ def train_detector(
 def evaluate_detector(
     detector: nn.Module, dataset: CocoDetection, out_dir: Path, config: DetectEvalConfig, *, progress: bool = True
 ) -> dict[str, Any]:
-    """COCO AP on ``dataset`` (see :func:`~mimkit.detection.evaluation.coco_ap.coco_evaluate`), ``predictions.png``
+    """COCO AP on ``dataset`` (see :func:`~mimkit.dense.evaluation.coco_ap.coco_evaluate`), ``predictions.png``
     in ``out_dir``, and the eval throughput."""
     start = time.perf_counter()
     outputs = predict(detector, dataset, batch_size=config.batch_size, progress=progress)

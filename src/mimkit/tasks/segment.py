@@ -25,12 +25,16 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, ModelConfig
-from mimkit.detection.data.segmentation import IGNORE_INDEX, SegmentationFolder
-from mimkit.detection.evaluation.coco_ap import PALETTE
-from mimkit.detection.evaluation.miou import confusion_matrix, iou_from_confusion
-from mimkit.detection.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
-from mimkit.detection.models.upernet import Segmenter
-from mimkit.detection.tasks.detect import (
+from mimkit.dense.data.segmentation import IGNORE_INDEX, SegmentationFolder
+from mimkit.dense.evaluation.coco_ap import PALETTE
+from mimkit.dense.evaluation.miou import confusion_matrix, iou_from_confusion
+from mimkit.dense.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
+from mimkit.dense.models.upernet import Segmenter
+from mimkit.engine.run_guard import holding_run_lock
+from mimkit.models.convvit import ConvViT
+from mimkit.models.mae_decoder import MAEDecoder
+from mimkit.models.vit import VisionTransformer
+from mimkit.tasks.detect import (
     STEM_CHANNELS_ONLY,
     DetectTrainConfig,
     Pretrained,
@@ -42,10 +46,6 @@ from mimkit.detection.tasks.detect import (
     training_lines,
     with_legacy_defaults,
 )
-from mimkit.engine.run_guard import holding_run_lock
-from mimkit.models.convvit import ConvViT
-from mimkit.models.mae_decoder import MAEDecoder
-from mimkit.models.vit import VisionTransformer
 
 SEG_BACKBONES = ("vit_pyramid", "mimdet", "convmae")
 
@@ -72,7 +72,7 @@ class SegModelConfig:
 
 @dataclass
 class SegDataConfig:
-    """Class-mask folders (see :class:`~mimkit.detection.data.segmentation.SegmentationFolder`)."""
+    """Class-mask folders (see :class:`~mimkit.dense.data.segmentation.SegmentationFolder`)."""
 
     train: str = "runs/detection/shapes_train"
     val: str | None = None
@@ -161,7 +161,7 @@ def train_segmenter(
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train with per-pixel cross-entropy (label ``IGNORE_INDEX`` ignored) through
-    :func:`~mimkit.detection.tasks.detect.fit`: the same schedule, layer decay, checkpoints and resume as
+    :func:`~mimkit.tasks.detect.fit`: the same schedule, layer decay, checkpoints and resume as
     detection; each image and its mask are flipped with probability 0.5 (``data.hflip``)."""
 
     def batch_loss(indices: list[int], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
@@ -313,7 +313,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
     """``mimkit seg-train``: load, build, train, evaluate on ``data.val``; everything in ``train.output_dir``.
 
     ``resume`` continues the run in ``train.output_dir`` from its ``last.pt`` (see
-    :func:`~mimkit.detection.tasks.detect.open_run`). The run directory is locked against a second writer while
+    :func:`~mimkit.tasks.detect.open_run`). The run directory is locked against a second writer while
     this runs (:class:`~mimkit.engine.run_guard.RunLock`)."""
     from mimkit.config import to_plain
     from mimkit.eval.report import write_results

@@ -16,7 +16,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from mimkit.detection.models.backbones import FPNBackbone
+from mimkit.dense.models.backbones import FPNBackbone
 
 
 def build_detector(
@@ -38,7 +38,7 @@ def build_detector(
     """Mask R-CNN (``masks``) or Faster R-CNN with an FPN backbone of four levels.
 
     Args:
-        backbone: an :class:`~mimkit.detection.models.backbones.FPNBackbone`.
+        backbone: an :class:`~mimkit.dense.models.backbones.FPNBackbone`.
         num_classes: object classes, background not counted.
         img_size: side of the (square) input images; torchvision's transform keeps it (min = max size,
             no padding), so a ViT backbone sees exactly its pretraining grid.

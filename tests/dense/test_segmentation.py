@@ -11,12 +11,12 @@ from PIL import Image
 from mimkit.build import create_model
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.detection.data.segmentation import IGNORE_INDEX, SegmentationFolder
-from mimkit.detection.evaluation.miou import confusion_matrix, iou_from_confusion
-from mimkit.detection.models.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
-from mimkit.detection.models.upernet import Segmenter, UperNetHead
-from mimkit.detection.tasks.detect import load_pretrained
-from mimkit.detection.tasks.segment import (
+from mimkit.dense.data.segmentation import IGNORE_INDEX, SegmentationFolder
+from mimkit.dense.evaluation.miou import confusion_matrix, iou_from_confusion
+from mimkit.dense.models.backbones import ConvMAEBackbone, MIMDetBackbone, ViTPyramid
+from mimkit.dense.models.upernet import Segmenter, UperNetHead
+from mimkit.tasks.detect import load_pretrained
+from mimkit.tasks.segment import (
     SegConfig,
     build_segmenter,
     load_segmenter,
@@ -174,7 +174,7 @@ def test_seg_train_and_seg_eval_run_end_to_end(shapes_root: Path, tmp_path: Path
 def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
     shapes_root: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from mimkit.detection.tasks.segment import run_seg_train
+    from mimkit.tasks.segment import run_seg_train
 
     def recipe(out: Path):
         config = load_config(
@@ -213,7 +213,7 @@ def test_a_segmentation_run_killed_mid_way_resumes_to_the_same_weights(
 
 def test_a_mimdet_segmenter_of_the_layout_before_the_conv_stem_still_loads(shapes_root: Path, tmp_path: Path) -> None:
     """A checkpoint without ``model.stem`` / ``model.p5_pool`` is the patch-embed layout with max pooling."""
-    from mimkit.detection.tasks.segment import run_seg_train
+    from mimkit.tasks.segment import run_seg_train
 
     config = load_config(
         None,

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mimkit.detection.data.coco import CocoDetection, collate, rle_encode
+from mimkit.dense.data.coco import CocoDetection, collate, rle_encode
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities are binarized here (torchvision's and Detectron2's choice)
 # Distinct colours for classes (tab10).

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mimkit.detection.data.coco import CocoDetection, decode_mask, find_annotations, rle_encode
-from mimkit.detection.data.shapes import SHAPE_CLASSES, generate_shapes
-from mimkit.detection.data.voc import voc_to_coco, write_voc_xml
+from mimkit.dense.data.coco import CocoDetection, decode_mask, find_annotations, rle_encode
+from mimkit.dense.data.shapes import SHAPE_CLASSES, generate_shapes
+from mimkit.dense.data.voc import voc_to_coco, write_voc_xml
 
 # pycocotools' Cython decoder predates NumPy 2's __array__(copy=) protocol
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -131,7 +131,7 @@ def test_missing_or_foreign_annotation_files_are_clear_errors(tmp_path: Path) ->
 
 
 def test_horizontal_flip_moves_boxes_with_their_masks(shapes_root: Path) -> None:
-    from mimkit.detection.tasks.detect import _hflip
+    from mimkit.tasks.detect import _hflip
 
     image, target = CocoDetection(shapes_root)[2]
     flipped_image, flipped = _hflip(image, target)

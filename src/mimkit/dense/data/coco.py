@@ -254,7 +254,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format folder as (image, target) pairs for torchvision's detection models.
 
     Images are resized to ``img_size`` x ``img_size`` (boxes and masks scaled with them) so that a ViT with
-    a fixed patch grid sees every image whole; evaluation (:func:`~mimkit.detection.evaluation.coco_ap.coco_evaluate`)
+    a fixed patch grid sees every image whole; evaluation (:func:`~mimkit.dense.evaluation.coco_ap.coco_evaluate`)
     runs at that resolution.
 
     Args:

