@@ -9,7 +9,7 @@ side stem 64/128, max-pooled 1/32 level), so they reproduce. The speed of MIMDet
 measured twice: as the training throughput of the whole detector, and as the time of one forward and
 backward pass of the backbone alone on one batch (median of repeats), sampling on against off.
 
-Make the inputs first (README, "Detection and segmentation transfer"), then::
+Make the inputs first (docs/transfer.md), then::
 
     .venv/bin/python benchmarks/detection_transfer.py --out runs/detection/transfer --threads 1
 

@@ -149,8 +149,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
 
 
-DRAFT_PSNR_DB = 33.0  # the bound stated in the README: draft-decoded crops against full-decode crops
-RESAMPLING_PSNR_DB = 45.0  # the bound stated in the README: torch's uint8 bicubic against Pillow's, crop then resize
+DRAFT_PSNR_DB = 33.0  # the bound stated in docs/pretraining.md: draft-decoded crops against full-decode crops
+RESAMPLING_PSNR_DB = 45.0  # the bound stated in docs/pretraining.md: torch's uint8 bicubic against Pillow's, crop then resize
 
 
 def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     parallel: str = "ddp"  # under torchrun: ddp (replicated model) or fsdp (sharded weights and optimizer state)
-    compile: bool = False  # torch.compile the training forward (see README, Performance)
+    compile: bool = False  # torch.compile the training forward (see docs/performance.md)
     precision: str = "fp32"  # fp32, or bf16 autocast of the forward pass (fast on GPUs; fp32 weights and optimizer)
 
 

@@ -15,7 +15,7 @@ torch's antialiased bicubic interpolation on uint8 (crop then resize, as torchvi
 three times faster than Pillow's resampling, 73.9 dB PSNR from torchvision's ``resized_crop`` on a real
 photo); a box on a reduced image or on the cache has fractional edges and is resized by Pillow's bicubic
 filter. The result equals the crop of the full decode up to the resampling difference (PSNR in the
-README, "Photos as MAE sees them").
+docs/pretraining.md, "Photos as MAE sees them").
 
 :class:`CropDataset` wraps an :class:`~mimkit.data.folder.ImageFolderDataset` or
 :class:`~mimkit.data.shards.TarShardDataset` (which keep the scanning, labels and bad-file handling) and
