@@ -150,7 +150,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 DRAFT_PSNR_DB = 33.0  # the bound stated in docs/pretraining.md: draft-decoded crops against full-decode crops
-RESAMPLING_PSNR_DB = 45.0  # the bound stated in docs/pretraining.md: torch's uint8 bicubic against Pillow's, crop then resize
+RESAMPLING_PSNR_DB = 45.0  # docs/pretraining.md's bound: torch's uint8 bicubic against Pillow's, crop then resize
 
 
 def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:
