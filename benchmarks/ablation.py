@@ -180,3 +180,20 @@ def interleaved_step_seconds(models: dict[str, Any], images: Any, *, rounds: int
             if index >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_costs(recipe: Path, variants: dict[str, list[str]], *, rounds: int) -> dict[str, float]:
+    """Median seconds of one training step of each variant (``recipe`` with its overrides) on one batch of the
+    first 64 Fashion-MNIST training images at 32x32, the models taking turns round by round in this process
+    (:func:`interleaved_step_seconds`: a fresh copy of the batch per step, so teachers and tokenizers run)."""
+    import torch
+
+    from mimkit.build import build_model
+    from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
+    from mimkit.data.transforms import EvalTransform, default_normalization
+
+    torch.manual_seed(0)
+    models = {name: build_model(load_config(recipe, overrides)) for name, overrides in variants.items()}
+    mean, std = default_normalization(1, "fashion_mnist")
+    images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
+    return interleaved_step_seconds(models, images, rounds=rounds)

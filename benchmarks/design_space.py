@@ -37,11 +37,6 @@ import ablation  # benchmarks/ablation.py, beside this script
 import torch
 from targets_ablation import RECIPE, TEACHER
 
-from mimkit.build import build_model
-from mimkit.config import load_config
-from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
-from mimkit.data.transforms import EvalTransform, default_normalization
-
 
 def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
     """Row name -> (group, what changes, overrides of the demo recipe)."""
@@ -68,16 +63,6 @@ def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
         "milan_random_masks": ("MILAN", "random masks", [*milan, "mask.type=random"]),
         "milan_smooth_l1": ("MILAN", "smooth-L1 instead of cosine", [*milan, "target.loss=smooth_l1"]),
     }  # fmt: skip
-
-
-def step_costs(table: dict[str, tuple[str, str, list[str]]], names: list[str], rounds: int) -> dict[str, float]:
-    """Median seconds of one training step of each row's model on one batch of 64 real images, the rows taking
-    turns round by round in this process (:func:`ablation.interleaved_step_seconds`)."""
-    torch.manual_seed(0)
-    models = {name: build_model(load_config(RECIPE, table[name][2])) for name in names}
-    mean, std = default_normalization(1, "fashion_mnist")
-    images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
-    return ablation.interleaved_step_seconds(models, images, rounds=rounds)
 
 
 def cell(values: list[float], digits: int = 1, scale: float = 100.0) -> str:
@@ -119,7 +104,7 @@ def main() -> None:
     cost_path = args.out / "step_cost.json"
     if args.step_cost:
         timed = list(dict.fromkeys(["mae", *names]))
-        seconds = step_costs(table, timed, args.rounds)
+        seconds = ablation.step_costs(RECIPE, {name: table[name][2] for name in timed}, rounds=args.rounds)
         record = {"threads": torch.get_num_threads(), "rounds": args.rounds, "batch": 64, "seconds": seconds}
         args.out.mkdir(parents=True, exist_ok=True)
         cost_path.write_text(json.dumps(record, indent=2) + "\n")

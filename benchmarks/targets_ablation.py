@@ -19,11 +19,14 @@ recipe would choose BEiT's encoder and FC head), so that only the target changes
 * ``vqkd_cls``: the same with BEiT v2's class-token pretraining head.
 
 Step cost: after the runs, one training step of each variant (forward, backward, AdamW; the teacher or
-tokenizer included) is timed on the same batch, one after another in this process, and reported
-relative to ``pixel``. Runs are cached under ``--out/<variant>/``; variants may run in separate
-processes (``--variants``; ``--threads 1`` for two at once on two cores) and a last call prints the table::
+tokenizer included, each step getting a fresh copy of the batch) is timed on the same 64 images, the
+variants taking turns round by round in this process (``ablation.step_costs``), the median of ``--rounds``
+reported relative to ``pixel``; ``--step-cost-only`` times the steps without the runs. Runs are cached
+under ``--out/<variant>/``; variants may run in separate processes (``--variants``; ``--threads 1`` for
+two at once on two cores) and a last call prints the table::
 
     .venv/bin/python benchmarks/targets_ablation.py --out runs/targets --threads 1 [--variants pixel hog]
+    .venv/bin/python benchmarks/targets_ablation.py --threads 1 --step-cost-only --rounds 3
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from pathlib import Path
 import ablation  # benchmarks/ablation.py, beside this script
 import torch
 
-from mimkit.build import build_model
-from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.data.transforms import EvalTransform, default_normalization
 from mimkit.eval.knn import knn_scores
@@ -86,15 +87,6 @@ def teacher_reference(out: Path, train_limit: int, test_limit: int) -> dict[str,
     return result
 
 
-def step_seconds(overrides: list[str], repeats: int = 5) -> float:
-    """Median seconds of one training step of a variant's model on one batch of 64 real images."""
-    torch.manual_seed(0)
-    model = build_model(load_config(RECIPE, overrides))
-    mean, std = default_normalization(1, "fashion_mnist")
-    images = EvalTransform(32, mean=mean, std=std)(resize_uint8(load_fashion_mnist(split="train")[0][:64], 32))
-    return ablation.median_step_seconds(model, images, repeats=repeats, warmup=2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/targets"))
@@ -106,6 +98,8 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=1000, help="probe and fine-tuning test images")
     parser.add_argument("--ft-epochs", type=int, default=1)
     parser.add_argument("--no-step-cost", action="store_true", help="skip the step timing")
+    parser.add_argument("--step-cost-only", action="store_true", help="only time one training step of every variant")
+    parser.add_argument("--rounds", type=int, default=5, help="step timing: timed rounds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
@@ -118,6 +112,15 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(table)}")
     if any(name.startswith("vqkd") for name in names):
         ablation.ensure_tokenizer(args.tokenizer, progress=args.progress)
+    timed = {name: table[name] for name in dict.fromkeys(["pixel", *names])}
+    if args.step_cost_only:
+        costs = ablation.step_costs(RECIPE, timed, rounds=args.rounds)
+        print(f"one training step on 64 images, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds")
+        print("| target | ms | relative to pixel |")
+        print("|---|---:|---:|")
+        for name, seconds in costs.items():
+            print(f"| {name} | {1000 * seconds:.0f} | {seconds / costs['pixel']:.2f}x |")
+        return
     finetune_config = ablation.finetune_recipe(args.ft_epochs, args.train_limit, args.test_limit)
     limits = dict(train_limit=args.train_limit, test_limit=args.test_limit, progress=args.progress)
     rows = []
@@ -125,13 +128,13 @@ def main() -> None:
         settings = [*table[name], f"train.epochs={args.epochs}", f"data.limit={args.limit}"]
         rows.append((name, *ablation.measure(args.out / name, RECIPE, settings, finetune_config, **limits)))
     reference = teacher_reference(args.out, args.train_limit, args.test_limit)
-    costs = {} if args.no_step_cost else {name: step_seconds(table[name]) for name in ["pixel", *names]}
+    costs = {} if args.no_step_cost else ablation.step_costs(RECIPE, timed, rounds=args.rounds)
 
     print()
     print(
         f"Fashion-MNIST 32x32, ViT-Tiny/4 student, {args.epochs} epoch(s) of {args.limit} images, batch 64; kNN, "
         f"linear probe and {args.ft_epochs}-epoch full fine-tuning on {args.train_limit} train / "
-        f"{args.test_limit} test images (top-1 %); step cost relative to pixel (same batch, same process)"
+        f"{args.test_limit} test images (top-1 %); step cost relative to pixel (same batch, turns in one process)"
     )
     print("| target | final loss | kNN | linear | fine-tune | step cost |")
     print("|---|---:|---:|---:|---:|---:|")
