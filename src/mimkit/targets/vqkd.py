@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from mimkit.files import CheckpointError, load_checkpoint_file, save_checkpoint
 from mimkit.layers import Block, init_vit_weights, sincos_2d
 from mimkit.layers.quantizer import QuantizerOutput, VectorQuantizer
+from mimkit.models.registry import ENCODERS, create_encoder
 from mimkit.targets.teachers import Teacher, build_teacher, keep_teacher_out_of_state_dict
 
 if TYPE_CHECKING:
@@ -216,8 +217,6 @@ class VQKDTokenizer(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        from mimkit.models.registry import ENCODERS, create_encoder  # mimkit.models imports mimkit.targets
-
         if encoder not in ENCODERS:
             raise ValueError(f"unknown tokenizer encoder {encoder!r}; choose a ViT of {sorted(ENCODERS)}")
         if teacher_dim is None:
