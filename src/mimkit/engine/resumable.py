@@ -95,11 +95,6 @@ class ResumableState:
                 "resume with the same settings, or start again without --resume"
             )
 
-    def load(self, path: str | Path) -> tuple[int, dict[str, Any]]:
-        """:meth:`load_state_dict` of the file at ``path`` (read safely, no code executed)."""
-        return self.load_state_dict(load_checkpoint_file(path), source=path)
-
-
 def read_resume_file(path: str | Path) -> dict[str, Any]:
     """The state a stopped run left at ``path``, for ``--resume`` (generator and RNG states stay on the CPU).
 
