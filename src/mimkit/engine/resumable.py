@@ -95,6 +95,7 @@ class ResumableState:
                 "resume with the same settings, or start again without --resume"
             )
 
+
 def read_resume_file(path: str | Path) -> dict[str, Any]:
     """The state a stopped run left at ``path``, for ``--resume`` (generator and RNG states stay on the CPU).
 
