@@ -3,11 +3,12 @@
 They are fixtures because tests are imported in importlib mode, where test modules cannot import each other.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mimkit.config import Config, load_config
 from mimkit.engine.pretrain import Pretrainer
@@ -48,3 +49,23 @@ def weights() -> Callable[[Pretrainer], dict[str, torch.Tensor]]:
         return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
     return snapshot
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The in-process reference run uses one thread, like the subprocesses, so results are bit-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def write_recipe() -> Callable[[Path, Config], Path]:
+    """``write_recipe(path, config)``: ``config`` as the YAML recipe a ``mimkit pretrain`` subprocess reads."""
+
+    def write(path: Path, config: Config) -> Path:
+        path.write_text(yaml.safe_dump(config.to_dict()))
+        return path
+
+    return write

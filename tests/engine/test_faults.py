@@ -10,12 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.files import (
@@ -28,20 +26,6 @@ from mimkit.files import (
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["train.epochs=8", "data.limit=256", "train.save_every_steps=1", "train.num_threads=1"]  # 128 steps
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The in-process reference run uses one thread, like the subprocesses, so results are bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_recipe(path: Path, config) -> Path:
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    return path
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -80,7 +64,7 @@ def weights_of(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
-    tmp_path: Path, small_config, weights, one_thread
+    write_recipe, tmp_path: Path, small_config, weights, one_thread
 ) -> None:
     reference = Pretrainer(small_config(tmp_path / "full", *RUN))
     reference.fit()
@@ -140,7 +124,9 @@ atomic_write({str(good)!r}, write)
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_it_resumes(tmp_path: Path, small_config, weights, one_thread) -> None:
+def test_torchrun_restarts_a_killed_worker_and_it_resumes(
+    write_recipe, tmp_path: Path, small_config, weights, one_thread
+) -> None:
     reference = Pretrainer(small_config(tmp_path / "full", *RUN))
     reference.fit()
     run_dir = tmp_path / "elastic"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mimkit.cli import main
 from mimkit.engine.pretrain import Pretrainer
@@ -37,20 +36,6 @@ from mimkit.files import DiskFullError, load_checkpoint_file
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["train.epochs=8", "data.limit=256", "train.num_threads=1"]  # 128 steps, last.pt at each epoch's end
 LONG = ["train.epochs=40", "data.limit=256", "train.num_threads=1", "train.save_every_steps=1"]  # 640 steps
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The in-process reference run uses one thread, like the subprocesses, so results are bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_recipe(path: Path, config) -> Path:
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    return path
 
 
 def pretrain(recipe: Path, *args: str) -> subprocess.Popen:
@@ -78,7 +63,7 @@ def has_a_record(run_dir: Path) -> Callable[[], bool]:
 
 @pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_equals_the_uninterrupted_run(
-    tmp_path: Path, small_config, weights, one_thread
+    write_recipe, tmp_path: Path, small_config, weights, one_thread
 ) -> None:
     reference = Pretrainer(small_config(tmp_path / "full", *RUN))
     reference.fit()
@@ -111,7 +96,9 @@ def test_sigterm_saves_the_step_and_resume_equals_the_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path: Path, small_config) -> None:
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(
+    write_recipe, tmp_path: Path, small_config
+) -> None:
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "run.yaml", small_config(run_dir, *LONG))
     first = pretrain(recipe)
@@ -158,7 +145,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_a_disk_that_fills_up_mid_run_stops_with_one_line_and_keeps_the_checkpoint(
-    small_disk: Path, small_config
+    write_recipe, small_disk: Path, small_config
 ) -> None:
     run_dir = small_disk / "run"
     recipe = write_recipe(small_disk.parent / "run.yaml", small_config(run_dir, *LONG))
@@ -297,7 +284,9 @@ def test_a_lock_names_a_live_holder_even_where_file_locks_are_missing(tmp_path: 
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_torchrun_ranks_stops_both_after_the_same_step(tmp_path: Path, small_config) -> None:
+def test_sigterm_to_one_of_two_torchrun_ranks_stops_both_after_the_same_step(
+    write_recipe, tmp_path: Path, small_config
+) -> None:
     two = ["train.epochs=4", "data.limit=256", "train.num_threads=1", "train.batch_size=8"]  # 64 steps of 2 x 8
 
     def torchrun(run_dir: Path, *args: str) -> subprocess.Popen:
