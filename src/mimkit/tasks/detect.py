@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import yaml
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mimkit.tasks.segment import SegConfig, SegModelConfig
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")  # a command's config schema
 
 BACKBONES = ("mimdet", "convmae")
 STEM_CHANNELS_ONLY = "sets the side stem of model.stem=patch_embed; the ConvStem's widths follow the encoder"
@@ -658,9 +659,14 @@ def _recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str 
     return ", ".join(changes)
 
 
-def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, Any]]:
-    """A detector saved by ``detect-train`` (``last.pt``, eval mode), its config, and the checkpoint dict
-    (``classes``, ``encoder_config``, ``mean``, ``std``, ...)."""
+def read_trained_checkpoint(path: str | Path, schema: type[C], command: str) -> tuple[C, Pretrained, dict[str, Any]]:
+    """What a ``detect-train`` or ``seg-train`` checkpoint holds: its config (as ``schema``), the encoder it
+    was built on (untrained: the saved weights replace it) and the checkpoint dict (``model``, ``classes``,
+    ``encoder_config``, ``mean``, ``std``, ...).
+
+    Raises:
+        CheckpointError: ``path`` is not a checkpoint of ``command`` (the missing entries are named).
+    """
     from mimkit.config import from_dict
     from mimkit.eval.data import untrained_model
     from mimkit.files import CheckpointError, load_checkpoint_file
@@ -668,11 +674,18 @@ def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, 
     state = load_checkpoint_file(path)
     missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
     if missing:
-        raise CheckpointError(f"{path} is not a detect-train checkpoint (no {', '.join(missing)})")
-    config = from_dict(DetectConfig, with_legacy_defaults(state["config"])).validate()
+        raise CheckpointError(f"{path} is not a {command} checkpoint (no {', '.join(missing)})")
+    config = from_dict(schema, with_legacy_defaults(state["config"])).validate()
     pretrained = Pretrained(
         untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
     )
+    return config, pretrained, state
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, DetectConfig, dict[str, Any]]:
+    """A detector saved by ``detect-train`` (``last.pt``, eval mode), its config, and the checkpoint dict
+    (``classes``, ``encoder_config``, ``mean``, ``std``, ...)."""
+    config, pretrained, state = read_trained_checkpoint(path, DetectConfig, "detect-train")
     detector = build_detection_model(pretrained, config, len(state["classes"]))
     detector.load_state_dict(state["model"])
     return detector.eval(), config, state

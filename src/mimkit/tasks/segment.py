@@ -43,8 +43,8 @@ from mimkit.tasks.detect import (
     mimdet_body,
     open_run,
     pretrained_for,
+    read_trained_checkpoint,
     training_lines,
-    with_legacy_defaults,
 )
 
 SEG_BACKBONES = ("vit_pyramid", "mimdet", "convmae")
@@ -357,18 +357,7 @@ def run_seg_train(config: SegConfig, *, progress: bool | None = None, resume: bo
 
 def load_segmenter(path: str | Path) -> tuple[Segmenter, SegConfig, dict[str, Any]]:
     """A segmenter saved by ``seg-train``, its config and the checkpoint dict."""
-    from mimkit.config import from_dict
-    from mimkit.eval.data import untrained_model
-    from mimkit.files import CheckpointError, load_checkpoint_file
-
-    state = load_checkpoint_file(path)
-    missing = [key for key in ("model", "config", "encoder_config", "classes", "mean", "std") if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a seg-train checkpoint (no {', '.join(missing)})")
-    config = from_dict(SegConfig, with_legacy_defaults(state["config"])).validate()
-    pretrained = Pretrained(
-        untrained_model(state["encoder_config"], 0), tuple(state["mean"]), tuple(state["std"]), str(path)
-    )
+    config, pretrained, state = read_trained_checkpoint(path, SegConfig, "seg-train")
     model = build_segmenter(pretrained, config, len(state["classes"]))
     model.load_state_dict(state["model"])
     return model.eval(), config, state
