@@ -44,6 +44,14 @@ def _show_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jpeg_restart(args: argparse.Namespace) -> int:
+    from mimkit.data.jpeg_restart import add_restart_markers
+
+    summary = add_restart_markers(args.src, args.dst, progress=not args.no_progress)
+    print(summary.format())
+    return 1 if summary.failed else 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from mimkit.build import convert_checkpoint
 
@@ -270,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="draw only the first N samples of the batch")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as data.root=/photos train.batch_size=16")
     p.set_defaults(func=_show_batch)
+
+    p = commands.add_parser(
+        "jpeg-restart",
+        help="copy an image folder with restart markers in its JPEGs, so crops decode only their region",
+    )
+    p.add_argument("src", type=Path, help="image folder (class subfolders are kept)")
+    p.add_argument("dst", type=Path, help="the copy (files already there are kept: an interrupted copy continues)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_jpeg_restart)
 
     p = commands.add_parser("convert", help="convert weights between mimkit, MAE and HuggingFace layouts")
     p.add_argument("--to", required=True, choices=["mimkit", "mae", "hf"])
