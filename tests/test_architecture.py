@@ -18,6 +18,7 @@ LAYERS = (
     "data",
     "masking",
     "models",
+    "checkpoints",
     "targets",
     "config",
     "build",

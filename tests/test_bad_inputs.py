@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from mimkit.build import build_model, create_model, load_checkpoint
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.data import BadImageWarning, build_dataset
@@ -56,7 +57,6 @@ from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.eval.probe import run_probe
 from mimkit.files import CheckpointError
-from mimkit.models.load import save_checkpoint_as
 
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 TINY_RUN = [

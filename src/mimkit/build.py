@@ -3,7 +3,7 @@
 The registry (:mod:`mimkit.models.registry`) describes architectures, :mod:`mimkit.targets` the targets and
 :mod:`mimkit.masking` the maskers; :func:`create_model` assembles an encoder, a decoder, a masker and a target
 into the frame, :func:`build_model` does so for a run's :class:`~mimkit.config.Config`, and
-:func:`load_checkpoint` for what a checkpoint describes (:func:`~mimkit.models.load.read_checkpoint`).
+:func:`load_checkpoint` for what a checkpoint describes (:func:`~mimkit.checkpoints.load.read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from mimkit.checkpoints.load import SAVE_LAYOUTS, load_weights, read_checkpoint, save_checkpoint_as
 from mimkit.config import Config, ConfigError, config_from_dict, model_overrides
 from mimkit.files import CheckpointError
 from mimkit.masking import create_masker
 from mimkit.models.convvit import ConvViT
-from mimkit.models.load import SAVE_LAYOUTS, load_weights, read_checkpoint, save_checkpoint_as
 from mimkit.models.mim import MaskedImageModel
 from mimkit.models.protocols import GridCheckedMasker
 from mimkit.models.registry import create_decoder, create_encoder, encoder_stride, model_args
@@ -107,9 +107,9 @@ def load_checkpoint(
 ) -> MaskedImageModel:
     """Build the pretraining model a checkpoint describes and load its weights.
 
-    Accepts mimkit training checkpoints, files from :func:`~mimkit.models.load.save_checkpoint_as`, original MAE
+    Accepts mimkit training checkpoints, files from :func:`~mimkit.checkpoints.load.save_checkpoint_as`, original MAE
     checkpoints, bare state dicts of any layout (also ``.safetensors``) and HuggingFace ``save_pretrained``
-    directories (see :mod:`mimkit.models.load`). Nothing stored in the file is executed (``weights_only``).
+    directories (see :mod:`mimkit.checkpoints.load`). Nothing stored in the file is executed (``weights_only``).
 
     Args:
         path: checkpoint file or HuggingFace directory.
@@ -143,7 +143,7 @@ def load_checkpoint(
 
 def convert_checkpoint(input: str | Path, output: str | Path, to: str) -> Path:
     """Convert any checkpoint :func:`load_checkpoint` reads to the ``to`` layout (see
-    :func:`~mimkit.models.load.save_checkpoint_as`).
+    :func:`~mimkit.checkpoints.load.save_checkpoint_as`).
 
     Conversion is lossless: mimkit -> mae -> mimkit and mimkit -> hf -> mimkit give bit-identical tensors.
     A failed conversion leaves an existing ``output`` as it was.
@@ -151,7 +151,7 @@ def convert_checkpoint(input: str | Path, output: str | Path, to: str) -> Path:
     Args:
         input: checkpoint file or HuggingFace directory.
         output: output file (mimkit, mae) or directory (hf).
-        to: one of :data:`~mimkit.models.load.SAVE_LAYOUTS`.
+        to: one of :data:`~mimkit.checkpoints.load.SAVE_LAYOUTS`.
 
     Returns:
         The path written.

@@ -496,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # These import torch: not before --help has been handled.
+    from mimkit.checkpoints.load import OptionalDependencyError
     from mimkit.engine.divergence import TrainingDiverged
     from mimkit.engine.run_guard import STOPPED_EXIT_STATUS, RunDirectoryInUse, StoppedAtOnce, TrainingInterrupted
     from mimkit.files import CheckpointError
-    from mimkit.models.load import OptionalDependencyError
 
     try:
         return int(args.func(args))

@@ -22,6 +22,7 @@ from mimkit.analysis.relations import (
     token_relations,
 )
 from mimkit.build import create_model
+from mimkit.checkpoints import save_checkpoint_as
 from mimkit.cli import main
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist, resize_uint8
 from mimkit.data.folder import BadImageWarning
@@ -29,7 +30,7 @@ from mimkit.engine.logging import MetricsLogger, read_metrics
 from mimkit.layers import patchify
 from mimkit.masking import informed_mask
 from mimkit.masking.ncut import ncut_bipartition
-from mimkit.models import MaskedImageModel, save_checkpoint_as
+from mimkit.models import MaskedImageModel
 
 MEAN, STD = (0.2860,), (0.3530,)
 GRID = (8, 8)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mimkit.build import create_model
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.dense.data.coco import CocoDetection
 from mimkit.dense.data.shapes import generate_shapes
 from mimkit.dense.evaluation.coco_ap import coco_evaluate, predict
-from mimkit.models.load import save_checkpoint_as
 from mimkit.tasks.detect import (
     DetectConfig,
     build_detection_model,

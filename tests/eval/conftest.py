@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from mimkit.build import create_model
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from mimkit.models.load import save_checkpoint_as
 
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 

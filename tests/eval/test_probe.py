@@ -10,6 +10,7 @@ from PIL import Image
 
 import mimkit.eval.probe as probe_module
 from mimkit.build import build_model, load_checkpoint
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -17,7 +18,6 @@ from mimkit.data.transforms import EvalTransform
 from mimkit.engine.logging import read_metrics
 from mimkit.eval.knn import extract_features
 from mimkit.eval.probe import format_probe, run_probe
-from mimkit.models.load import save_checkpoint_as
 
 LIMITS = dict(train_limit=1000, test_limit=300)  # the first images of Fashion-MNIST: every class present
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mimkit.build import create_model, load_checkpoint
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.layers import ConvBlock, patchify, upsample_mask
 from mimkit.masking import BlockMasker, MaskSpec, RandomMasker
 from mimkit.models import MAEDecoder, model_args
 from mimkit.models.convvit import ConvViT
-from mimkit.models.load import save_checkpoint_as
 from mimkit.models.mim import MaskedImageModel
 
 SMALL = dict(img_size=32, in_chans=1, decoder="micro")

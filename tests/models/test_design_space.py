@@ -7,14 +7,14 @@ import timm
 import torch
 
 from mimkit.build import build_model, create_model, load_checkpoint
+from mimkit.checkpoints.convert import encoder_to_timm
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.config import config_from_dict, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist, resize_uint8
 from mimkit.masking import AttentionMasker, MaskSpec, RandomMasker
 from mimkit.models import MAEDecoder, PromptingDecoder
 from mimkit.models.cls_pretraining import ClassTokenBlocks, ClassTokenPretraining
-from mimkit.models.convert import encoder_to_timm
 from mimkit.models.linear_head import LinearHead
-from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import patch_loss
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.build import create_model, load_checkpoint
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.config import ConfigError, load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.masking import MaskSpec, RandomMasker
 from mimkit.models import PromptingDecoder
-from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import TARGETS, HOGTarget, PixelTarget, TeacherTarget, patch_loss
 from mimkit.tasks.tokenizer import TokenizerConfig, train_tokenizer
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.build import build_model, create_model
+from mimkit.checkpoints.load import save_checkpoint_as
 from mimkit.config import load_config
 from mimkit.data.fashion_mnist import load_fashion_mnist
-from mimkit.models.load import save_checkpoint_as
 from mimkit.targets import Teacher, build_teacher
 from mimkit.targets.teachers.base import resample_to_grid
 from mimkit.targets.teachers.clip import CLIP_MEAN, CLIP_STD

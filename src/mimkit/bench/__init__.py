@@ -2,7 +2,7 @@
 
 One *step* is what pretraining repeats: forward, backward and an AdamW update, fp32, random init. mimkit's
 model comes from :func:`~mimkit.models.create_model`; the HF peer is ``ViTMAEForPreTraining`` built from the
-``ViTMAEConfig`` of the same architecture (:func:`~mimkit.models.convert.hf_config_from_args`: widths,
+``ViTMAEConfig`` of the same architecture (:func:`~mimkit.checkpoints.convert.hf_config_from_args`: widths,
 depths, heads, MLP widths, mask ratio, norm-pix loss, patch, image size), with SDPA attention. Both run in
 the same process, interleaved (blocks of steps alternate between the models, in turn), and each reports the
 median over repeats, so load from other processes hits both alike; the ratio is the median of the paired

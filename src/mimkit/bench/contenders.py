@@ -60,11 +60,11 @@ def build_mimkit(config: dict[str, Any], *, seed: int = 0, **overrides: Any) -> 
 def build_hf(model: MaskedImageModel, *, copy_weights: bool = False) -> nn.Module:
     """HuggingFace ``ViTMAEForPreTraining`` of the same architecture as ``model`` (SDPA attention), random
     init, or with ``model``'s weights when ``copy_weights``."""
-    from mimkit.models.load import import_transformers
+    from mimkit.checkpoints.load import import_transformers
 
     transformers = import_transformers("comparisons with HuggingFace ViTMAE")
 
-    from mimkit.models.convert import from_mimkit, hf_config_from_args
+    from mimkit.checkpoints.convert import from_mimkit, hf_config_from_args
 
     hf_config = hf_config_from_args(model.config)
     hf_config._attn_implementation = "sdpa"

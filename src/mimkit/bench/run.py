@@ -121,7 +121,7 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], Any] = print) -> d
     """
     import platform
 
-    from mimkit.models.load import import_transformers
+    from mimkit.checkpoints.load import import_transformers
 
     transformers = import_transformers("comparisons with HuggingFace ViTMAE")
 

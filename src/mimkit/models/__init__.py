@@ -1,10 +1,9 @@
 """Encoders, decoders, the :class:`MaskedImageModel` frame and the registry of architectures.
 
 :mod:`mimkit.build` assembles them with a masker and a target (``create_model``, ``build_model``,
-``load_checkpoint``).
+``load_checkpoint``); :mod:`mimkit.checkpoints` reads, writes and converts their weights.
 """
 
-from mimkit.models.load import load_encoder, read_checkpoint, save_checkpoint_as
 from mimkit.models.mae_decoder import DecoderOutput, MAEDecoder
 from mimkit.models.mim import MaskedImageModel, MIMOutput
 from mimkit.models.prompting_decoder import PromptingDecoder
@@ -23,8 +22,5 @@ __all__ = [
     "VisionTransformer",
     "create_decoder",
     "create_encoder",
-    "load_encoder",
     "model_args",
-    "read_checkpoint",
-    "save_checkpoint_as",
 ]

@@ -1,7 +1,7 @@
 """Detection fine-tuning and evaluation: ``mimkit detect-train`` and ``mimkit detect-eval``.
 
 A run loads a pretrained encoder (mimkit, original MAE or HuggingFace checkpoint, through
-:func:`mimkit.models.load.load_checkpoint`), wraps it in a multi-scale backbone
+:func:`mimkit.checkpoints.load.load_checkpoint`), wraps it in a multi-scale backbone
 (:mod:`mimkit.dense.models.backbones`), assembles torchvision's Mask R-CNN on it
 (:func:`~mimkit.dense.models.maskrcnn.build_detector`) and trains with AdamW, layer-wise lr decay on the
 encoder, linear warmup then cosine. It writes ``last.pt``, ``config.yaml``, ``metrics.jsonl``,
@@ -186,7 +186,7 @@ def load_pretrained(
     """The encoder (and MAE decoder) a dense model starts from.
 
     Args:
-        checkpoint: a checkpoint of any layout :func:`~mimkit.models.load.load_checkpoint` reads, or None
+        checkpoint: a checkpoint of any layout :func:`~mimkit.checkpoints.load.load_checkpoint` reads, or None
             for ``encoder`` untrained.
         random_init: the checkpoint's architecture untrained (the baseline), seeded by ``seed``.
         encoder: the architecture without a checkpoint (the pretraining config's ``model`` section).

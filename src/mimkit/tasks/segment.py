@@ -1,6 +1,6 @@
 """Semantic-segmentation fine-tuning and evaluation: ``mimkit seg-train`` and ``mimkit seg-eval``.
 
-The encoder comes from any checkpoint :func:`~mimkit.models.load.load_checkpoint` reads; the backbone is
+The encoder comes from any checkpoint :func:`~mimkit.checkpoints.load.load_checkpoint` reads; the backbone is
 ConvMAE's stages (``convmae``), a ViT with ViTDet's simple feature pyramid (``vit_pyramid``) or MIMDet's
 ConvStem into the ViT (``mimdet``); the head is UperNet. Per-pixel cross-entropy (ignored pixels excluded),
 AdamW with layer-wise lr decay on the encoder, warmup then cosine. A run writes ``last.pt``,

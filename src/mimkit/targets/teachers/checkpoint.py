@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mimkit.checkpoints.load import load_encoder
 from mimkit.data.transforms import default_normalization
 from mimkit.masking.saliency import patch_saliency
-from mimkit.models.load import load_encoder
 from mimkit.targets.teachers.base import Teacher, resample_to_grid
 
 
@@ -34,7 +34,7 @@ class CheckpointTeacher(Teacher):
     the same data), unless ``mean``/``std`` are given.
 
     Args:
-        path: a checkpoint file or directory in any layout :func:`~mimkit.models.load.read_checkpoint` reads.
+        path: a checkpoint file or directory in any layout :func:`~mimkit.checkpoints.load.read_checkpoint` reads.
         student_mean, student_std: normalization of the student's images.
         input_size: None or the checkpoint's ``img_size``.
         mean, std: the teacher's normalization, overriding the one described above.

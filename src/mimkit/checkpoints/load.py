@@ -8,7 +8,7 @@ alone. They read
   :func:`save_checkpoint_as` writes (``model`` in the mimkit or MAE layout + ``model_args``);
 * original MAE checkpoints (facebookresearch/mae): ``{"model": ..., "args": argparse.Namespace, ...}``
   from ``main_pretrain.py``, or the released ``{"model": ...}`` files;
-* bare state dicts in any of :data:`~mimkit.models.convert.LAYOUTS` (``.pt``/``.pth``/``.bin`` or
+* bare state dicts in any of :data:`~mimkit.checkpoints.convert.LAYOUTS` (``.pt``/``.pth``/``.bin`` or
   ``.safetensors``), the architecture read off the tensor shapes;
 * HuggingFace ``save_pretrained`` directories of ``ViTMAEForPreTraining`` (``config.json`` +
   ``model.safetensors`` or ``pytorch_model.bin``, sharded or not).
@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mimkit.files import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
-from mimkit.models.convert import (
+from mimkit.checkpoints.convert import (
     args_from_hf_config,
     detect_layout,
     fit_problems,
@@ -44,6 +43,7 @@ from mimkit.models.convert import (
     to_mimkit,
     unwrap_checkpoint,
 )
+from mimkit.files import CheckpointError, error_summary, load_checkpoint_file, save_checkpoint
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
@@ -192,7 +192,7 @@ class CheckpointContents:
         run_config_required: whether the model can only be rebuilt from ``run_config`` (no ``args``), so that
             an invalid one is an error rather than a warning.
         full: whether the weights must hold the decoder too (a mimkit checkpoint saves whole models).
-        read_weights: returns the weights, in any of :data:`~mimkit.models.convert.LAYOUTS`.
+        read_weights: returns the weights, in any of :data:`~mimkit.checkpoints.convert.LAYOUTS`.
     """
 
     path: Path
@@ -310,7 +310,7 @@ def _hf_weights_file(path: Path) -> dict[str, Tensor]:
 
 
 def _hf_key_fixes(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Key names transformers writes that :mod:`~mimkit.models.convert` does not list.
+    """Key names transformers writes that :mod:`~mimkit.checkpoints.convert` does not list.
 
     * transformers 5.x ``save_pretrained`` reverses its ``encoder.layer.`` -> ``layers.`` rename inside
       ``decoder_layers.`` too, writing ``decoder.decoder_encoder.layer.N``; it reads that back as

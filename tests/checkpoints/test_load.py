@@ -14,10 +14,10 @@ from torch import nn
 
 import mimkit
 from mimkit.build import build_model, convert_checkpoint, create_model, load_checkpoint
+from mimkit.checkpoints.convert import LAYOUTS, from_mimkit
+from mimkit.checkpoints.load import HF_CONFIG_NAME, HF_WEIGHTS_NAME, MIMKIT_EXTRA_NAME, load_encoder, save_checkpoint_as
 from mimkit.config import load_config
 from mimkit.files import CheckpointError
-from mimkit.models.convert import LAYOUTS, from_mimkit
-from mimkit.models.load import HF_CONFIG_NAME, HF_WEIGHTS_NAME, MIMKIT_EXTRA_NAME, load_encoder, save_checkpoint_as
 
 TINY = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 # 192 wide is a registry width (vit_tiny, 3 heads): head counts can be inferred from bare weights.

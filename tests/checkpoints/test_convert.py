@@ -8,7 +8,7 @@ from timm.models.vision_transformer import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
 from mimkit.build import create_model
-from mimkit.models.convert import (
+from mimkit.checkpoints.convert import (
     LAYOUTS,
     args_from_hf_config,
     detect_layout,
