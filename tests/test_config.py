@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,31 @@ def test_an_old_checkpoint_with_flat_mask_keys_loads(tmp_path: Path) -> None:
     assert loaded.masker.hint_ratio == 0.2
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["mask.type=block", "mask.block.min_num_patches=0"], "mask.block.min_num_patches"),
+        (["mask.type=block", "mask.block.max_aspect=0.1"], "mask.block.max_aspect"),
+        (["mask.type=attention", "mask.attention.mode=x"], "mask.attention.mode"),
+        (["mask.type=attention", "mask.attention.temperature=-1"], "mask.attention.temperature"),
+        (["mask.type=self_guided", "mask.self_guided.trigger_patience=0"], "mask.self_guided.trigger_patience"),
+        (["mask.type=self_guided", "mask.self_guided.trigger_every_steps=0"], "mask.self_guided.trigger_every_steps"),
+        (["mask.type=self_guided", "mask.self_guided.graph=x"], "mask.self_guided.graph"),
+        (["mask.type=self_guided", "mask.self_guided.foreground=x"], "mask.self_guided.foreground"),
+        (["mask.type=self_guided", "mask.self_guided.hint_choice=x"], "mask.self_guided.hint_choice"),
+        (["mask.type=self_guided", "mask.self_guided.hint_ratio=1.2"], "mask.self_guided.hint_ratio"),
+        (["mask.type=self_guided", "mask.self_guided.hint_ratio_end=0.5"], "mask.self_guided.hint_ratio_end"),
+        (["mask.type=self_guided", "mask.ratio=-0.1"], "mask.ratio"),
+    ],
+)
+def test_the_masker_checks_its_own_section_and_the_error_names_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+        load_config(None, overrides)
+
+
+def test_an_inactive_mask_section_is_kept_but_neither_used_nor_checked() -> None:
+    cfg = load_config(None, ["mask.self_guided.trigger_patience=0", "mask.block.min_num_patches=0"])
+    assert cfg.mask.type == "random" and cfg.mask.section() is None
+    assert cfg.mask.self_guided.trigger_patience == 0 and cfg.mask.block.min_num_patches == 0  # saved as set

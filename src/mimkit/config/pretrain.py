@@ -367,14 +367,12 @@ class Config:
             raise ConfigError(f"model.img_size: {err}") from None
         check(self.model.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.model.in_chans}")
         check(self.mask.type in MASKERS, "mask.type", f"unknown {self.mask.type!r}; one of {sorted(MASKERS)}")
+        # the masker checks its own options (and may restrict the ratio, grid: 0.75, or the patch grid, grid: even
+        # sides): built here without weights, its refusal is reported under the key of the option it names
         try:
-            num_hidden_patches(1, self.mask.ratio)
-        except ValueError as err:
-            raise ConfigError(f"mask.ratio: {err}") from None
-        try:  # a masker may restrict the ratio (grid: 0.75) or the patch grid (grid: even sides)
             masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
         except ValueError as err:
-            raise ConfigError(f"mask.{'ratio' if 'ratio' in str(err) else self.mask.type}: {err}") from None
+            raise ConfigError(f"{masker_error_key(self.mask, str(err))}: {err}") from None
         check_grid = getattr(masker, "check_grid", None)
         if check_grid is not None:
             try:
@@ -397,17 +395,6 @@ class Config:
             "a larger model.patch_size",
         )
         check(self.mask.exploitation_every_steps >= 1, "mask.exploitation_every_steps", "must be >= 1")
-        guided = self.mask.self_guided
-        check(guided.trigger_patience >= 1, "mask.self_guided.trigger_patience", "must be >= 1 (consecutive checks)")
-        for key, value, choices in (
-            ("mask.self_guided.trigger", guided.trigger, ("exploitation", "epoch")),
-            ("mask.self_guided.graph", guided.graph, ("weighted", "binary")),
-            ("mask.self_guided.foreground", guided.foreground, ("border", "mean", "eigenvector")),
-            ("mask.self_guided.hint_choice", guided.hint_choice, ("random", "similarity")),
-        ):
-            check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
-        every = guided.trigger_every_steps
-        check(every is None or every >= 1, "mask.self_guided.trigger_every_steps", "must be >= 1 (or null)")
         check(
             self.mask.type != "attention" or self.mask.attention.source == "encoder" or self.target.teacher is not None,
             "mask.attention.source",
@@ -530,6 +517,30 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         kind = target.get("type", "pixel") if isinstance(target, dict) else "pixel"
         data = {**data, "model": {**model, "head": default_head(str(kind)), "encoder_sees": "visible"}}
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
+
+
+def masker_error_key(mask: MaskConfig, message: str) -> str:
+    """The config key a masker's constructor refused, read off its message: of the masker's arguments the message
+    names, the first one set away from its default (else the first one), as ``mask.ratio`` or
+    ``mask.<type>.<argument>``; ``mask.type`` when it names none."""
+    import inspect
+    import re
+
+    from mimkit.masking import MASKERS
+
+    section = mask.section()
+    defaults = asdict(type(section)()) if section is not None else {}
+    options = mask_options(mask)
+    named = sorted(
+        (match.start(), name)
+        for name in inspect.signature(MASKERS[mask.type]).parameters
+        if (match := re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message))
+    )
+    changed = [name for _, name in named if name in defaults and options[name] != defaults[name]]
+    first = changed or [name for _, name in named]
+    if first and first[0] == "ratio":
+        return "mask.ratio"
+    return f"mask.{mask.type}.{first[0]}" if first and first[0] in defaults else "mask.type"
 
 
 def nest_mask_keys(data: dict[str, Any]) -> dict[str, Any]:
