@@ -317,8 +317,9 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid
-        from mimkit.masking import MASKERS, create_masker, num_hidden_patches
+        from mimkit.masking import MASKERS, OptionError, create_masker, num_hidden_patches
         from mimkit.models.mim import LOSS_ON
+        from mimkit.models.protocols import GridCheckedMasker
         from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS, HEADS
         from mimkit.models.vit import ENCODER_SEES
         from mimkit.targets import LOSSES, TARGETS, TEACHER_TARGETS
@@ -371,12 +372,11 @@ class Config:
         # sides): built here without weights, its refusal is reported under the key of the option it names
         try:
             masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
-        except ValueError as err:
-            raise ConfigError(f"{masker_error_key(self.mask, str(err))}: {err}") from None
-        check_grid = getattr(masker, "check_grid", None)
-        if check_grid is not None:
+        except OptionError as err:
+            raise ConfigError(f"{masker_option_key(self.mask, err.option)}: {err}") from None
+        if isinstance(masker, GridCheckedMasker):
             try:
-                check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
+                masker.check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
             except ValueError as err:
                 raise ConfigError(f"mask.type: {err}") from None
         grid_h, grid_w = check_patch_grid(self.model.img_size, self.encoder_stride())
@@ -519,28 +519,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
 
 
-def masker_error_key(mask: MaskConfig, message: str) -> str:
-    """The config key a masker's constructor refused, read off its message: of the masker's arguments the message
-    names, the first one set away from its default (else the first one), as ``mask.ratio`` or
-    ``mask.<type>.<argument>``; ``mask.type`` when it names none."""
-    import inspect
-    import re
-
-    from mimkit.masking import MASKERS
-
-    section = mask.section()
-    defaults = asdict(type(section)()) if section is not None else {}
-    options = mask_options(mask)
-    named = sorted(
-        (match.start(), name)
-        for name in inspect.signature(MASKERS[mask.type]).parameters
-        if (match := re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message))
-    )
-    changed = [name for _, name in named if name in defaults and options[name] != defaults[name]]
-    first = changed or [name for _, name in named]
-    if first and first[0] == "ratio":
+def masker_option_key(mask: MaskConfig, option: str) -> str:
+    """The config key of the masker's constructor argument ``option`` (:class:`~mimkit.masking.OptionError`):
+    ``mask.ratio``, ``mask.<type>.<option>``, or ``mask.type`` for one the config does not set (fine_random's
+    cell factor, which comes from the model)."""
+    if option == "ratio":
         return "mask.ratio"
-    return f"mask.{mask.type}.{first[0]}" if first and first[0] in defaults else "mask.type"
+    section = mask.section()
+    return f"mask.{mask.type}.{option}" if section is not None and option in asdict(section) else "mask.type"
 
 
 def nest_mask_keys(data: dict[str, Any]) -> dict[str, Any]:
