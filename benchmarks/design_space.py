@@ -42,7 +42,13 @@ def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
     """Row name -> (group, what changes, overrides of the demo recipe)."""
     maskdistill = ["target.type=maskdistill", *TEACHER]
     beitv2 = ["target.type=vqkd", f"target.tokenizer={tokenizer}"]
-    milan = ["target.type=milan", *TEACHER, "mask.type=attention", "mask.mode=keep", "mask.source=teacher"]
+    milan = [
+        "target.type=milan",
+        *TEACHER,
+        "mask.type=attention",
+        "mask.attention.mode=keep",
+        "mask.attention.source=teacher",
+    ]
     return {
         "mae": ("MAE", "reference: hidden-patch loss, norm-pix, visible-only encoder, decoder depth 4", []),
         "mae_loss_all": ("MAE", "loss on all patches", ["target.loss_on=all"]),

@@ -22,16 +22,20 @@ from mimkit.engine.logging import read_metrics
 
 VARIANTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
-    "block": ["mask.type=block", "mask.min_num_patches=4"],
+    "block": ["mask.type=block", "mask.block.min_num_patches=4"],
     "grid": ["mask.type=grid"],
     # Self-Guided MAE as specified: switch where the exploitation rate of mask tokens crosses above visible tokens'.
-    "self_guided": ["mask.type=self_guided", "mask.trigger_every_steps=50"],
+    "self_guided": ["mask.type=self_guided", "mask.self_guided.trigger_every_steps=50"],
     # The same informed masking switched on at a fixed point (a quarter of the run), to see its effect
     # even when the exploitation trigger does not fire within a short budget.
-    "self_guided_fixed": ["mask.type=self_guided", "mask.trigger=epoch", "mask.start_epoch=0.25"],
+    "self_guided_fixed": [
+        "mask.type=self_guided",
+        "mask.self_guided.trigger=epoch",
+        "mask.self_guided.start_epoch=0.25",
+    ],
     "random_r0.5": ["mask.type=random", "mask.ratio=0.5"],
     "random_r0.25": ["mask.type=random", "mask.ratio=0.25"],
-    "attention": ["mask.type=attention", "mask.mode=hide", "mask.temperature=1.0"],
+    "attention": ["mask.type=attention", "mask.attention.mode=hide", "mask.attention.temperature=1.0"],
 }
 
 

@@ -4,7 +4,7 @@
    ``--epochs`` epochs with random masking, the decoder's exploitation rate (``Rhat_{V->O}``,
    ``Rhat_{M->O}``) measured on one batch every 5 steps and a checkpoint kept after every epoch.
 2. ``T``: the first epoch boundary at which the epoch's mean ``Rhat_{M->O}`` is above ``Rhat_{V->O}`` after an
-   epoch at or below it: what ``mask.trigger=exploitation`` decides when it checks once per epoch. A
+   epoch at or below it: what ``mask.self_guided.trigger=exploitation`` decides when it checks once per epoch. A
    self-guided run with the same seed is the random run up to T (same data, masks and measurements), so
    ``guided_s{seed}_T{T}`` resumes the random run's epoch-T checkpoint with ``mask.type=self_guided``,
    switched at T: the very run a single self-guided run would have been. When the curves do not cross,
@@ -107,9 +107,9 @@ def guided_run(args: argparse.Namespace, seed: int, switch: int) -> Path:
     overrides = [
         *common(args, seed),
         "mask.type=self_guided",
-        "mask.trigger=epoch",
-        f"mask.start_epoch={switch}",
-        f"mask.foreground={args.foreground}",
+        "mask.self_guided.trigger=epoch",
+        f"mask.self_guided.start_epoch={switch}",
+        f"mask.self_guided.foreground={args.foreground}",
         f"train.output_dir={run}",
         "train.progress=false",
         "eval.knn=false",

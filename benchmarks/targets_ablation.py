@@ -13,7 +13,7 @@ own linear probe and kNN (average-pooled stage-4 features) are the reference lin
 Every target runs in MAE's frame (visible-only encoder, MAE's decoder; ``model.head=mae`` where the target's
 recipe would choose BEiT's encoder and FC head), so that only the target changes between rows.
 * ``milan``: the teacher's features, cosine loss, prompting decoder, masks that keep what the teacher
-  finds salient (``mask.type=attention mask.mode=keep mask.source=teacher``).
+  finds salient (``mask.type=attention mask.attention.mode=keep mask.attention.source=teacher``).
 * ``vqkd``: BEiT v2, cross-entropy on the codes of a VQ-KD tokenizer (``configs/vqkd_fmnist.yaml``,
   trained first when ``--tokenizer`` does not exist).
 * ``vqkd_cls``: the same with BEiT v2's class-token pretraining head.
@@ -57,7 +57,13 @@ def variants(tokenizer: Path) -> dict[str, list[str]]:
         "pixel": [],
         "hog": ["target.type=hog"],
         "maskdistill": ["target.type=maskdistill", *TEACHER, "model.head=mae"],
-        "milan": ["target.type=milan", *TEACHER, "mask.type=attention", "mask.mode=keep", "mask.source=teacher"],
+        "milan": [
+            "target.type=milan",
+            *TEACHER,
+            "mask.type=attention",
+            "mask.attention.mode=keep",
+            "mask.attention.source=teacher",
+        ],
         "vqkd": vqkd,
         "vqkd_cls": [*vqkd, "target.cls_pretraining=true"],
     }

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,143 @@ def test_folder_needs_root_and_bad_yaml(tmp_path: Path) -> None:
         load_config(listy)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+# the mask section as configs written before the masker's sections stored it (the keys flat)
+FLAT_MASK = {
+    "type": "self_guided",
+    "ratio": 0.75,
+    "min_num_patches": 4,
+    "min_aspect": 0.3,
+    "max_aspect": None,
+    "random_offset": False,
+    "mode": "hide",
+    "temperature": 1.0,
+    "source": "encoder",
+    "hint_ratio": 0.2,
+    "hint_ratio_end": 0.0,
+    "trigger": "epoch",
+    "trigger_patience": 1,
+    "start_epoch": 1.0,
+    "layer": None,
+    "setting": "ideal",
+    "graph": "weighted",
+    "foreground": "border",
+    "tau": 0.3,
+    "hint_choice": "random",
+    "exploitation_every_steps": 10,
+    "trigger_every_steps": None,
+}
+
+
+def test_each_mask_section_holds_its_masker_constructor_arguments() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from mimkit.config.pretrain import MASK_SECTIONS
+    from mimkit.masking import MASKERS
+
+    for kind, section in MASK_SECTIONS.items():
+        arguments = [name for name in inspect.signature(MASKERS[kind]).parameters if name != "ratio"]
+        assert [f.name for f in fields(section)] == arguments, kind
+    assert set(MASKERS) - set(MASK_SECTIONS) == {"random", "fine_random"}  # no options (fine_random's: the model's)
+
+
+def test_nested_mask_sections_take_dotted_overrides_and_typos_name_the_full_key() -> None:
+    cfg = load_config(None, ["mask.type=self_guided", "mask.self_guided.hint_ratio=0.2", "mask.block.min_aspect=0.5"])
+    assert cfg.mask.self_guided.hint_ratio == 0.2 and cfg.mask.block.min_aspect == 0.5
+    assert cfg.mask.section() is cfg.mask.self_guided
+    with pytest.raises(
+        ConfigError, match=r"mask\.self_guided\.hint_ratoi .*did you mean mask\.self_guided\.hint_ratio\?"
+    ):
+        load_config(None, ["mask.self_guided.hint_ratoi=0.2"])
+    with pytest.raises(ConfigError, match=r"mask\.block\.min_num_patch .*did you mean mask\.block\.min_num_patches\?"):
+        load_config(None, ["mask.block.min_num_patch=9"])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("mask.hint_ratio=0.2", "mask.self_guided.hint_ratio"),
+        ("mask.min_num_patches=9", "mask.block.min_num_patches"),
+        ("mask.random_offset=true", "mask.grid.random_offset"),
+        ("mask.source=teacher", "mask.attention.source"),
+        ("mask.trigger_patience=2", "mask.self_guided.trigger_patience"),
+    ],
+)
+def test_a_flat_mask_key_in_a_recipe_or_override_names_its_new_key(old: str, new: str, tmp_path: Path) -> None:
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} moved to {new}"):
+        load_config(None, [old])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"mask": {key.split(".")[1]: yaml.safe_load(old.split("=")[1])}}))
+    with pytest.raises(ConfigError, match=rf"{key} moved to {new}"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"did you mean mask\.self_guided\.hint_ratio\?"):
+        load_config(None, ["mask.hint_ratoi=0.2"])  # a misspelt old key is pointed to the new one
+
+
+def test_a_stored_config_with_flat_mask_keys_is_read_nested() -> None:
+    from mimkit.config.pretrain import nest_mask_keys
+
+    stored = {**Config().to_dict(), "mask": dict(FLAT_MASK)}
+    cfg = config_from_dict(stored)
+    assert cfg.mask.type == "self_guided" and cfg.mask.exploitation_every_steps == 10
+    assert (cfg.mask.self_guided.hint_ratio, cfg.mask.self_guided.tau, cfg.mask.self_guided.start_epoch) == (
+        0.2,
+        0.3,
+        1.0,
+    )
+    assert cfg.mask.self_guided.trigger == "epoch" and cfg.mask.block.min_aspect == 0.3
+    assert nest_mask_keys(stored)["mask"] == cfg.to_dict()["mask"]
+    current = Config().to_dict()
+    assert nest_mask_keys(current) is current  # a config of today is left as it is
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_an_old_checkpoint_with_flat_mask_keys_loads(tmp_path: Path) -> None:
+    import torch
+
+    from mimkit.build import build_model, load_checkpoint
+
+    small = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "model.img_size=16"]
+    cfg = load_config(None, [*small, "mask.type=self_guided", "mask.self_guided.hint_ratio=0.2"])
+    model = build_model(cfg)
+    stored = cfg.to_dict()
+    stored["mask"] = {**FLAT_MASK, "trigger": "exploitation", "start_epoch": None, "tau": 0.2}
+    path = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "config": stored}, path)  # no model_args: built from the config
+    loaded = load_checkpoint(path)
+    assert loaded.run_config == cfg
+    assert loaded.config["mask_options"] == model.config["mask_options"]
+    assert loaded.masker.hint_ratio == 0.2
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["mask.type=block", "mask.block.min_num_patches=0"], "mask.block.min_num_patches"),
+        (["mask.type=block", "mask.block.max_aspect=0.1"], "mask.block.max_aspect"),
+        (["mask.type=attention", "mask.attention.mode=x"], "mask.attention.mode"),
+        (["mask.type=attention", "mask.attention.temperature=-1"], "mask.attention.temperature"),
+        (["mask.type=self_guided", "mask.self_guided.trigger_patience=0"], "mask.self_guided.trigger_patience"),
+        (["mask.type=self_guided", "mask.self_guided.trigger_every_steps=0"], "mask.self_guided.trigger_every_steps"),
+        (["mask.type=self_guided", "mask.self_guided.graph=x"], "mask.self_guided.graph"),
+        (["mask.type=self_guided", "mask.self_guided.foreground=x"], "mask.self_guided.foreground"),
+        (["mask.type=self_guided", "mask.self_guided.hint_choice=x"], "mask.self_guided.hint_choice"),
+        (["mask.type=self_guided", "mask.self_guided.hint_ratio=1.2"], "mask.self_guided.hint_ratio"),
+        (["mask.type=self_guided", "mask.self_guided.hint_ratio_end=0.5"], "mask.self_guided.hint_ratio_end"),
+        (["mask.type=self_guided", "mask.ratio=-0.1"], "mask.ratio"),
+    ],
+)
+def test_the_masker_checks_its_own_section_and_the_error_names_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+        load_config(None, overrides)
+
+
+def test_an_inactive_mask_section_is_kept_but_neither_used_nor_checked() -> None:
+    cfg = load_config(None, ["mask.self_guided.trigger_patience=0", "mask.block.min_num_patches=0"])
+    assert cfg.mask.type == "random" and cfg.mask.section() is None
+    assert cfg.mask.self_guided.trigger_patience == 0 and cfg.mask.block.min_num_patches == 0  # saved as set

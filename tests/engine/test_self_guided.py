@@ -17,7 +17,9 @@ SELF_GUIDED = ["mask.type=self_guided", "train.epochs=3", "log.every_steps=1"]
 
 
 def test_switches_at_the_configured_epoch_and_logs_it(tmp_path: Path, small_config) -> None:
-    trainer = Pretrainer(small_config(tmp_path, *SELF_GUIDED, "mask.trigger=epoch", "mask.start_epoch=1"))
+    trainer = Pretrainer(
+        small_config(tmp_path, *SELF_GUIDED, "mask.self_guided.trigger=epoch", "mask.self_guided.start_epoch=1")
+    )
     masks = []
     make_mask = trainer.model.make_mask
 
@@ -51,7 +53,7 @@ def expected_switch(windows: list[tuple[int, float, float]], patience: int) -> i
 
 
 def test_exploitation_trigger_measures_logs_and_decides(tmp_path: Path, small_config) -> None:
-    overrides = ["mask.exploitation_every_steps=1", "mask.trigger_every_steps=2"]
+    overrides = ["mask.exploitation_every_steps=1", "mask.self_guided.trigger_every_steps=2"]
     summary = run_pretraining(small_config(tmp_path, *SELF_GUIDED, *overrides))
     trainer_masker = load_checkpoint_file(tmp_path / "last.pt")["masker"]["state"]
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -79,7 +81,12 @@ def test_exploitation_trigger_measures_logs_and_decides(tmp_path: Path, small_co
     assert switch == expected_switch(windows, patience=1)
 
 
-PRIMED = [*SELF_GUIDED, "mask.exploitation_every_steps=1", "mask.trigger_every_steps=2", "mask.trigger_patience=2"]
+PRIMED = [
+    *SELF_GUIDED,
+    "mask.exploitation_every_steps=1",
+    "mask.self_guided.trigger_every_steps=2",
+    "mask.self_guided.trigger_patience=2",
+]
 
 
 def primed(trainer: Pretrainer) -> Pretrainer:
@@ -106,7 +113,7 @@ def test_resume_across_an_exploitation_switch_equals_uninterrupted(tmp_path: Pat
 
 
 def test_resume_keeps_the_switch_and_equals_uninterrupted(tmp_path: Path, small_config, weights) -> None:
-    overrides = [*SELF_GUIDED, "mask.trigger=epoch", "mask.start_epoch=1"]
+    overrides = [*SELF_GUIDED, "mask.self_guided.trigger=epoch", "mask.self_guided.start_epoch=1"]
     full = Pretrainer(small_config(tmp_path / "full", *overrides))
     full.fit()
     first = Pretrainer(small_config(tmp_path / "split", *overrides, "train.max_steps=6"))

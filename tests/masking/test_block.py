@@ -165,13 +165,15 @@ def test_masker_settings_come_from_the_config_and_reach_the_model() -> None:
     from mimkit.build import build_model
     from mimkit.config import ConfigError, load_config
 
-    cfg = load_config(None, ["mask.type=block", "mask.ratio=0.5", "mask.min_num_patches=9", "mask.min_aspect=1.0"])
+    cfg = load_config(
+        None, ["mask.type=block", "mask.ratio=0.5", "mask.block.min_num_patches=9", "mask.block.min_aspect=1.0"]
+    )
     model = build_model(cfg)
     assert isinstance(model.masker, BlockMasker)
     assert model.config["mask_options"] == {"min_num_patches": 9, "min_aspect": 1.0, "max_aspect": None}
     spec = model.make_mask(4, generator=torch.Generator().manual_seed(0))
     assert int(spec.mask.sum(dim=1)[0]) == 32
-    grid_cfg = load_config(None, ["mask.type=grid", "mask.random_offset=true"])
+    grid_cfg = load_config(None, ["mask.type=grid", "mask.grid.random_offset=true"])
     assert build_model(grid_cfg).config["mask_options"] == {"random_offset": True}
     with pytest.raises(ConfigError, match="mask"):
-        load_config(None, ["mask.type=block", "mask.min_num_patches=0"])
+        load_config(None, ["mask.type=block", "mask.block.min_num_patches=0"])

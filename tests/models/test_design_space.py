@@ -163,7 +163,13 @@ def test_recipes_resolve_their_design_and_old_run_configs_keep_theirs() -> None:
 
 
 def test_each_milan_switch_changes_exactly_its_part() -> None:
-    milan = ["target.type=milan", *TEACHER, "mask.type=attention", "mask.mode=keep", "mask.source=teacher"]
+    milan = [
+        "target.type=milan",
+        *TEACHER,
+        "mask.type=attention",
+        "mask.attention.mode=keep",
+        "mask.attention.source=teacher",
+    ]
 
     def parts(*overrides: str) -> tuple[type, type, str, str]:
         model = build_model(load_config(RECIPE, [*milan, *overrides]))

@@ -195,12 +195,13 @@ def test_milan_recipe_trains_with_teacher_guided_masks(tmp_path: Path) -> None:
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=32",
         "train.batch_size=16", "train.max_steps=2", "train.progress=false", "log.tensorboard=false",
         "eval.knn=false", "target.type=milan", "target.teacher=efficientnet_lite0", "target.teacher_input_size=64",
-        "mask.type=attention", "mask.mode=keep", "mask.source=teacher", f"train.output_dir={tmp_path}",
+        "mask.type=attention", "mask.attention.mode=keep", "mask.attention.source=teacher",
+        f"train.output_dir={tmp_path}",
     ]  # fmt: skip
     summary_steps = Pretrainer(load_config(None, overrides)).fit()
     assert summary_steps.steps == 2 and 0.0 < summary_steps.final_loss < 2.0  # cosine loss lies in [0, 2]
-    with pytest.raises(ConfigError, match=r"mask\.source=teacher needs a teacher target"):
-        load_config(None, ["mask.type=attention", "mask.source=teacher"])
+    with pytest.raises(ConfigError, match=r"mask\.attention\.source=teacher needs a teacher target"):
+        load_config(None, ["mask.type=attention", "mask.attention.source=teacher"])
 
 
 def test_vqkd_target_keeps_its_tokenizer_frozen_and_out_of_the_state_dict(images, tokenizer_path: Path) -> None:

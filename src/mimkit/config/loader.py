@@ -87,15 +87,25 @@ def nearest_key(name: str, names: typing.Iterable[str]) -> list[str]:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key."""
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key.
+
+    A schema may list keys it no longer has in a class attribute ``MOVED_KEYS`` (old name -> new dotted name
+    under the same section); such a key is refused with its new name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})  # keys of older configs -> where they live now
+    if any(key in moved for key in unknown):
+        raise ConfigError(
+            "; ".join(f"{prefix}{key} moved to {prefix}{moved[key]}" for key in unknown if key in moved)
+            + " (rename the key in the recipe or override)"
+        )
     if unknown:
         where = f"section {prefix.rstrip('.')}" if prefix else "the config"
-        guesses = {k: near[0] for k in unknown if (near := nearest_key(k, names))}
+        # a misspelt moved key is pointed to its new place
+        guesses = {k: moved.get(near[0], near[0]) for k in unknown if (near := nearest_key(k, names | set(moved)))}
         if len(unknown) == 1 and guesses:
             guess = f"; did you mean {prefix}{guesses[unknown[0]]}?"
         else:

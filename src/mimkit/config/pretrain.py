@@ -5,7 +5,7 @@ and end-of-run checks of a run, their cross-field validation, and the keyword ar
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,23 +52,35 @@ class ModelConfig:
 
 
 @dataclass
-class MaskConfig:
-    """Which patches are hidden."""
+class BlockMaskConfig:
+    """``mask.block``: BEiT's rectangles (:class:`~mimkit.masking.BlockMasker`)."""
 
-    type: str = "random"  # on the encoder's patch grid (ConvMAE: stage 3, upsampled: its block-wise masking)
-    ratio: float = 0.75
-    # fine_random (ConvMAE's ablation): the ratio hidden inside every patch on the stage-1 grid
-    # block (BEiT): smallest rectangle in patches and its aspect-ratio range (max defaults to 1 / min)
-    min_num_patches: int = 4
+    min_num_patches: int = 4  # smallest rectangle, in patches
     min_aspect: float = 0.3
-    max_aspect: float | None = None
-    # grid (MAE): keep a random cell position per image instead of the top-left one
-    random_offset: bool = False
-    # attention (AttMask / MILAN): hide or keep the most-attended patches; sampling temperature; whose attention
-    mode: str = "hide"
-    temperature: float = 1.0
-    source: str = "encoder"
-    # self_guided (Self-Guided MAE): hints revealed from the hidden cluster, decaying linearly to the end
+    max_aspect: float | None = None  # null: 1 / min_aspect
+
+
+@dataclass
+class GridMaskConfig:
+    """``mask.grid``: one kept patch per 2x2 cell (:class:`~mimkit.masking.GridMasker`)."""
+
+    random_offset: bool = False  # a random kept position per image instead of the top-left one
+
+
+@dataclass
+class AttentionMaskConfig:
+    """``mask.attention``: AttMask / MILAN (:class:`~mimkit.masking.AttentionMasker`)."""
+
+    mode: str = "hide"  # hide (AttMask) or keep (MILAN) the most-attended patches
+    temperature: float = 1.0  # of the sampling; 0: deterministic
+    source: str = "encoder"  # whose attention: the encoder being trained, or the teacher's saliency
+
+
+@dataclass
+class SelfGuidedMaskConfig:
+    """``mask.self_guided``: Self-Guided MAE (:class:`~mimkit.masking.SelfGuidedMasker`)."""
+
+    # hints revealed from the hidden cluster, decaying linearly to the end
     hint_ratio: float = 0.1
     hint_ratio_end: float = 0.0
     # switch to informed masks when the decoder's exploitation rate of mask tokens rises above that of visible
@@ -85,9 +97,44 @@ class MaskConfig:
     foreground: str = "border"
     tau: float = 0.2
     hint_choice: str = "random"
-    # measure the exploitation rate on one batch every N steps; check the trigger every N steps (null: every epoch)
-    exploitation_every_steps: int = 10
+    # check the trigger every N steps (null: every epoch)
     trigger_every_steps: int | None = None
+
+
+# mask.type -> its section of MaskConfig, whose fields are that masker's constructor arguments besides the ratio
+# (random and fine_random have none: fine_random's cell factor comes from the model)
+MASK_SECTIONS: dict[str, type] = {
+    "block": BlockMaskConfig,
+    "grid": GridMaskConfig,
+    "attention": AttentionMaskConfig,
+    "self_guided": SelfGuidedMaskConfig,
+}
+
+
+@dataclass
+class MaskConfig:
+    """Which patches are hidden: what every masker shares, and one section per masker type with that masker's own
+    options (``mask.block.min_num_patches``). Only the section of ``type`` is used; the others are kept as set."""
+
+    type: str = "random"  # on the encoder's patch grid (ConvMAE: stage 3, upsampled: its block-wise masking)
+    ratio: float = 0.75
+    # measure the decoder's exploitation rate on one batch every N steps (self_guided's trigger, log.exploitation)
+    exploitation_every_steps: int = 10
+    block: BlockMaskConfig = field(default_factory=BlockMaskConfig)
+    grid: GridMaskConfig = field(default_factory=GridMaskConfig)
+    attention: AttentionMaskConfig = field(default_factory=AttentionMaskConfig)
+    self_guided: SelfGuidedMaskConfig = field(default_factory=SelfGuidedMaskConfig)
+
+    # the flat keys of configs written before the sections -> where they live now (see nest_mask_keys)
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {
+        name: f"{section}.{name}"
+        for section, options in MASK_SECTIONS.items()
+        for name in (f.name for f in fields(options))
+    }
+
+    def section(self) -> Any | None:
+        """The options section of ``type``, or None for a masker without options (random, fine_random)."""
+        return getattr(self, self.type) if self.type in MASK_SECTIONS else None
 
 
 @dataclass
@@ -270,8 +317,9 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks that would otherwise fail hours into a run."""
         from mimkit.layers import check_patch_grid
-        from mimkit.masking import MASKERS, create_masker, num_hidden_patches
+        from mimkit.masking import MASKERS, OptionError, create_masker, num_hidden_patches
         from mimkit.models.mim import LOSS_ON
+        from mimkit.models.protocols import GridCheckedMasker
         from mimkit.models.registry import CONV_ENCODERS, DECODERS, ENCODERS, HEADS
         from mimkit.models.vit import ENCODER_SEES
         from mimkit.targets import LOSSES, TARGETS, TEACHER_TARGETS
@@ -320,18 +368,15 @@ class Config:
             raise ConfigError(f"model.img_size: {err}") from None
         check(self.model.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {self.model.in_chans}")
         check(self.mask.type in MASKERS, "mask.type", f"unknown {self.mask.type!r}; one of {sorted(MASKERS)}")
+        # the masker checks its own options (and may restrict the ratio, grid: 0.75, or the patch grid, grid: even
+        # sides): built here without weights, its refusal is reported under the key of the option it names
         try:
-            num_hidden_patches(1, self.mask.ratio)
-        except ValueError as err:
-            raise ConfigError(f"mask.ratio: {err}") from None
-        try:  # a masker may restrict the ratio (grid: 0.75) or the patch grid (grid: even sides)
             masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
-        except ValueError as err:
-            raise ConfigError(f"mask.{'ratio' if 'ratio' in str(err) else self.mask.type}: {err}") from None
-        check_grid = getattr(masker, "check_grid", None)
-        if check_grid is not None:
+        except OptionError as err:
+            raise ConfigError(f"{masker_option_key(self.mask, err.option)}: {err}") from None
+        if isinstance(masker, GridCheckedMasker):
             try:
-                check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
+                masker.check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))
             except ValueError as err:
                 raise ConfigError(f"mask.type: {err}") from None
         grid_h, grid_w = check_patch_grid(self.model.img_size, self.encoder_stride())
@@ -350,20 +395,11 @@ class Config:
             "a larger model.patch_size",
         )
         check(self.mask.exploitation_every_steps >= 1, "mask.exploitation_every_steps", "must be >= 1")
-        check(self.mask.trigger_patience >= 1, "mask.trigger_patience", "must be >= 1 (consecutive checks)")
-        for key, value, choices in (
-            ("mask.trigger", self.mask.trigger, ("exploitation", "epoch")),
-            ("mask.graph", self.mask.graph, ("weighted", "binary")),
-            ("mask.foreground", self.mask.foreground, ("border", "mean", "eigenvector")),
-            ("mask.hint_choice", self.mask.hint_choice, ("random", "similarity")),
-        ):
-            check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
-        every = self.mask.trigger_every_steps
-        check(every is None or every >= 1, "mask.trigger_every_steps", "must be >= 1 (or null)")
         check(
-            self.mask.type != "attention" or self.mask.source == "encoder" or self.target.teacher is not None,
-            "mask.source",
-            "mask.source=teacher needs a teacher target (target.type=maskdistill or milan with target.teacher)",
+            self.mask.type != "attention" or self.mask.attention.source == "encoder" or self.target.teacher is not None,
+            "mask.attention.source",
+            "mask.attention.source=teacher needs a teacher target (target.type=maskdistill or milan with "
+            "target.teacher)",
         )
         check(self.target.type in TARGETS, "target.type", f"unknown {self.target.type!r}; one of {list(TARGETS)}")
         loss = self.target.resolved_loss()
@@ -469,10 +505,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a validated :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint).
 
     A run saved before ``model.head`` existed was built with MAE's visible-only encoder and the head its target
-    had then (:func:`~mimkit.models.registry.default_head`), and is rebuilt so.
+    had then (:func:`~mimkit.models.registry.default_head`), and is rebuilt so; one saved before the masker's
+    sections holds their keys flat in ``mask`` and is read as :func:`nest_mask_keys` moves them.
     """
     from mimkit.models.registry import default_head
 
+    data = nest_mask_keys(data)
     model = data.get("model")
     if isinstance(model, dict) and "head" not in model:
         target = data.get("target")
@@ -481,14 +519,37 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return from_dict(Config, data).validate()  # type: ignore[no-any-return]
 
 
+def masker_option_key(mask: MaskConfig, option: str) -> str:
+    """The config key of the masker's constructor argument ``option`` (:class:`~mimkit.masking.OptionError`):
+    ``mask.ratio``, ``mask.<type>.<option>``, or ``mask.type`` for one the config does not set (fine_random's
+    cell factor, which comes from the model)."""
+    if option == "ratio":
+        return "mask.ratio"
+    section = mask.section()
+    return f"mask.{mask.type}.{option}" if section is not None and option in asdict(section) else "mask.type"
+
+
+def nest_mask_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (:meth:`Config.to_dict` output) with the flat ``mask`` keys of configs written before the
+    masker's sections (``mask.hint_ratio``) moved into their sections (``mask.self_guided.hint_ratio``); a config
+    without them is returned as it is. Every reader of a stored config goes through :func:`config_from_dict`, which
+    calls it; a recipe or override with a flat key is refused, naming the new key."""
+    mask = data.get("mask")
+    if not isinstance(mask, dict) or not any(key in MaskConfig.MOVED_KEYS for key in mask):
+        return data
+    nested = {key: value for key, value in mask.items() if key not in MaskConfig.MOVED_KEYS}
+    for key, value in mask.items():
+        if key in MaskConfig.MOVED_KEYS:
+            section, name = MaskConfig.MOVED_KEYS[key].split(".")
+            stored = nested.get(section)
+            nested[section] = {**(stored if isinstance(stored, dict) else {}), name: value}
+    return {**data, "mask": nested}
+
+
 def mask_options(mask: MaskConfig) -> dict[str, Any]:
-    """The settings of ``mask`` that its masker's constructor takes, besides ``ratio``."""
-    import inspect
-
-    from mimkit.masking import MASKERS
-
-    parameters = inspect.signature(MASKERS[mask.type]).parameters
-    return {name: getattr(mask, name) for name in parameters if name != "ratio" and hasattr(mask, name)}
+    """The keyword arguments of ``mask``'s masker besides ``ratio``: its active section as it stands."""
+    section = mask.section()
+    return asdict(section) if section is not None else {}
 
 
 def model_overrides(config: Config) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from mimkit.masking.grid import GridMasker
 from mimkit.masking.guided import AttentionMasker, SelfGuidedMasker, informed_mask
 from mimkit.masking.ncut import choose_foreground, ncut_bipartition, ncut_eigenvector, patch_affinity
 from mimkit.masking.random import FineRandomMasker, RandomMasker
-from mimkit.masking.spec import Masker, MaskSpec, mae_num_visible, num_hidden_patches
+from mimkit.masking.spec import Masker, MaskSpec, OptionError, mae_num_visible, num_hidden_patches
 
 MASKERS = {
     "random": RandomMasker,
@@ -32,6 +32,7 @@ __all__ = [
     "GridMasker",
     "MaskSpec",
     "Masker",
+    "OptionError",
     "RandomMasker",
     "SelfGuidedMasker",
     "choose_foreground",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mimkit.masking.spec import MaskSpec, num_hidden_patches
+from mimkit.masking.spec import MaskSpec, OptionError, num_hidden_patches
 
 _ATTEMPTS_PER_BLOCK = 10  # BEiT's retries before giving up on placing one more rectangle
 _CHUNK = 1024  # uniforms drawn from the generator at a time
@@ -70,10 +70,13 @@ class BlockMasker:
     ) -> None:
         num_hidden_patches(1, ratio)  # validates the ratio
         if min_num_patches < 1:
-            raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
+            raise OptionError("min_num_patches", f"min_num_patches must be >= 1, got {min_num_patches}")
         max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
         if not (min_aspect > 0 and max_aspect is not None and max_aspect >= min_aspect):
-            raise ValueError(f"need 0 < min_aspect <= max_aspect, got min_aspect={min_aspect}, max_aspect={max_aspect}")
+            raise OptionError(
+                "min_aspect" if min_aspect <= 0 else "max_aspect",
+                f"need 0 < min_aspect <= max_aspect, got min_aspect={min_aspect}, max_aspect={max_aspect}",
+            )
         self.ratio = ratio
         self.min_num_patches = min_num_patches
         self.min_aspect = min_aspect

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mimkit.masking.spec import MaskSpec
+from mimkit.masking.spec import MaskSpec, OptionError
 
 GRID_RATIO = 0.75  # one visible patch per 2x2 cell fixes the ratio
 
@@ -25,9 +25,10 @@ class GridMasker:
 
     def __init__(self, ratio: float = GRID_RATIO, random_offset: bool = False) -> None:
         if not math.isclose(ratio, GRID_RATIO, abs_tol=1e-9):
-            raise ValueError(
+            raise OptionError(
+                "ratio",
                 f"grid masking keeps one patch per 2x2 cell, so its ratio is {GRID_RATIO}; got {ratio}. "
-                f"Set the ratio to {GRID_RATIO} or use another mask type"
+                f"Set the ratio to {GRID_RATIO} or use another mask type",
             )
         self.ratio = GRID_RATIO
         self.random_offset = random_offset

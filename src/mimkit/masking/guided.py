@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mimkit.masking.ncut import FOREGROUND_RULES, choose_foreground, ncut_split, patch_affinity, similarity_to_mean
 from mimkit.masking.random import RandomMasker
-from mimkit.masking.spec import MaskSpec, num_hidden_patches
+from mimkit.masking.spec import MaskSpec, OptionError, num_hidden_patches
 
 ATTENTION_MODES = ("hide", "keep")
 TRIGGERS = ("exploitation", "epoch")
@@ -71,11 +71,11 @@ class AttentionMasker:
     ) -> None:
         num_hidden_patches(1, ratio)
         if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention masking mode must be one of {ATTENTION_MODES}, got {mode!r}")
+            raise OptionError("mode", f"attention masking mode must be one of {ATTENTION_MODES}, got {mode!r}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise OptionError("temperature", f"temperature must be >= 0, got {temperature}")
         if source not in ("encoder", "teacher"):
-            raise ValueError(f"attention source must be 'encoder' or 'teacher', got {source!r}")
+            raise OptionError("source", f"attention source must be 'encoder' or 'teacher', got {source!r}")
         self.ratio, self.mode, self.temperature, self.source = ratio, mode, temperature, source
         self.guidance = "cls_attention" if source == "encoder" else "teacher_attention"
         self.layer: int | None = None  # the class token's attention is read in the last encoder block
@@ -219,25 +219,29 @@ class SelfGuidedMasker:
     ) -> None:
         num_hidden_patches(1, ratio)
         if not 0 <= hint_ratio_end <= hint_ratio < 1:
-            raise ValueError(f"need 0 <= hint_ratio_end <= hint_ratio < 1, got {hint_ratio_end} and {hint_ratio}")
+            raise OptionError(
+                "hint_ratio" if not 0 <= hint_ratio < 1 else "hint_ratio_end",
+                f"need 0 <= hint_ratio_end <= hint_ratio < 1, got {hint_ratio_end} and {hint_ratio}",
+            )
         if trigger not in TRIGGERS:
-            raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+            raise OptionError("trigger", f"trigger must be one of {TRIGGERS}, got {trigger!r}")
         if trigger_every_steps is not None and trigger_every_steps < 1:
-            raise ValueError(f"trigger_every_steps must be >= 1 (or None), got {trigger_every_steps}")
+            message = f"trigger_every_steps must be >= 1 (or None), got {trigger_every_steps}"
+            raise OptionError("trigger_every_steps", message)
         if trigger_patience < 1:
-            raise ValueError(f"trigger_patience must be >= 1, got {trigger_patience}")
+            raise OptionError("trigger_patience", f"trigger_patience must be >= 1, got {trigger_patience}")
         if trigger == "epoch" and start_epoch is None:
-            raise ValueError("trigger 'epoch' needs start_epoch")
+            raise OptionError("start_epoch", "trigger 'epoch' needs start_epoch")
         if start_epoch is not None and start_epoch < 0:
-            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+            raise OptionError("start_epoch", f"start_epoch must be >= 0, got {start_epoch}")
         if setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+            raise OptionError("setting", f"setting must be one of {SETTINGS}, got {setting!r}")
         if graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+            raise OptionError("graph", f"graph must be one of {GRAPHS}, got {graph!r}")
         if foreground not in FOREGROUND_RULES:
-            raise ValueError(f"foreground must be one of {FOREGROUND_RULES}, got {foreground!r}")
+            raise OptionError("foreground", f"foreground must be one of {FOREGROUND_RULES}, got {foreground!r}")
         if hint_choice not in HINT_CHOICES:
-            raise ValueError(f"hint_choice must be one of {HINT_CHOICES}, got {hint_choice!r}")
+            raise OptionError("hint_choice", f"hint_choice must be one of {HINT_CHOICES}, got {hint_choice!r}")
         self.ratio, self.hint_ratio, self.hint_ratio_end = ratio, hint_ratio, hint_ratio_end
         self.trigger, self.trigger_patience, self.start_epoch = trigger, trigger_patience, start_epoch
         self.layer, self.setting, self.graph, self.foreground = layer, setting, graph, foreground

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mimkit.masking.spec import MaskSpec, num_hidden_patches
+from mimkit.masking.spec import MaskSpec, OptionError, num_hidden_patches
 
 
 class RandomMasker:
@@ -57,7 +57,7 @@ class FineRandomMasker:
 
     def __init__(self, ratio: float = 0.75, factor: int = 4) -> None:
         if factor < 2:
-            raise ValueError(f"factor must be at least 2 cells per patch side, got {factor}")
+            raise OptionError("factor", f"factor must be at least 2 cells per patch side, got {factor}")
         cells = factor * factor
         self.num_hidden = num_hidden_patches(cells, ratio)  # validates the ratio
         if self.num_hidden >= cells:

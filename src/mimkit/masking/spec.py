@@ -10,10 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class OptionError(ValueError):
+    """A masker refused one of its options: ``option`` names the constructor argument, so a config can name
+    the key it came from."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 def num_hidden_patches(num_patches: int, ratio: float) -> int:
     """Patches hidden per image: ``round(ratio * L)``, the same count for every image of a batch."""
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+        raise OptionError("ratio", f"mask ratio must be in [0, 1), got {ratio}")
     return round(ratio * num_patches)
 
 
