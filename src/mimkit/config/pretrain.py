@@ -374,6 +374,8 @@ class Config:
             masker = create_masker(self.mask.type, self.mask.ratio, **mask_options(self.mask))
         except OptionError as err:
             raise ConfigError(f"{masker_option_key(self.mask, err.option)}: {err}") from None
+        except ValueError as err:  # a refusal that names no single option
+            raise ConfigError(f"mask.type: {err}") from None
         if isinstance(masker, GridCheckedMasker):
             try:
                 masker.check_grid(check_patch_grid(self.model.img_size, self.encoder_stride()))

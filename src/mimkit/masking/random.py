@@ -61,9 +61,10 @@ class FineRandomMasker:
         cells = factor * factor
         self.num_hidden = num_hidden_patches(cells, ratio)  # validates the ratio
         if self.num_hidden >= cells:
-            raise ValueError(
+            raise OptionError(
+                "ratio",
                 f"ratio {ratio} hides all {cells} cells of a patch, so no token stays partly visible; "
-                f"use a ratio below {1 - 0.5 / cells:.3f}"
+                f"use a ratio below {1 - 0.5 / cells:.3f}",
             )
         self.ratio = ratio
         self.factor = factor
