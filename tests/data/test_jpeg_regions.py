@@ -187,7 +187,7 @@ def test_jpeg_restart_copies_a_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     dst = tmp_path / "marked"
     assert main(["jpeg-restart", str(src), str(dst), "--no-progress"]) == 1  # one file could not be read
     out = capsys.readouterr().out
-    assert "2 JPEGs re-encoded" in out and "1 other files copied" in out and "broken.jpg" in out
+    assert "2 JPEGs re-encoded" in out and "1 other file copied" in out and "broken.jpg" in out
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*")) == [
         "cats",
         "cats/a.jpg",
@@ -200,6 +200,6 @@ def test_jpeg_restart_copies_a_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     (dst / "cats" / "a.jpg").unlink()  # as if stopped before it: only the missing file is written again
     (src / "dogs" / "broken.jpg").unlink()
     assert main(["jpeg-restart", str(src), str(dst), "--no-progress"]) == 0
-    assert "1 JPEGs re-encoded" in capsys.readouterr().out
+    assert "1 JPEG re-encoded" in capsys.readouterr().out
     assert main(["jpeg-restart", str(src), str(src / "inside"), "--no-progress"]) == 2
     assert "must not be" in capsys.readouterr().err

@@ -68,6 +68,10 @@ def _copy(path: Path, handle: BinaryIO) -> None:
         shutil.copyfileobj(source, handle)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @dataclass
 class RestartSummary:
     """What :func:`add_restart_markers` did: files re-encoded, copied, already there and failed, the bytes
@@ -87,8 +91,8 @@ class RestartSummary:
         size = (
             f" ({self.bytes_in / 2**20:.1f} MiB -> {self.bytes_out / 2**20:.1f} MiB{quality})" if self.encoded else ""
         )
-        lines = [f"{self.encoded} JPEGs re-encoded with restart markers{size}, {self.copied} other files copied, "
-                 f"{self.kept} already there"]  # fmt: skip
+        lines = [f"{_count(self.encoded, 'JPEG')} re-encoded with restart markers{size}, "
+                 f"{_count(self.copied, 'other file')} copied, {self.kept} already there"]  # fmt: skip
         if self.failed:
             lines.append(f"{len(self.failed)} not decodable, not written: " + ", ".join(self.failed[:10]))
         return "\n".join(lines)
