@@ -93,7 +93,7 @@ class TrainLoop:
         log_every_steps: int = 1,
         log_at: Callable[[int], bool] | None = None,
         prefix: str = "train/",
-        on_update: Callable[[Tensor], None] | None = None,
+        on_update: Callable[[Tensor], object] | None = None,
         on_log: Callable[[int, dict[str, float]], dict[str, Any]] | None = None,
         save: Callable[[], Path | None] | None = None,
         save_every_steps: int | None = None,
