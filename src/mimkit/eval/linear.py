@@ -215,7 +215,7 @@ def train_linear_probe(
         min_lr: learning rate at the end of the cosine.
         seed: seeds the head's initialisation and the shuffling.
         device: where to train.
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over the steps.
         state_path: where a stop signal saves the probe's state (head, optimizer, shuffling generator,
             RNG, step, position in the epoch, losses) before it ends the run; None saves nothing.
         resume_state: such a state, loaded: training continues after its step and ends with the head
