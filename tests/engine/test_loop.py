@@ -225,3 +225,76 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_end_and_no_save_follows_it(
             step = loop.step
             loop.run_step(lambda: compute(step))  # noqa: B023 (called at once)
     assert loop.step == 3 and saved == [1, 2]  # after each logged step but the last
+
+
+RANKS_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from mimkit.engine.loop import TrainLoop
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+inputs, labels = torch.randn(40, 6, generator=torch.Generator().manual_seed(rank)), torch.arange(40) % 3
+
+
+class Records:
+    def __init__(self):
+        self.records = []
+
+    def log(self, step, metrics):
+        self.records.append([step, metrics])
+
+
+def run(split):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger, state, stop = Records(), {}, 4 if split else 7
+    for steps in (range(0, stop), range(stop, 7)):
+        loop = TrainLoop(optimizer, lambda s: 0.1, total_steps=7, task="toy", lower="lr", metrics=logger,
+                         log_every_steps=3, step=steps.start)
+        assert loop.ranks_agree  # two processes: they agree by default
+        loop.load_state_dict(state)
+        with loop:
+            for step in steps:
+                rows = slice(8 * (step % 5), 8 * (step % 5) + 8)
+                loop.run_step(lambda: F.cross_entropy(model(inputs[rows]), labels[rows]))
+        shared = [loop.agreed_state_dict()]
+        dist.broadcast_object_list(shared, src=0)  # rank 0 saves it, every rank resumes from that file
+        state = shared[0]
+    return logger.records, state
+
+
+whole, _ = run(False)
+parted, _ = run(True)
+if rank == 0:
+    json.dump({"whole": whole, "parted": parted}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not built")
+def test_two_ranks_log_the_mean_over_ranks_and_resume_a_window_every_rank_agrees_on(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = json.loads((tmp_path / "out.json").read_text())
+    whole, parted = logged["whole"], logged["parted"]
+    assert [step for step, _ in whole] == [3, 6, 7] == [step for step, _ in parted]
+    for (_, a), (_, b) in zip(whole, parted, strict=True):
+        assert a["train/lr"] == b["train/lr"]
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-12)  # the sums only add in another order

@@ -159,6 +159,18 @@ class TrainLoop:
         """The logging window in progress and the last one's means (the step is the task's to save)."""
         return {"window": dict(self.window), "window_steps": self.window_steps, "last": dict(self.last)}
 
+    def agreed_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the window's sums averaged over the ranks when they agree, so that every
+        rank resumes with it and the next logged mean is the one a run never stopped logs. Every rank must
+        call it."""
+        state = self.state_dict()
+        if self.ranks_agree and self.window:
+            sums = torch.tensor(list(self.window.values()), dtype=torch.float64, device=self.device)
+            world = distributed.place().world_size
+            averaged = (value / world for value in distributed.all_reduce(sums).tolist())
+            state["window"] = dict(zip(self.window, averaged, strict=True))
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the windows :meth:`state_dict` saved."""
         self.window = {key: float(value) for key, value in state.get("window", {}).items()}

@@ -423,9 +423,9 @@ def finetune(
         history = list(done["history"])
         log.info("fine-tuning resumed after step %d (epoch %d, step %d of it)", step, first_epoch + 1, first_index)
 
-    def save(epoch: int, index: int, order_state: Tensor, running: Tensor) -> Path | None:
-        """Rank 0 writes the state after the step just taken; ``running``: the epoch's loss sum so far (rank
-        mean)."""
+    def save(epoch: int, index: int, order_state: Tensor, running: Tensor, window: dict[str, Any]) -> Path | None:
+        """Rank 0 writes the state after the step just taken; ``running``: the epoch's loss sum so far, and
+        ``window`` the logging window's state (both rank means)."""
         if state_path is None:
             return None
         if where.is_main:
@@ -435,7 +435,7 @@ def finetune(
                 "order": order_state,
                 "running": float(running),
                 "history": history,
-                "loop": loop.state_dict(),
+                "loop": window,
             }
             state.save(state_path, loop.step, progress_state)
         return Path(state_path)
@@ -443,7 +443,7 @@ def finetune(
     def save_mid_epoch() -> Path | None:
         """What a stop signal saves after step ``index`` of ``epoch`` (every rank takes part)."""
         so_far = distributed.all_reduce(running.clone()) / where.world_size  # every rank resumes with it
-        return save(epoch, index + 1, order_state, so_far)
+        return save(epoch, index + 1, order_state, so_far, loop.agreed_state_dict())
 
     def batch_loss(index: int, order: Tensor) -> Tensor:
         """The loss of this rank's share of global batch ``index`` of the epoch's ``order``."""
@@ -501,6 +501,7 @@ def finetune(
                 for index in range(start, steps_per_epoch):
                     loop.run_step(partial(batch_loss, index, order))
                 running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
+                window = loop.agreed_state_dict()
                 if not where.is_main:
                     continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
                 logits = predict(
@@ -514,7 +515,7 @@ def finetune(
                 log.info(
                     "fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1
                 )
-                save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()))
+                save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()), window)
     finally:
         np.random.set_state(numpy_state)
     step = loop.step
