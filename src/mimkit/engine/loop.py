@@ -39,6 +39,20 @@ from mimkit.engine.run_guard import StopSignals
 Computed = Tensor | tuple[Tensor, dict[str, Tensor]]  # the loss, or the loss and its named terms
 
 
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's lr: ``lr`` times the group's ``lr_scale`` (``lr`` itself without one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], clip_grad: float | None) -> None:
+    """The update from the gradients in place: their norm over ``params`` (in this order) clipped to
+    ``clip_grad`` when given, then the optimizer's step."""
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+
+
 class Logs(Protocol):
     """What the loop logs to (a :class:`~mimkit.engine.logging.MetricsLogger` or ``NullLogger``)."""
 
@@ -182,8 +196,7 @@ class TrainLoop:
     def set_lr(self) -> float:
         """Set every group's lr for :attr:`step` from the schedule; returns the schedule's value."""
         lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+        set_group_lrs(self.optimizer, lr)
         self.lr = lr
         return lr
 
@@ -204,9 +217,7 @@ class TrainLoop:
         self.check(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.clip_grad is not None:
-            nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        self.optimizer.step()
+        clip_and_step(self.optimizer, self.params, self.clip_grad)
         loss = loss.detach()
         if self.on_update is not None:
             self.on_update(loss)
