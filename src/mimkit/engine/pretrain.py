@@ -21,6 +21,7 @@ from mimkit.config import Config, config_from_dict
 from mimkit.engine import distributed
 from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger, NullLogger
+from mimkit.engine.loop import clip_and_step, set_group_lrs
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.rng import rng_state, set_rng_state
@@ -445,9 +446,7 @@ class Pretrainer:
         """
         cfg = self.config
         seed, step, rank = cfg.train.seed, self.step, self.place.rank
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lrs(self.optimizer, self.lr_at(step))
         batch = images_uint8.shape[0]
         part = (rank * batch, self.place.world_size * batch)  # this rank's rows of the global batch
         # a custom augment that knows nothing of ranks still works in a single process
@@ -478,10 +477,8 @@ class Pretrainer:
                     out = self.forward_model(images[rows], mask=mask.rows(rows))
                 (out.loss.float() / accum).backward()
             total += out.loss.detach().float() / accum
-        if cfg.optim.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.clip_grad)
+        self.optimizer.zero_grad(set_to_none=True)  # after the step: no gradient held through the probe
         if self.online_probe is not None and labels is not None:
             self.probe_step(images, labels)
         self.step += 1

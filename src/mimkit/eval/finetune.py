@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mimkit.data.crops import CropDataset
 from mimkit.engine.run_guard import holding_run_lock
@@ -332,9 +332,8 @@ def finetune(
     from mimkit.data import build_loader
     from mimkit.data.transforms import EvalTransform, MAEAugment, Normalize
     from mimkit.engine import distributed
-    from mimkit.engine.divergence import TrainingDiverged
+    from mimkit.engine.loop import TrainLoop
     from mimkit.engine.resumable import HasState, ResumableState
-    from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
 
@@ -415,15 +414,18 @@ def finetune(
     # where the run stands: the epoch, the next step in it, the order generator at the epoch's start, the
     # epoch's loss sum so far
     first_epoch, first_index, running_sum = 0, 0, 0.0
+    loop_state: dict[str, Any] = {}  # the logging window in progress
     if resume_state is not None:
         step, done = state.load_state_dict(resume_state, source=state_path or "the resumed state")
         first_epoch, first_index, running_sum = done["epoch"], done["index"], done["running"]
+        loop_state = done.get("loop", {})
         order_generator.set_state(done["order"])
         history = list(done["history"])
         log.info("fine-tuning resumed after step %d (epoch %d, step %d of it)", step, first_epoch + 1, first_index)
 
-    def save(epoch: int, index: int, order_state: Tensor, running: Tensor) -> Path | None:
-        """Rank 0 writes the state after ``step``; ``running``: the epoch's loss sum so far (rank mean)."""
+    def save(epoch: int, index: int, order_state: Tensor, running: Tensor, window: dict[str, Any]) -> Path | None:
+        """Rank 0 writes the state after the step just taken; ``running``: the epoch's loss sum so far, and
+        ``window`` the logging window's state (both rank means)."""
         if state_path is None:
             return None
         if where.is_main:
@@ -433,84 +435,90 @@ def finetune(
                 "order": order_state,
                 "running": float(running),
                 "history": history,
+                "loop": window,
             }
-            state.save(state_path, step, progress_state)
+            state.save(state_path, loop.step, progress_state)
         return Path(state_path)
 
-    signals = StopSignals().install()  # SIGTERM/SIGINT: every rank stops after the same step
+    def save_mid_epoch() -> Path | None:
+        """What a stop signal saves after step ``index`` of ``epoch`` (every rank takes part)."""
+        so_far = distributed.all_reduce(running.clone()) / where.world_size  # every rank resumes with it
+        return save(epoch, index + 1, order_state, so_far, loop.agreed_state_dict())
+
+    def batch_loss(index: int, order: Tensor) -> Tensor:
+        """The loss of this rank's share of global batch ``index`` of the epoch's ``order``."""
+        if crops is None:
+            first = index * global_batch + where.rank * batch
+            rows = order[first : first + batch]  # (B,) this rank's rows of the global batch
+            pixels, labels = cast(Tensor, train_images)[rows], train_labels[rows]  # (B, C, S, S), (B,)
+        else:
+            pixels, labels = next(crop_batches)  # (B, C, S, S) uint8 crops, (B,)
+        images = augment(pixels.to(device, non_blocking=True), generator, **share)  # (B, C, S, S) float
+        labels = labels.to(device, non_blocking=True)  # (B,)
+        if mixup is not None:
+            images, soft_targets = mixup(images, labels)  # (B, C, S, S), (B, num_classes)
+            return cast(Tensor, soft_loss(trained(images), soft_targets))
+        return F.cross_entropy(trained(images), labels, label_smoothing=config.label_smoothing)
+
+    def after_update(loss: Tensor) -> None:
+        if ema is not None:
+            ema.update(model, step=loop.step)
+        running.add_(loss)
+
+    schedule = partial(
+        warmup_cosine, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=config.min_lr
+    )
+    loop = TrainLoop(
+        optimizer,
+        schedule,
+        total_steps=total_steps,
+        task="fine-tuning",
+        lower="blr or lr",
+        context=f" with peak lr {peak_lr:g}",
+        clip_grad=config.clip_grad,
+        step=step,
+        progress=progress,
+        metrics=metrics,
+        log_at=lambda at: at % config.log_every_steps == 0,
+        prefix="finetune/",
+        on_update=after_update,
+        save=save_mid_epoch,
+        device=device,
+        ranks_agree=where.distributed,  # SIGTERM/SIGINT: every rank stops after the same step
+    )
+    loop.load_state_dict(loop_state)
     try:
-        for epoch in range(first_epoch, config.epochs):
-            order_state = order_generator.get_state()  # saved with a stop mid-epoch, to draw this order again
-            order = torch.randperm(num_train, generator=order_generator)  # (N,)
-            start = first_index if epoch == first_epoch else 0
-            if crops is not None:
-                crops.set_epoch(epoch)
-                with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global
-                    crop_batches = iter(crops.iter_from(start))  # generator, which drop path must not see
-            running = torch.full((), running_sum if epoch == first_epoch else 0.0, device=device)
-            bar = tqdm(
-                range(start, steps_per_epoch),
-                desc=f"fine-tune {epoch + 1}/{config.epochs}",
-                unit="step",
-                disable=not progress,
-            )
-            for index in bar:
-                lr = warmup_cosine(
-                    step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=config.min_lr
+        with loop:
+            for epoch in range(first_epoch, config.epochs):
+                order_state = order_generator.get_state()  # saved with a stop mid-epoch, to draw this order again
+                order = torch.randperm(num_train, generator=order_generator)  # (N,)
+                start = first_index if epoch == first_epoch else 0
+                if crops is not None:
+                    crops.set_epoch(epoch)
+                    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global
+                        crop_batches = iter(crops.iter_from(start))  # generator, which drop path must not see
+                running = torch.full((), running_sum if epoch == first_epoch else 0.0, device=device)
+                for index in range(start, steps_per_epoch):
+                    loop.run_step(partial(batch_loss, index, order))
+                running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
+                window = loop.agreed_state_dict()
+                if not where.is_main:
+                    continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
+                logits = predict(
+                    model, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                if crops is None:
-                    start = index * global_batch + where.rank * batch
-                    rows = order[start : start + batch]  # (B,) this rank's rows of the global batch
-                    pixels, labels = cast(Tensor, train_images)[rows], train_labels[rows]  # (B, C, S, S), (B,)
-                else:
-                    pixels, labels = next(crop_batches)  # (B, C, S, S) uint8 crops, (B,)
-                images = augment(pixels.to(device, non_blocking=True), generator, **share)  # (B, C, S, S) float
-                labels = labels.to(device, non_blocking=True)  # (B,)
-                if mixup is not None:
-                    images, soft_targets = mixup(images, labels)  # (B, C, S, S), (B, num_classes)
-                    loss = soft_loss(trained(images), soft_targets)
-                else:
-                    loss = F.cross_entropy(trained(images), labels, label_smoothing=config.label_smoothing)
-                if distributed.any_rank(~torch.isfinite(loss.detach()), device):
-                    raise TrainingDiverged(
-                        f"fine-tuning diverged at step {step} (loss {loss.item()}) with peak lr {peak_lr:g}; "
-                        "lower blr or lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad is not None:
-                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_grad)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model, step=step)
-                running += loss.detach()
-                step += 1
-                if step % config.log_every_steps == 0:
-                    loss_value = float(distributed.all_reduce(loss.detach().clone())) / where.world_size
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                    if metrics is not None:
-                        metrics.log(step, {"finetune/loss": loss_value, "finetune/lr": lr})
-                if signals.agreed(device):
-                    so_far = distributed.all_reduce(running.clone()) / where.world_size  # every rank resumes with it
-                    raise signals.interrupted(step, save(epoch, index + 1, order_state, so_far))
-            running = distributed.all_reduce(running) / where.world_size  # the mean over ranks
-            if not where.is_main:
-                continue  # rank 0 evaluates; the others wait for it in the next step's gradient all-reduce
-            logits = predict(
-                model, test_images, config.eval_batch_size, transform=evaluate, progress=progress, desc="evaluate"
-            )
-            top1 = classification_metrics(logits, test_labels, num_classes).top1
-            record = {"epoch": epoch + 1, "train_loss": running.item() / steps_per_epoch, "test_top1": top1}
-            history.append(record)
-            if metrics is not None:
-                metrics.log(step, {"finetune/epoch_loss": record["train_loss"], "finetune/test_top1": top1})
-            log.info("fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1)
-            save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()))
+                top1 = classification_metrics(logits, test_labels, num_classes).top1
+                record = {"epoch": epoch + 1, "train_loss": running.item() / steps_per_epoch, "test_top1": top1}
+                history.append(record)
+                if metrics is not None:
+                    metrics.log(loop.step, {"finetune/epoch_loss": record["train_loss"], "finetune/test_top1": top1})
+                log.info(
+                    "fine-tune epoch %d: loss %.4f, test top-1 %.2f%%", epoch + 1, record["train_loss"], 100 * top1
+                )
+                save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()), window)
     finally:
-        signals.restore()
         np.random.set_state(numpy_state)
+    step = loop.step
     model.eval()
     ema_logits = None
     if ema is not None and where.is_main:

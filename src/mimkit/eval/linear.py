@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mimkit.engine.divergence import TrainingDiverged
+from mimkit.engine.loop import TrainLoop
 from mimkit.engine.resumable import ResumableState
-from mimkit.engine.run_guard import StopSignals
 from mimkit.engine.schedule import effective_lr, warmup_cosine
 from mimkit.eval.report import classification_metrics
 from mimkit.models.probe_head import LinearProbe
@@ -91,6 +91,10 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(update)
                 param.add_(mu, alpha=-group["lr"])
         return loss
+
+
+def _batch_loss(probe: nn.Module, features: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(probe(features), labels)
 
 
 @dataclass
@@ -211,7 +215,7 @@ def train_linear_probe(
         min_lr: learning rate at the end of the cosine.
         seed: seeds the head's initialisation and the shuffling.
         device: where to train.
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over the steps.
         state_path: where a stop signal saves the probe's state (head, optimizer, shuffling generator,
             RNG, step, position in the epoch, losses) before it ends the run; None saves nothing.
         resume_state: such a state, loaded: training continues after its step and ends with the head
@@ -274,49 +278,47 @@ def train_linear_probe(
         generator.set_state(saved["order"])  # as at the start of that epoch: it draws the same order again
         epoch_loss = saved["epoch_loss"].to(device)
 
-    def save(epoch: int, index: int, order_state: Tensor) -> Path | None:
+    def save() -> Path | None:
+        """The state after the step just taken (``index`` of ``epoch``), when there is a ``state_path``."""
         if state_path is None:
             return None
         counters = {
             "epoch": epoch,
-            "index": index,
+            "index": index + 1,
             "order": order_state,
             "epoch_loss": epoch_loss.cpu(),
             "losses": losses,
             "keep": keep or {},
         }
-        return state.save(state_path, step, counters)
+        return state.save(state_path, loop.step, counters)
 
-    signals = StopSignals().install()  # one process trains the head (rank 0 under torchrun): no all-reduce
-    try:
-        epochs_left = range(first_epoch, epochs)
-        for epoch in tqdm(epochs_left, desc="linear probe", unit="epoch", disable=not progress):
+    schedule = partial(
+        warmup_cosine, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr
+    )
+    loop = TrainLoop(
+        opt,
+        schedule,
+        total_steps=total_steps,
+        task="linear probe",
+        lower="blr or lr",
+        context=f" with peak lr {peak_lr:g}",
+        step=step,
+        progress=progress,
+        on_update=lambda loss: epoch_loss.add_(loss),
+        save=save,
+        device=device,
+        ranks_agree=False,  # one process trains the head (rank 0 under torchrun): no all-reduce
+    )
+    with loop:
+        for epoch in range(first_epoch, epochs):
             order_state = generator.get_state()
             order = torch.randperm(num_train, generator=generator).to(device)  # (N,)
             if epoch > first_epoch or resume_state is None:
                 epoch_loss = torch.zeros((), device=device)
             for index in range(first_index if epoch == first_epoch else 0, steps_per_epoch):
-                step_lr = warmup_cosine(
-                    step, base_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr
-                )
-                for group in opt.param_groups:
-                    group["lr"] = step_lr
                 rows = order[index * batch : (index + 1) * batch]  # (B,)
-                loss = F.cross_entropy(probe(features[rows]), labels[rows])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                epoch_loss += loss.detach()
-                step += 1
-                if signals.requested:
-                    raise signals.interrupted(step, save(epoch, index + 1, order_state))
+                loop.run_step(partial(_batch_loss, probe, features[rows], labels[rows]))
             losses.append(epoch_loss.item() / steps_per_epoch)
-            if not torch.isfinite(torch.tensor(losses[-1])):
-                raise TrainingDiverged(
-                    f"the linear probe diverged (loss {losses[-1]}) at lr {peak_lr:g}; lower blr or lr"
-                )
-    finally:
-        signals.restore()
 
     probe = probe.cpu().eval()
     metrics = classification_metrics(predict(probe, test_features.float()), test_labels, num_classes)

@@ -15,20 +15,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import yaml
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, ModelConfig
 from mimkit.dense.data.coco import CocoDetection
 from mimkit.dense.evaluation.coco_ap import coco_evaluate, predict, save_prediction_grid
 from mimkit.dense.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, FPNBackbone, MIMDetBackbone
 from mimkit.dense.models.maskrcnn import build_detector
-from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.run_guard import check_input_path, holding_run_lock
 from mimkit.eval.finetune import layer_decay_groups
 from mimkit.models.convvit import ConvViT
@@ -369,8 +368,8 @@ def fit(
         window) and ``losses`` (the mean of each loss term over that window).
     """
     from mimkit.engine.logging import MetricsLogger
+    from mimkit.engine.loop import TrainLoop
     from mimkit.engine.rng import rng_state, set_rng_state
-    from mimkit.engine.run_guard import StopSignals
     from mimkit.engine.schedule import warmup_cosine
     from mimkit.files import save_checkpoint
 
@@ -381,92 +380,75 @@ def fit(
     step, seen = 0, 0
     order: list[int] = []  # the current epoch's sample order and how far into it training is
     position = 0
-    last_window: dict[str, float] = {}
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         step, order, position = int(resume["step"]), resume["order"].tolist(), int(resume["position"])
         generator.set_state(resume["generator"])
         set_rng_state(resume["rng"])
-        last_window = dict(resume.get("losses", {}))
     metrics = MetricsLogger(out_dir, tensorboard=t.tensorboard, resume_step=step if resume is not None else None)
     model.train()
     first_step = step
-    window: list[dict[str, float]] = []
     start = time.perf_counter()
 
-    def save() -> None:
+    def save() -> Path:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "step": step,
+            "step": loop.step,
             "order": torch.tensor(order, dtype=torch.int64),
             "position": position,
             "generator": generator.get_state(),
             "rng": rng_state(),
-            "losses": last_window,
+            "losses": loop.last,
+            "loop": loop.state_dict(),
             **(checkpoint_extra or {}),
         }
         save_checkpoint(out_dir / "last.pt", state)
+        return out_dir / "last.pt"
 
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
-    signals = StopSignals().install()
+    def count(loss: Tensor) -> None:
+        nonlocal seen
+        seen += len(indices)
+
+    loop = TrainLoop(
+        optimizer,
+        partial(warmup_cosine, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr),
+        total_steps=total_steps,
+        task=desc,
+        lower="train.lr or set train.clip_grad",
+        params=model.parameters(),
+        clip_grad=t.clip_grad,
+        step=step,
+        progress=progress,
+        metrics=metrics,
+        log_every_steps=t.log_every_steps,
+        on_update=count,
+        on_log=lambda _, __: {"train/img_per_s": seen / (time.perf_counter() - start)},
+        save=save,
+        save_every_steps=t.save_every_steps,
+    )
+    if resume is not None:
+        loop.load_state_dict(resume.get("loop", {"last": resume.get("losses", {})}))
     try:
-        while step < total_steps:
-            if position >= len(order):  # a new epoch
-                order, position = torch.randperm(num_samples, generator=generator).tolist(), 0
-            indices = order[position : position + t.batch_size]
-            position += t.batch_size
-            lr = warmup_cosine(
-                step, base_lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, min_lr=t.min_lr
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss, terms = batch_loss(indices, generator)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the {desc} loss is {loss.item()} at step {step}; lower train.lr or set train.clip_grad"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
-            step += 1
-            seen += len(indices)
-            window.append({"loss": loss.item(), **{key: value.item() for key, value in terms.items()}})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % t.log_every_steps == 0 or step == total_steps:
-                mean = {key: sum(record[key] for record in window) / len(window) for key in window[0]}
-                elapsed = time.perf_counter() - start
-                metrics.log(
-                    step,
-                    {
-                        **{f"train/{k}": v for k, v in mean.items()},
-                        "train/lr": lr,
-                        "train/img_per_s": seen / elapsed,
-                    },
-                )
-                last_window, window = mean, []
-            if t.save_every_steps and step % t.save_every_steps == 0 and step < total_steps:
-                save()
-            if signals.agreed() and step < total_steps:
-                save()
-                raise signals.interrupted(step, out_dir / "last.pt")
+        with loop:
+            while not loop.done:
+                if position >= len(order):  # a new epoch
+                    order, position = torch.randperm(num_samples, generator=generator).tolist(), 0
+                indices = order[position : position + t.batch_size]
+                position += t.batch_size
+                loop.run_step(partial(batch_loss, indices, generator))
     finally:
-        signals.restore()
-        bar.close()
         metrics.close()
     seconds = time.perf_counter() - start
     save()
     return {
-        "steps": step,
+        "steps": loop.step,
         "seconds": seconds,
         "img_per_s": seen / max(seconds, 1e-9),
         "resumed_at": first_step if resume is not None else None,
-        "final_loss": last_window.get("loss", math.nan),
-        "losses": last_window,
+        "final_loss": loop.last.get("loss", math.nan),
+        "losses": loop.last,
     }
 
 

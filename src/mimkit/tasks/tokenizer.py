@@ -12,23 +12,23 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from mimkit.config import ConfigError, to_plain
 from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
 from mimkit.data.transforms import default_normalization
-from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger
+from mimkit.engine.loop import TrainLoop
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.pretrain import resolve_device, step_generator
 from mimkit.engine.resumable import ResumableState, read_resume_file
-from mimkit.engine.run_guard import StopSignals, holding_run_lock
+from mimkit.engine.run_guard import holding_run_lock
 from mimkit.engine.schedule import warmup_cosine
 from mimkit.files import atomic_write
 from mimkit.layers import check_patch_grid
@@ -46,6 +46,7 @@ from mimkit.targets.vqkd import (
 
 SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "config.yaml"
+LOSS_NAMES = ("loss", "rec_loss", "quant_loss")  # the loss and its terms, logged as train/<name>
 STATE_NAME = "last.pt"  # the state of a run in progress: written at each log and on a stop, removed at the end
 
 
@@ -302,120 +303,111 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True, resume: b
     collapse = dict(min_usage=cfg.log.collapse_usage, min_perplexity=cfg.log.collapse_perplexity)
 
     num_codes = tokenizer.num_codes
-    window = torch.zeros(3, device=device)  # summed (loss, rec_loss, quant_loss) since the last log
-    window_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
+    window_counts = torch.zeros(num_codes, dtype=torch.long, device=device)  # the codes since the last log
     last_counts = window_counts.clone()  # the last logging window's histogram
     epoch_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
-    last = {"loss": math.nan, "rec_loss": math.nan, "quant_loss": math.nan}
-    step, last_log_step, seconds_before = 0, 0, 0.0
+    step, seconds_before = 0, 0.0
+    loop_state: dict[str, Any] = {}
     # the k-means start and the dead-code restarts draw from the global RNG, which the state holds
     state = ResumableState({"tokenizer": tokenizer, "optimizer": optimizer}, settings=cfg.to_dict())
     if resume_state is not None:
         step, saved = state.load_state_dict(resume_state, source=state_path)
-        window.copy_(saved["window"])
         window_counts.copy_(saved["window_counts"])
         last_counts.copy_(saved["last_counts"])
         epoch_counts.copy_(saved["epoch_counts"])
-        last, last_log_step, seconds_before = dict(saved["last"]), saved["last_log_step"], saved["seconds"]
+        seconds_before = saved["seconds"]
+        loop_state = saved.get("loop") or {  # a state written before the loop kept the window
+            "window": dict(zip(LOSS_NAMES, saved["window"].tolist(), strict=True)),
+            "window_steps": step - saved["last_log_step"],
+            "last": saved["last"],
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(out_dir / CONFIG_NAME, lambda handle: handle.write(text.encode()))
 
     def save() -> Path:
-        """Write the state after ``step`` (the accumulators on the CPU: the state loads on the CPU)."""
+        """Write the state after the step just taken (the counts on the CPU: the state loads on the CPU)."""
         counters = {
-            "window": window.cpu(),
             "window_counts": window_counts.cpu(),
             "last_counts": last_counts.cpu(),
             "epoch_counts": epoch_counts.cpu(),
-            "last": last,
-            "last_log_step": last_log_step,
+            "loop": loop.state_dict(),
             "seconds": seconds_before + time.perf_counter() - started,
         }
-        return state.save(state_path, step, counters)
+        return state.save(state_path, loop.step, counters)
+
+    def batch_loss(images_uint8: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        images = augment(images_uint8.to(device), generator=step_generator(cfg.train.seed, loop.step, 0))
+        out = tokenizer(images)
+        counts = torch.bincount(out.codes.flatten(), minlength=num_codes)  # (K,)
+        window_counts.add_(counts)
+        epoch_counts.add_(counts)
+        return out.loss, {"rec_loss": out.rec_loss, "quant_loss": out.quant_loss}
+
+    def codebook_metrics(at: int, means: dict[str, float]) -> dict[str, Any]:
+        """The codebook's usage and perplexity over the window (checked for collapse), and over the epoch at
+        its end."""
+        stats = check_codebook(window_counts, where=f"step {at}", **collapse)
+        metrics: dict[str, Any] = {
+            "codebook/usage": stats.usage,
+            "codebook/used_codes": stats.used_codes,
+            "codebook/perplexity": stats.perplexity,
+            "epoch": at / steps_per_epoch,
+        }
+        if at % steps_per_epoch == 0 or at >= total_steps:
+            epoch_stats = codebook_stats(epoch_counts)
+            metrics["codebook/epoch_usage"] = epoch_stats.usage
+            metrics["codebook/epoch_perplexity"] = epoch_stats.perplexity
+            epoch_counts.zero_()
+        loop.bar.set_postfix(loss=f"{means['loss']:.4f}", usage=f"{stats.usage:.0%}", ppl=f"{stats.perplexity:.0f}")
+        last_counts.copy_(window_counts)
+        window_counts.zero_()
+        return metrics
 
     logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard, resume_step=None if resume_state is None else step)
-    bar = tqdm(total=total_steps, initial=step, desc="tokenizer", unit="step", disable=not progress, dynamic_ncols=True)
+    schedule = partial(
+        warmup_cosine,
+        base_lr=cfg.optim.lr,
+        total_steps=schedule_steps,
+        warmup_steps=cfg.optim.warmup_steps,
+        min_lr=cfg.optim.min_lr,
+    )
+    loop = TrainLoop(
+        optimizer,
+        schedule,
+        total_steps=total_steps,
+        task="tokenizer",
+        lower="optim.lr",
+        params=tokenizer.parameters(),
+        clip_grad=cfg.optim.clip_grad,
+        step=step,
+        progress=progress,
+        metrics=logger,
+        log_at=lambda at: at % cfg.log.every_steps == 0 or at % steps_per_epoch == 0 or at >= total_steps,
+        on_log=codebook_metrics,
+        save=save,
+        save_on_log=True,
+        device=device,
+    )
+    loop.load_state_dict(loop_state)
     started = time.perf_counter()
     tokenizer.train()
-    signals = StopSignals().install()
     try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            loader.set_epoch(epoch)
-            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global
-                batches = iter(loader.iter_from(step - epoch * steps_per_epoch))  # RNG, restarts must not see it
-            for images_uint8, _ in batches:
-                lr = warmup_cosine(
-                    step,
-                    base_lr=cfg.optim.lr,
-                    total_steps=schedule_steps,
-                    warmup_steps=cfg.optim.warmup_steps,
-                    min_lr=cfg.optim.min_lr,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = augment(images_uint8.to(device), generator=step_generator(cfg.train.seed, step, 0))
-                out = tokenizer(images)
-                out.loss.backward()
-                if cfg.optim.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(tokenizer.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.quant_loss.detach()])
-                counts = torch.bincount(out.codes.flatten(), minlength=num_codes)  # (K,)
-                window_counts += counts
-                epoch_counts += counts
-                bar.update(1)
-                at_epoch_end = step % steps_per_epoch == 0
-                done = step >= total_steps
-                if step % cfg.log.every_steps == 0 or at_epoch_end or done:
-                    sums = (window / (step - last_log_step)).tolist()
-                    if not all(math.isfinite(value) for value in sums):
-                        raise TrainingDiverged(
-                            f"tokenizer loss became NaN/inf between steps {last_log_step} and {step}; lower optim.lr"
-                        )
-                    last = dict(zip(("loss", "rec_loss", "quant_loss"), sums, strict=True))
-                    stats = check_codebook(window_counts, where=f"step {step}", **collapse)
-                    metrics: dict[str, Any] = {f"train/{key}": value for key, value in last.items()}
-                    metrics.update(
-                        {
-                            "train/lr": lr,
-                            "codebook/usage": stats.usage,
-                            "codebook/used_codes": stats.used_codes,
-                            "codebook/perplexity": stats.perplexity,
-                            "epoch": step / steps_per_epoch,
-                        }
-                    )
-                    if at_epoch_end or done:
-                        epoch_stats = codebook_stats(epoch_counts)
-                        metrics.update(
-                            {
-                                "codebook/epoch_usage": epoch_stats.usage,
-                                "codebook/epoch_perplexity": epoch_stats.perplexity,
-                            }
-                        )
-                        epoch_counts.zero_()
-                    logger.log(step, metrics)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.4f}", usage=f"{stats.usage:.0%}", ppl=f"{stats.perplexity:.0f}"
-                    )
-                    window.zero_()
-                    last_counts.copy_(window_counts)
-                    window_counts.zero_()
-                    last_log_step = step
-                if done:
-                    break
-                if signals.agreed():
-                    raise signals.interrupted(step, save())
-                if last_log_step == step:
-                    save()
+        with loop:
+            while not loop.done:
+                epoch = loop.step // steps_per_epoch
+                loader.set_epoch(epoch)
+                # a DataLoader draws its base seed from the global RNG, which the restarts must not see
+                with torch.random.fork_rng(devices=[]):
+                    batches = iter(loader.iter_from(loop.step - epoch * steps_per_epoch))
+                for images_uint8, _ in batches:
+                    loop.run_step(partial(batch_loss, images_uint8))
+                    if loop.done:
+                        break
     finally:
-        signals.restore()
-        bar.close()
         logger.close()
     seconds = seconds_before + time.perf_counter() - started
+    step, last = loop.step, {name: loop.last.get(name, math.nan) for name in LOSS_NAMES}
 
     tokenizer.eval()
     eval_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
