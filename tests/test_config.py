@@ -231,3 +231,18 @@ def test_an_inactive_mask_section_is_kept_but_neither_used_nor_checked() -> None
     cfg = load_config(None, ["mask.self_guided.trigger_patience=0", "mask.block.min_num_patches=0"])
     assert cfg.mask.type == "random" and cfg.mask.section() is None
     assert cfg.mask.self_guided.trigger_patience == 0 and cfg.mask.block.min_num_patches == 0  # saved as set
+
+
+def test_the_model_is_built_on_the_meta_device_and_its_refusals_name_the_part() -> None:
+    """The encoder and its head check their own sizes when the config is read (built without memory), so a
+    head count that does not divide the width fails before any data is read, naming the part."""
+    with pytest.raises(
+        ConfigError, match=r"^model: the encoder vit_tiny cannot be built: .*not divisible by num_heads 5"
+    ):
+        load_config(None, ["model.num_heads=5"])
+    with pytest.raises(ConfigError, match=r"^model\.decoder: the mae head cannot be built: .*num_heads 7"):
+        load_config(None, ["model.decoder_num_heads=7"])
+    with pytest.raises(ConfigError, match=r"^model: .*negative dimension"):
+        load_config(None, ["model.mlp_ratio=-1"])
+    config = load_config(None, ["model.name=vit_large", "model.img_size=224", "model.patch_size=16"])
+    assert config.model.name == "vit_large"  # 300 M parameters checked without allocating them

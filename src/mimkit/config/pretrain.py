@@ -483,7 +483,28 @@ class Config:
         check(self.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
         check(self.train.batch_size % self.optim.accum_steps == 0, "optim.accum_steps", "must divide train.batch_size")
         check(self.optim.blr > 0 or (self.optim.lr or 0) > 0, "optim.blr", "must be positive")
+        self._check_architecture()
         return self
+
+    def _check_architecture(self) -> None:
+        """Build the encoder and its head on the ``meta`` device (no memory, no weights): the sizes they
+        refuse (heads that do not divide the width, a negative MLP width) are refused now, by the parts
+        themselves, rather than when the run builds them."""
+        import torch
+
+        from mimkit.models.registry import create_decoder, create_encoder, model_args
+
+        overrides = model_overrides(self)
+        try:
+            with torch.device("meta"):
+                encoder = create_encoder(self.model.name, **overrides)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"model: the encoder {self.model.name} cannot be built: {err}") from None
+        try:
+            with torch.device("meta"):
+                create_decoder(model_args(self.model.name, **overrides), encoder, out_dim=1)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"model.decoder: the {self.model.head} head cannot be built: {err}") from None
 
 
 @typing.overload

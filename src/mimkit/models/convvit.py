@@ -154,7 +154,7 @@ class ConvViT(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
         blocks = [*self.blocks1, *self.blocks2, *self.blocks3]
-        rates = torch.linspace(0, drop_path_rate, len(blocks)).tolist()
+        rates = torch.linspace(0, drop_path_rate, len(blocks), device="cpu").tolist()
         for block, rate in zip(blocks, rates, strict=True):
             block.drop_path.drop_prob = rate  # type: ignore[union-attr]
 

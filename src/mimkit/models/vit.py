@@ -99,7 +99,7 @@ class VisionTransformer(nn.Module):
         # BEiT's [MASK] embedding; only a BEiT-style encoder has one, so MAE checkpoints keep their keys
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if encoder_sees == "all" else None
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid, 1)[None], requires_grad=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, norm_eps=norm_eps) for rate in rates
         )
@@ -165,7 +165,7 @@ class VisionTransformer(nn.Module):
         (as at construction); fine-tuning turns it on for a pretrained encoder."""
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
-        rates = torch.linspace(0, drop_path_rate, len(self.blocks)).tolist()
+        rates = torch.linspace(0, drop_path_rate, len(self.blocks), device="cpu").tolist()
         for block, rate in zip(self.blocks, rates, strict=True):
             block.drop_path.drop_prob = rate  # type: ignore[union-attr]
 
