@@ -274,8 +274,7 @@ class Pretrainer:
 
     def _build_online_probe(self) -> None:
         """The online linear probe and its AdamW; built under a private seed so the model's RNG is untouched."""
-        labels = getattr(self.dataset, "labels", None)
-        num_classes = len(getattr(self.dataset, "classes", []))
+        labels, num_classes = self.dataset.labels, len(self.dataset.classes)
         if labels is None or num_classes < 2:
             source = self.config.data.root or self.config.data.dataset
             raise ValueError(
@@ -651,7 +650,7 @@ class Pretrainer:
             final_loss=self.last_loss,
             images_per_second=images_seen / max(seconds, 1e-9),
             seconds=seconds,
-            num_skipped_images=int(getattr(self.dataset, "num_skipped", 0)),
+            num_skipped_images=self.dataset.num_skipped,
         )
 
 
