@@ -21,7 +21,7 @@ import yaml
 from torch import Tensor
 
 from mimkit.config import ConfigError, to_plain
-from mimkit.data import EvalTransform, build_loader, build_training_dataset, training_transform
+from mimkit.data import EvalTransform, FashionMNIST, build_loader, build_training_dataset, training_transform
 from mimkit.data.transforms import default_normalization
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.loop import TrainLoop
@@ -247,7 +247,8 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True, resume: b
     Every ``log.every_steps`` steps the mean losses and the codebook usage and perplexity of that window's
     assignments are logged (and checked by :func:`check_codebook`); at each epoch's end those of the
     epoch. After training, ``train.eval_images`` un-augmented training images are tokenized (eval mode)
-    for the summary's usage and perplexity.
+    for the summary's usage and perplexity (Fashion-MNIST, held as one tensor; on folders and shards the
+    last window's usage stands).
 
     The run directory is locked against a second writer while this runs. Its ``last.pt``
     (:data:`STATE_NAME`: the tokenizer with its codebook, EMA buffers and cluster sizes, the optimizer, the
@@ -411,10 +412,9 @@ def train_tokenizer(config: TokenizerConfig, *, progress: bool = True, resume: b
 
     tokenizer.eval()
     eval_counts = torch.zeros(num_codes, dtype=torch.long, device=device)
-    images_all = getattr(dataset, "images", None)
-    if cfg.train.eval_images and images_all is not None:
+    if cfg.train.eval_images and isinstance(dataset, FashionMNIST):  # the whole set is one tensor
         transform = EvalTransform(cfg.model.img_size, mean=mean, std=std)
-        chunk = images_all[: cfg.train.eval_images]  # (N, C, S, S) uint8
+        chunk = dataset.images[: cfg.train.eval_images]  # (N, C, S, S) uint8
         for start in range(0, chunk.shape[0], 256):
             codes = tokenizer.tokenize(transform(chunk[start : start + 256].to(device)))  # (b, L)
             eval_counts += torch.bincount(codes.flatten(), minlength=num_codes)
