@@ -94,7 +94,7 @@ def load_model_images(
     decoded: list[np.ndarray] = []
     used: list[Path] = []
     skipped: list[BadImageError] = []
-    run_config = getattr(model, "run_config", None)
+    run_config = model.run_config
     crop_ratio = DEFAULT_EVAL_CROP_RATIO if run_config is None else run_config.data.eval_crop_ratio
     for path in paths:
         try:

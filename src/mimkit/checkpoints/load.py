@@ -535,7 +535,7 @@ def save_checkpoint_as(model: MaskedImageModel, out: str | Path, layout: str) ->
     out = Path(out)
     weights = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     extra: dict[str, Any] = {"model_args": dict(model.config)}
-    run_config = getattr(model, "run_config", None)
+    run_config = model.run_config
     if run_config is not None:
         extra["config"] = run_config.to_dict()
     if layout == "hf":

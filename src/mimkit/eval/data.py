@@ -239,7 +239,7 @@ def load_eval_model(checkpoint: str | Path, *, random_init: bool = False, seed: 
 
     model = load_checkpoint(checkpoint)
     config = dict(model.config)
-    run_config = getattr(model, "run_config", None)
+    run_config = model.run_config
     in_chans, img_size = int(config["in_chans"]), int(config["img_size"])
     crop_ratio = DEFAULT_EVAL_CROP_RATIO
     if run_config is not None:
