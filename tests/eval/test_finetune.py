@@ -409,3 +409,21 @@ def _stopped_state(checkpoint, config: FinetuneConfig, tmp_path) -> dict:
         patch.setattr("mimkit.engine.logging.MetricsLogger", StopAtStepTwo)
         run_finetune(checkpoint, config=config, out_dir=out, progress=False)
     return load_checkpoint_file(out / "full" / "pretrained" / "last.pt")
+
+
+def test_finetuning_draws_its_drop_path_from_its_own_seed_and_gives_back_the_callers_rng(subset, tiny_args) -> None:
+    """Drop path draws from torch's global RNG: fine-tuning seeds it from ``config.seed``, so the result does not
+    depend on what the process drew before, and the caller's RNG state is as it was afterwards."""
+    config = FinetuneConfig(epochs=1, batch_size=100, blr=4e-3, drop_path=0.3, log_every_steps=1)
+    weights = []
+    for caller_seed in (1, 2):
+        model = Classifier(tiny_encoder(tiny_args), 10)
+        torch.manual_seed(caller_seed)
+        caller = torch.get_rng_state()
+        finetune(
+            model, subset["train"], subset["train_labels"], subset["test"], subset["test_labels"],
+            config=config, mean=FMNIST_MEAN, std=FMNIST_STD, progress=False,
+        )  # fmt: skip
+        assert torch.equal(torch.get_rng_state(), caller)
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -334,6 +334,7 @@ def finetune(
     from mimkit.engine import distributed
     from mimkit.engine.loop import TrainLoop
     from mimkit.engine.resumable import HasState, ResumableState
+    from mimkit.engine.rng import rng_state, set_rng_state
     from mimkit.engine.schedule import effective_lr, warmup_cosine
     from mimkit.eval.report import classification_metrics
 
@@ -400,8 +401,11 @@ def finetune(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order_generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
-    numpy_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
+    # timm's Mixup draws from numpy's global RNG and drop path from torch's: both seeded here (drop path per
+    # rank), the caller's states given back at the end
+    caller_rng = rng_state()
     np.random.seed(config.seed)
+    torch.manual_seed(config.seed + 1_000_003 * where.rank)
     step = 0
     logits = torch.empty(0, num_classes)  # the test logits, on rank 0
     share = {"part": (where.rank * batch, global_batch)} if where.distributed else {}
@@ -517,7 +521,7 @@ def finetune(
                 )
                 save(epoch + 1, 0, order_generator.get_state(), torch.zeros(()), window)
     finally:
-        np.random.set_state(numpy_state)
+        set_rng_state(caller_rng)
     step = loop.step
     model.eval()
     ema_logits = None
