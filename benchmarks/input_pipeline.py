@@ -325,9 +325,8 @@ def crop_stages(name: str, root: Path, out: Path, epochs: int = 2) -> dict[str, 
             add("resize", done - decoded)
             add("mimkit_total", done - started)
             add("decode_all_rows_same_scale", all_rows - done)
-            if read_layout(data) is not None:  # restart markers: the band around the crop instead
-                band_start = time.perf_counter()
-                read_layout(data)
+            band_start = time.perf_counter()
+            if read_layout(data) is not None:  # restart markers: the region around the crop instead
                 scanned = time.perf_counter()
                 _decode_region(data, stored_region(box, width, height, 1, IMG_SIZE), scale, None)
                 add("restart_marker_scan", scanned - band_start)

@@ -52,7 +52,7 @@ from mimkit.data.folder import (
     map_items,
     report_skipped,
 )
-from mimkit.data.jpeg_regions import read_layout, region_bounds, region_stream
+from mimkit.data.jpeg_regions import EOI, read_layout, region_bounds, region_stream
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ DRAFT_SCALES = (8, 4, 2)  # libjpeg's DCT-domain reductions that Pillow's draft 
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _MIRRORED_X = (2, 3, 6, 7)  # ... whose oriented x axis runs against the stored axis it comes from
 _MIRRORED_Y = (3, 4, 7, 8)  # ... whose oriented y axis does
-_EOI = b"\xff\xd9"  # end of a JPEG's image; entropy-coded data never holds it (0xFF is stuffed as 0xFF00)
 _BROKEN = -2  # Pillow's decoder status for a libjpeg error; also what stopping before the last row gives
 # stopping early drives Pillow's JPEG decoder directly; without those internals, files are decoded whole
 _CAN_STOP_EARLY = hasattr(Image, "_getdecoder") and hasattr(ImageFile.ImageFile, "load_prepare")
@@ -283,11 +282,23 @@ def _resize_region(
     return pixels[None].copy() if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()  # (C, S, S)
 
 
-def _resize_box(img: Image.Image, box: CropBox, factor: tuple[float, float], img_size: int) -> np.ndarray:
-    """Resize the box (in original pixels, ``factor`` = this image's pixels per original pixel) to
-    ``img_size`` squared: (C, S, S) uint8 (see :func:`_resize_region`)."""
-    fx, fy = factor
-    region = (box.left * fx, box.top * fy, (box.left + box.width) * fx, (box.top + box.height) * fy)
+def _resize_box(
+    img: Image.Image,
+    box: CropBox,
+    factor: tuple[float, float],
+    img_size: int,
+    offset: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Resize the box (in original pixels, ``factor`` = this image's pixels per original pixel; ``img`` a part
+    of the image whose top-left corner sits at ``offset`` in those pixels) to ``img_size`` squared: (C, S, S)
+    uint8 (see :func:`_resize_region`)."""
+    (fx, fy), (dx, dy) = factor, offset
+    region = (
+        box.left * fx - dx,
+        box.top * fy - dy,
+        (box.left + box.width) * fx - dx,
+        (box.top + box.height) * fy - dy,
+    )
     return _resize_region(img, region, img_size, box.flip)
 
 
@@ -340,20 +351,13 @@ def decode_crop(
                 img, bounds = cut
                 stored = (opened.width, opened.height)  # the whole stored image at 1/scale
                 left, top = bounds[0] // scale, bounds[1] // scale  # MCU edges: whole pixels at any scale
-                dx, dy = _region_offset(orientation, (left, top, left + img.width, top + img.height), stored)
+                offset = _region_offset(orientation, (left, top, left + img.width, top + img.height), stored)
                 ImageOps.exif_transpose(img, in_place=True)
-                img = _to_channels(img, in_chans)
-                fx = 1 / scale
-                pixel_box = (
-                    box.left * fx - dx,
-                    box.top * fx - dy,
-                    (box.left + box.width) * fx - dx,
-                    (box.top + box.height) * fx - dy,
-                )
-                return _resize_region(img, pixel_box, img_size, box.flip), CropRecord(name, width, height, box)
+                pixels = _resize_box(_to_channels(img, in_chans), box, (1 / scale, 1 / scale), img_size, offset)
+                return pixels, CropRecord(name, width, height, box)
             rows = math.ceil(region[3] / scale)
             if draft and jpeg and _CAN_STOP_EARLY and len(opened.tile) == 1:
-                if rows < opened.height and data.rfind(_EOI, scan_start) < 0:  # a whole decode rejects it
+                if rows < opened.height and data.rfind(EOI, scan_start) < 0:  # a whole decode rejects it
                     raise OSError("image file is truncated (no end-of-image marker)")
                 _load_top_rows(opened, data, min(rows, opened.height))
             ImageOps.exif_transpose(opened, in_place=True)  # loads the (reduced) pixels

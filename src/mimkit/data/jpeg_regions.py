@@ -28,7 +28,7 @@ import numpy as np
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
 _SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
-_EOI = b"\xff\xd9"
+EOI = b"\xff\xd9"  # end of a JPEG's image; entropy-coded data never holds it (0xFF is stuffed as 0xFF00)
 _RST0 = b"\xff\xd0"
 
 
@@ -129,7 +129,7 @@ def _segments(
         return None
     mcu_w, mcu_h = (8, 8) if components == 1 else (8 * h_max, 8 * v_max)
     per_row, rows = math.ceil(width / mcu_w), math.ceil(height / mcu_h)
-    scan_end = data.rfind(_EOI, scan_start)
+    scan_end = data.rfind(EOI, scan_start)
     if scan_end < 0:
         return None
     markers = _markers(np.frombuffer(data, dtype=np.uint8, count=scan_end - scan_start, offset=scan_start))
@@ -188,4 +188,4 @@ def region_stream(data: bytes, layout: RestartLayout, bounds: tuple[int, int, in
     scan[markers + 1] = 0xD0 + np.arange(len(markers)) % 8  # RST0, RST1, ... in order
     head = bytearray(data[: layout.scan_start])
     head[layout.size_at : layout.size_at + 4] = (bottom - top).to_bytes(2, "big") + (right - left).to_bytes(2, "big")
-    return bytes(head) + scan.tobytes() + _EOI
+    return bytes(head) + scan.tobytes() + EOI
