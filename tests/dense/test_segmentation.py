@@ -235,3 +235,13 @@ def test_a_mimdet_segmenter_of_the_layout_before_the_conv_stem_still_loads(shape
     assert (loaded.model.stem, loaded.model.p5_pool, loaded.model.stem_channels) == ("patch_embed", "max", (64, 128))
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(old(images), new(images), rtol=0, atol=0)
+
+
+def test_the_training_section_is_checked_as_detections_naming_each_key() -> None:
+    from mimkit.config import ConfigError
+    from mimkit.tasks.detect import DetectConfig
+
+    for key, value in (("epochs", 0), ("lr", 0), ("max_steps", 0), ("clip_grad", -1), ("log_every_steps", 0)):
+        for schema in (SegConfig, DetectConfig):
+            with pytest.raises(ConfigError, match=rf"^train\.{key}: "):
+                load_config(None, [f"train.{key}={value}"], schema=schema)

@@ -114,6 +114,19 @@ class DetectTrainConfig:
     tensorboard: bool = True
     save_every_steps: int | None = 100  # rewrite last.pt this often, so a killed run resumes (--resume)
 
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key, message) of every rule on this section, for the detection and segmentation configs."""
+        t = self
+        return [
+            (t.epochs >= 1, "train.epochs", "must be >= 1"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1"),
+            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (t.lr > 0, "train.lr", "must be positive"),
+            (0 < t.layer_decay <= 1, "train.layer_decay", "must lie in (0, 1]"),
+            (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", "must be positive (or null)"),
+            (t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1"),
+        ]
+
 
 @dataclass
 class DetectEvalConfig:
@@ -136,7 +149,7 @@ class DetectConfig:
 
     def validate(self) -> DetectConfig:
         """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
-        m, t = self.model, self.train
+        m = self.model
         checks = [
             (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}"),
             (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
@@ -148,13 +161,7 @@ class DetectConfig:
             (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
             (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
             (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
-            (t.epochs >= 1, "train.epochs", "must be >= 1"),
-            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1"),
-            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
-            (t.lr > 0, "train.lr", "must be positive"),
-            (0 < t.layer_decay <= 1, "train.layer_decay", "must lie in (0, 1]"),
-            (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", "must be positive (or null)"),
-            (t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1"),
+            *self.train.checks(),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -98,7 +98,7 @@ class SegConfig:
 
     def validate(self) -> SegConfig:
         """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
-        m, t = self.model, self.train
+        m = self.model
         checks = [
             (m.backbone in SEG_BACKBONES, "model.backbone", f"must be one of {SEG_BACKBONES}"),
             (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1]"),
@@ -109,8 +109,7 @@ class SegConfig:
             (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
             (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
             (self.data.num_classes is None or self.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
-            (t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train", "epochs, batch_size and lr must be positive"),
-            (0 < t.layer_decay <= 1, "train.layer_decay", "must lie in (0, 1]"),
+            *self.train.checks(),  # the same training section as detection's
         ]
         for ok, key, message in checks:
             if not ok:
