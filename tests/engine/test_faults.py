@@ -26,6 +26,8 @@ from mimkit.files import (
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ["train.epochs=8", "data.limit=256", "train.save_every_steps=1", "train.num_threads=1"]  # 128 steps
+# 640 steps: far more than run before a test's kills, on any machine
+SCHEDULE = ["train.epochs=40", "data.limit=256", "train.save_every_steps=1", "train.num_threads=1"]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -66,15 +68,14 @@ def weights_of(path: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
     write_recipe, tmp_path: Path, small_config, weights, one_thread
 ) -> None:
-    reference = Pretrainer(small_config(tmp_path / "full", *RUN))
-    reference.fit()
-    recipe = write_recipe(tmp_path / "run.yaml", small_config(tmp_path / "killed", *RUN))
+    recipe = write_recipe(tmp_path / "run.yaml", small_config(tmp_path / "killed", *SCHEDULE))
     rng = random.Random(0)
     first = kill_during_training(recipe, tmp_path / "killed", resume=False, delay=rng.uniform(0.05, 0.6))
     second = kill_during_training(recipe, tmp_path / "killed", resume=True, delay=rng.uniform(0.05, 0.6))
-    assert 0 < first < second < 128, (first, second)
+    assert 0 < first < second < 640, (first, second)
+    end = f"train.max_steps={second + 16}"  # ends the run early; its schedules still span 640 steps
     done = subprocess.run(
-        [sys.executable, "-m", "mimkit", "pretrain", "--config", str(recipe), "--resume"],
+        [sys.executable, "-m", "mimkit", "pretrain", "--config", str(recipe), end, "--resume"],
         env=ENV,
         capture_output=True,
         text=True,
@@ -82,7 +83,9 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     final = load_checkpoint_file(tmp_path / "killed" / "last.pt")
-    assert final["step"] == 128
+    assert final["step"] == second + 16
+    reference = Pretrainer(small_config(tmp_path / "full", *SCHEDULE, end))
+    reference.fit()
     for key, value in weights(reference).items():
         assert torch.equal(final["model"][key], value), key
     assert not list((tmp_path / "killed").glob(".*.tmp"))  # the writes the kills tore were cleaned up

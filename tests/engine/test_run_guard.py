@@ -5,6 +5,7 @@ The fault tests drive ``mimkit pretrain`` in real subprocesses and send real sig
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -34,7 +35,9 @@ from mimkit.engine.run_guard import (
 from mimkit.files import DiskFullError, load_checkpoint_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-RUN = ["train.epochs=8", "data.limit=256", "train.num_threads=1"]  # 128 steps, last.pt at each epoch's end
+# 640 steps: far more than run before a test's signal lands, on any machine; a run stopped at step s is
+# resumed to s + 16 with train.max_steps, which ends a run early without changing its schedules.
+SCHEDULE = ["train.epochs=40", "data.limit=256", "train.num_threads=1"]
 LONG = ["train.epochs=40", "data.limit=256", "train.num_threads=1", "train.save_every_steps=1"]  # 640 steps
 
 
@@ -56,6 +59,20 @@ def wait_until(ready: Callable[[], bool], process: subprocess.Popen, timeout: fl
         time.sleep(0.01)
 
 
+def worker(agent: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of torchrun ``agent``'s worker of ``rank``, once the agent has started it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        children = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    return int(pid)
+        assert agent.poll() is None, f"the run ended first: {agent.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def has_a_record(run_dir: Path) -> Callable[[], bool]:
     path = run_dir / "metrics.jsonl"
     return lambda: path.exists() and path.stat().st_size > 0
@@ -65,10 +82,8 @@ def has_a_record(run_dir: Path) -> Callable[[], bool]:
 def test_sigterm_saves_the_step_and_resume_equals_the_uninterrupted_run(
     write_recipe, tmp_path: Path, small_config, weights, one_thread
 ) -> None:
-    reference = Pretrainer(small_config(tmp_path / "full", *RUN))
-    reference.fit()
     run_dir = tmp_path / "stopped"
-    recipe = write_recipe(tmp_path / "run.yaml", small_config(run_dir, *RUN))
+    recipe = write_recipe(tmp_path / "run.yaml", small_config(run_dir, *SCHEDULE))
     process = pretrain(recipe)
     wait_until(has_a_record(run_dir), process)  # mid-epoch, past the first logged steps
     process.send_signal(signal.SIGTERM)
@@ -80,15 +95,18 @@ def test_sigterm_saves_the_step_and_resume_equals_the_uninterrupted_run(
     )
     assert stopped, err[-2000:]
     step = int(stopped[1])
-    assert 0 < step < 128, "the run ended before the signal; make it longer"
+    assert 0 < step < 640
     assert stopped[2] == str(run_dir / "last.pt") and load_checkpoint_file(run_dir / "last.pt")["step"] == step
     assert not (run_dir / LOCK_NAME).exists()  # the stopped run left the directory free
 
-    resumed = pretrain(recipe, "--resume")
+    end = f"train.max_steps={step + 16}"  # the schedule still spans 640 steps
+    resumed = pretrain(recipe, end, "--resume")
     err = finish(resumed)
     assert resumed.returncode == 0, err[-2000:]
     final = load_checkpoint_file(run_dir / "last.pt")
-    assert final["step"] == 128
+    assert final["step"] == step + 16
+    reference = Pretrainer(small_config(tmp_path / "full", *SCHEDULE, end))
+    reference.fit()
     for key, value in weights(reference).items():
         assert torch.equal(final["model"][key], value), key
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -287,7 +305,7 @@ def test_a_lock_names_a_live_holder_even_where_file_locks_are_missing(tmp_path: 
 def test_sigterm_to_one_of_two_torchrun_ranks_stops_both_after_the_same_step(
     write_recipe, tmp_path: Path, small_config
 ) -> None:
-    two = ["train.epochs=4", "data.limit=256", "train.num_threads=1", "train.batch_size=8"]  # 64 steps of 2 x 8
+    two = ["train.epochs=40", "data.limit=256", "train.num_threads=1", "train.batch_size=8"]  # 640 steps of 2 x 8
 
     def torchrun(run_dir: Path, *args: str) -> subprocess.Popen:
         recipe = write_recipe(tmp_path / f"{run_dir.name}.yaml", small_config(run_dir, *two))
@@ -299,12 +317,10 @@ def test_sigterm_to_one_of_two_torchrun_ranks_stops_both_after_the_same_step(
     run_dir = tmp_path / "stopped"
     agent = torchrun(run_dir)
     try:
+        signalled = worker(agent, rank=1)  # looked up first, so that the signal follows the record at once
         wait_until(has_a_record(run_dir), agent)
-        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-        environs = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers}
-        rank_one = next(int(pid) for pid, env in environs.items() if b"RANK=1" in env)
-        os.kill(rank_one, signal.SIGTERM)  # rank 1 alone is asked to stop; rank 0 learns it in the all-reduce
-        finish(agent)
+        os.kill(signalled, signal.SIGTERM)  # rank 1 alone is asked to stop; rank 0 learns it in the all-reduce
+        agent_err = finish(agent)
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -317,17 +333,18 @@ def test_sigterm_to_one_of_two_torchrun_ranks_stops_both_after_the_same_step(
         stop.format("a stop signal on another rank", re.escape(str(run_dir / "last.pt"))), last_lines[0]
     )
     rank_one = re.fullmatch(stop.format("SIGTERM", re.escape(str(run_dir / "last.pt"))), last_lines[1])
-    assert rank_zero and rank_one and rank_zero[1] == rank_one[1], last_lines
+    assert rank_zero and rank_one and rank_zero[1] == rank_one[1], (last_lines, agent_err[-3000:])
     step = int(rank_zero[1])
-    assert 0 < step < 64 and load_checkpoint_file(run_dir / "last.pt")["step"] == step  # rank 0 wrote it
+    assert 0 < step < 640 and load_checkpoint_file(run_dir / "last.pt")["step"] == step  # rank 0 wrote it
 
-    resumed = torchrun(run_dir, "--resume")
+    end = f"train.max_steps={step + 16}"  # the schedule still spans 640 steps
+    resumed = torchrun(run_dir, end, "--resume")
     err = finish(resumed)
     assert resumed.returncode == 0, err[-3000:]
-    uninterrupted = torchrun(tmp_path / "full")
+    uninterrupted = torchrun(tmp_path / "full", end)
     err = finish(uninterrupted)
     assert uninterrupted.returncode == 0, err[-3000:]
     final, full = (load_checkpoint_file(path / "last.pt") for path in (run_dir, tmp_path / "full"))
-    assert final["step"] == full["step"] == 64
+    assert final["step"] == full["step"] == step + 16
     for key, value in full["model"].items():
         assert torch.equal(final["model"][key], value), key
