@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from mimkit.cli import main
+from mimkit.engine import distributed
 from mimkit.engine.pretrain import Pretrainer
 from mimkit.engine.run_guard import (
     LOCK_NAME,
@@ -271,6 +272,25 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back() -> None:
             signal.raise_signal(signal.SIGTERM)
     assert caught.value.exit_status == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_handled_as_the_ranks_agree_is_kept_for_the_next_step(monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one of two ranks, as under torchrun
+    seen: list[bool] = []
+
+    def any_rank(flag: bool, device: torch.device) -> bool:
+        seen.append(bool(flag))
+        if len(seen) == 1:  # no rank had a request; the signal arrives while the all-reduce runs, and Python
+            signal.raise_signal(signal.SIGTERM)  # handles it as the all-reduce returns
+            return False
+        return bool(flag)
+
+    monkeypatch.setattr(distributed, "any_rank", any_rank)
+    with StopSignals() as signals:
+        assert not signals.agreed()  # this step's answer was already taken
+        assert signals.requested and signals.agreed()  # the request stops the run after the next step
+    assert seen == [False, True]
 
 
 def test_under_torchrun_the_launcher_passing_the_signal_on_is_one_request(monkeypatch) -> None:

@@ -80,7 +80,7 @@ class StopSignals:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.signals = signals
-        self.requested = False  # by a signal here or, after agreed(), on any rank
+        self.requested = False  # by a signal this process received
         self.signum: int | None = None  # the signal this process received first
         self._received_at = 0.0
         self._previous: dict[int, object] = {}
@@ -122,7 +122,9 @@ class StopSignals:
         Every rank must call it after every step, so that all ranks stop after the same one.
         """
         if distributed.place().distributed:
-            self.requested = distributed.any_rank(self.requested, torch.device(device))
+            # ``requested`` is only read here. A signal that arrives during the all-reduce is handled when it
+            # returns, possibly before an assignment of its result would run, which would erase the request.
+            return distributed.any_rank(self.requested, torch.device(device))
         return self.requested
 
     def interrupted(self, step: int, saved: Path | None) -> TrainingInterrupted:
