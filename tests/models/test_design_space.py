@@ -19,7 +19,7 @@ from mimkit.targets import patch_loss
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 RECIPE = "configs/mae_vit_tiny_fmnist.yaml"
-TEACHER = ["target.teacher=efficientnet_lite0", "target.teacher_input_size=128"]
+TEACHER = ["target.teacher.spec=efficientnet_lite0", "target.teacher.input_size=128"]
 
 
 def fmnist(count: int = 4) -> torch.Tensor:
