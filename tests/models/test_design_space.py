@@ -126,7 +126,7 @@ def test_mask_token_in_the_encoder_with_the_mae_decoder() -> None:
 
 
 def test_class_token_head_on_the_beit_encoder_shares_the_fc_layer() -> None:
-    model = beit_model(cls_pretraining=True, cls_layer=0).train()
+    model = beit_model(cls_enabled=True, cls_layer=0).train()
     assert isinstance(model.decoder, ClassTokenPretraining)
     assert isinstance(model.decoder.head, ClassTokenBlocks)
     assert model.decoder.head.pred is model.decoder.decoder.pred

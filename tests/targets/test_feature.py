@@ -121,7 +121,7 @@ def test_cosine_loss_is_one_minus_cosine_similarity() -> None:
 def test_each_target_overfits_eight_images(images, kind) -> None:
     # One fixed mask on eight real images: the loss on the hidden patches must fall 10x (pixels: raw, as in
     # the MAE test; per-patch normalized 4x4 patches are near noise for so small a model).
-    model = model_with(kind, **({"norm_pix_loss": False} if kind == "pixel" else {}))
+    model = model_with(kind, **({"norm_pix": False} if kind == "pixel" else {}))
     spec: MaskSpec = RandomMasker(0.75)(8, model.grid, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
@@ -226,7 +226,7 @@ def test_vqkd_target_keeps_its_tokenizer_frozen_and_out_of_the_state_dict(images
 
 
 def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(images) -> None:
-    model = model_with("vqkd", cls_pretraining=True, cls_depth=1)
+    model = model_with("vqkd", cls_enabled=True, cls_depth=1)
     assert model.decoder.layer == 1 and model.decoder.head.pred is model.decoder.decoder.pred  # 3/4 of 2 blocks
     out = model(images, generator=torch.Generator().manual_seed(0))
     main_loss, aux_loss = out.extras["main_loss"], out.extras["aux_loss"]
