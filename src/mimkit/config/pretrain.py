@@ -139,8 +139,9 @@ class MaskConfig:
 
 @dataclass
 class TeacherConfig:
-    """``target.teacher``: the frozen teacher of ``maskdistill`` and ``milan``
-    (:func:`~mimkit.targets.build_teacher`); its fields are that function's arguments."""
+    """``target.teacher``: the frozen teacher of ``maskdistill`` and ``milan``. ``spec``, ``stage`` and
+    ``input_size`` are the arguments of :func:`~mimkit.targets.build_teacher`; ``cache`` is the folder of the
+    target's :class:`~mimkit.targets.FeatureCache`."""
 
     # efficientnet_lite0, a mimkit checkpoint path, timm:NAME@FILE or hf_clip:DIR; null: no teacher
     spec: str | None = None
