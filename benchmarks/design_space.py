@@ -63,7 +63,7 @@ def rows(tokenizer: Path) -> dict[str, tuple[str, str, list[str]]]:
         "maskdistill_mse": ("MaskDistill", "MSE instead of smooth-L1", [*maskdistill, "target.loss=mse"]),
         "beitv2": ("BEiT v2", "reference: BEiT encoder + FC head, VQ-KD codes", beitv2),
         "beitv2_mae_decoder": ("BEiT v2", "MAE decoder instead of FC head", [*beitv2, "model.head=mae"]),
-        "beitv2_cls": ("BEiT v2", "class-token head", [*beitv2, "target.cls_pretraining=true"]),
+        "beitv2_cls": ("BEiT v2", "class-token head", [*beitv2, "target.cls.enabled=true"]),
         "milan": ("MILAN", "reference: prompting decoder, teacher-guided masks, cosine", milan),
         "milan_mae_decoder": ("MILAN", "MAE decoder instead of prompting", [*milan, "model.head=mae"]),
         "milan_random_masks": ("MILAN", "random masks", [*milan, "mask.type=random"]),

@@ -46,7 +46,7 @@ from mimkit.eval.report import classification_metrics
 from mimkit.targets import build_teacher
 
 RECIPE = Path("configs/mae_vit_tiny_fmnist.yaml")
-TEACHER = ["target.teacher=efficientnet_lite0", "target.teacher_input_size=128"]
+TEACHER = ["target.teacher.spec=efficientnet_lite0", "target.teacher.input_size=128"]
 
 
 def variants(tokenizer: Path) -> dict[str, list[str]]:
@@ -65,7 +65,7 @@ def variants(tokenizer: Path) -> dict[str, list[str]]:
             "mask.attention.source=teacher",
         ],
         "vqkd": vqkd,
-        "vqkd_cls": [*vqkd, "target.cls_pretraining=true"],
+        "vqkd_cls": [*vqkd, "target.cls.enabled=true"],
     }
 
 

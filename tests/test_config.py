@@ -205,6 +205,114 @@ def test_an_old_checkpoint_with_flat_mask_keys_loads(tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+# the target section as configs written before the teacher's and the class-token head's sections stored it
+FLAT_TARGET = {
+    "type": "maskdistill",
+    "norm_pix": True,
+    "loss": None,
+    "loss_on": "hidden",
+    "norm_features": None,
+    "teacher": "efficientnet_lite0",
+    "teacher_stage": 3,
+    "teacher_input_size": 64,
+    "teacher_cache": "/tmp/teacher-cache",
+    "tokenizer": None,
+    "cls_pretraining": False,
+    "cls_layer": None,
+    "cls_depth": 2,
+}
+
+
+def test_the_target_sections_hold_their_parts_constructor_arguments() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from mimkit.config import ClassTokenConfig, TeacherConfig
+    from mimkit.models.cls_pretraining import ClassTokenPretraining
+    from mimkit.targets.teachers.efficientnet import EfficientNetLite0Teacher
+
+    teacher = TeacherConfig(spec="efficientnet_lite0", stage=3, input_size=64)
+    assert teacher.options() == {"stage": 3, "input_size": 64}
+    assert set(teacher.options() or {}) <= set(inspect.signature(EfficientNetLite0Teacher).parameters)
+    assert TeacherConfig(stage=3).options() is None  # no teacher, no options
+    head = [f.name for f in fields(ClassTokenConfig) if f.name != "enabled"]
+    assert head == ["layer", "depth"] and set(head) <= set(inspect.signature(ClassTokenPretraining).parameters)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("target.teacher=efficientnet_lite0", "target.teacher.spec"),
+        ("target.teacher_stage=3", "target.teacher.stage"),
+        ("target.teacher_input_size=64", "target.teacher.input_size"),
+        ("target.teacher_cache=/tmp/cache", "target.teacher.cache"),
+        ("target.cls_pretraining=true", "target.cls.enabled"),
+        ("target.cls_layer=0", "target.cls.layer"),
+        ("target.cls_depth=1", "target.cls.depth"),
+    ],
+)
+def test_a_flat_target_key_in_a_recipe_or_override_names_its_new_key(old: str, new: str, tmp_path: Path) -> None:
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} moved to {new}"):
+        load_config(None, ["target.type=maskdistill", old])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"target": {key.split(".")[1]: yaml.safe_load(old.split("=")[1])}}))
+    with pytest.raises(ConfigError, match=rf"{key} moved to {new}"):
+        load_config(recipe)
+
+
+def test_old_target_keys_are_all_named_and_misspelt_ones_pointed_to_their_section(tmp_path: Path) -> None:
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"target": FLAT_TARGET}))
+    with pytest.raises(ConfigError) as raised:
+        load_config(recipe)
+    assert re.findall(r"target\.(\w+) moved to target\.([\w.]+)", str(raised.value)) == [
+        ("cls_depth", "cls.depth"),
+        ("cls_layer", "cls.layer"),
+        ("cls_pretraining", "cls.enabled"),
+        ("teacher", "teacher.spec"),
+        ("teacher_cache", "teacher.cache"),
+        ("teacher_input_size", "teacher.input_size"),
+        ("teacher_stage", "teacher.stage"),
+    ]
+    with pytest.raises(ConfigError, match=r"did you mean target\.teacher\.stage\?"):
+        load_config(None, ["target.teacher_stag=3"])
+    with pytest.raises(ConfigError, match=r"target\.teacher\.stge .*did you mean target\.teacher\.stage\?"):
+        load_config(None, ["target.teacher.stge=3"])
+    cfg = load_config(
+        None, ["target.type=maskdistill", "target.teacher.spec=efficientnet_lite0", "target.teacher.input_size=64"]
+    )
+    assert (cfg.target.teacher.spec, cfg.target.teacher.input_size, cfg.target.teacher.stage) == (
+        "efficientnet_lite0",
+        64,
+        None,
+    )
+
+
+def test_a_stored_config_with_flat_target_keys_is_read_nested() -> None:
+    from mimkit.config import nest_target_keys
+
+    stored = {**Config().to_dict(), "target": dict(FLAT_TARGET)}
+    cfg = config_from_dict(stored)
+    assert cfg.target.type == "maskdistill" and cfg.target.norm_pix and cfg.target.loss_on == "hidden"
+    assert (cfg.target.teacher.spec, cfg.target.teacher.stage, cfg.target.teacher.input_size) == (
+        "efficientnet_lite0",
+        3,
+        64,
+    )
+    assert cfg.target.teacher.cache == "/tmp/teacher-cache"
+    assert (cfg.target.cls.enabled, cfg.target.cls.layer, cfg.target.cls.depth) == (False, None, 2)
+    assert nest_target_keys(stored)["target"] == cfg.to_dict()["target"]
+    no_teacher = {**FLAT_TARGET, "type": "pixel", "teacher": None, "teacher_stage": None, "teacher_input_size": None}
+    no_teacher.update(teacher_cache=None, cls_pretraining=True, cls_layer=0, cls_depth=1)
+    cfg = config_from_dict({**Config().to_dict(), "target": no_teacher})
+    assert cfg.target.teacher.spec is None and cfg.target.teacher.options() is None
+    assert (cfg.target.cls.enabled, cfg.target.cls.layer, cfg.target.cls.depth) == (True, 0, 1)
+    current = Config().to_dict()
+    assert nest_target_keys(current) is current  # a config of today is left as it is
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

@@ -49,7 +49,7 @@ def create_model(name: str, **overrides: Any) -> MaskedImageModel:
         in_chans=args["in_chans"],
         grid=encoder.grid,
         loss=args["loss"],
-        norm_pix=args["norm_pix_loss"],
+        norm_pix=args["norm_pix"],
         teacher=args["teacher"],
         teacher_options=args["teacher_options"],
         mean=args["data_mean"],

@@ -70,7 +70,7 @@ def test_panels_paste_and_grey_out_exactly(model, images):
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_perfect_prediction_reconstructs_the_images(images, norm_pix):
-    model = small_model(norm_pix_loss=norm_pix)
+    model = small_model(norm_pix=norm_pix)
     mask = model.make_mask(images.shape[0], generator=torch.Generator().manual_seed(1)).mask
     pred = model.target.targets(images)  # (B, L, p*p*C), per-patch normalized when norm_pix
     panels = assemble_panels(images, pred, mask, model.target, fill_value(1))
@@ -82,7 +82,7 @@ def test_perfect_prediction_reconstructs_the_images(images, norm_pix):
 
 def test_reconstruction_error_equals_the_models_loss(images):
     """Same seed -> same mask and predictions as the training forward; its loss is the hidden-pixel MSE."""
-    model = small_model(norm_pix_loss=False).eval()
+    model = small_model(norm_pix=False).eval()
     result = reconstruct(model, images, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = model(images, generator=torch.Generator().manual_seed(3))

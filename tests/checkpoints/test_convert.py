@@ -87,7 +87,7 @@ def hf_pretraining_model(transformers, **overrides):
 def test_matches_hf_vitmae_given_same_weights_and_noise(transformers, overrides) -> None:
     hf = hf_pretraining_model(transformers, **overrides)
     args = args_from_hf_config(hf.config)
-    assert (args["norm_eps"], args["norm_pix_loss"], args["in_chans"]) == (
+    assert (args["norm_eps"], args["norm_pix"], args["in_chans"]) == (
         overrides["layer_norm_eps"],
         overrides["norm_pix_loss"],
         overrides["num_channels"],
@@ -259,13 +259,13 @@ def test_other_architectures_are_refused_naming_the_keys() -> None:
 
 
 def test_hf_config_round_trip_and_unsupported_settings(transformers) -> None:
-    model = small_model(norm_eps=1e-12, mask_ratio=0.5, norm_pix_loss=False)
+    model = small_model(norm_eps=1e-12, mask_ratio=0.5, norm_pix=False)
     config = hf_config_from_args(model.config)
     assert (config.hidden_size, config.intermediate_size, config.decoder_intermediate_size) == (96, 384, 512)
     assert (config.layer_norm_eps, config.mask_ratio, config.norm_pix_loss) == (1e-12, 0.5, False)
     args = args_from_hf_config(config)
     assert {key: args[key] for key in ARCH_KEYS} == {key: model.config[key] for key in ARCH_KEYS}
-    assert (args["norm_eps"], args["mask_ratio"], args["norm_pix_loss"]) == (1e-12, 0.5, False)
+    assert (args["norm_eps"], args["mask_ratio"], args["norm_pix"]) == (1e-12, 0.5, False)
     transformers.ViTMAEForPreTraining(config).load_state_dict(from_mimkit(model.state_dict(), "hf"), strict=True)
 
     base = model.config

@@ -169,7 +169,7 @@ def test_load_encoder_builds_the_encoder_alone_from_every_layout(tmp_path: Path,
 
 
 def test_original_mae_checkpoint_with_namespace_args(tmp_path: Path) -> None:
-    source = perturb(create_model("vit_tiny", **REGISTRY_WIDTH, norm_pix_loss=False, mask_ratio=0.6)).eval()
+    source = perturb(create_model("vit_tiny", **REGISTRY_WIDTH, norm_pix=False, mask_ratio=0.6)).eval()
     args = argparse.Namespace(  # what facebookresearch/mae's main_pretrain.py saves
         model="mae_vit_tiny",
         input_size=32,
@@ -193,7 +193,7 @@ def test_original_mae_checkpoint_with_namespace_args(tmp_path: Path) -> None:
     assert loaded.run_config is None
     for key in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         assert loaded.config[key] == source.config[key], key
-    assert (loaded.config["mask_ratio"], loaded.config["norm_pix_loss"], loaded.config["img_size"]) == (0.6, False, 32)
+    assert (loaded.config["mask_ratio"], loaded.config["norm_pix"], loaded.config["img_size"]) == (0.6, False, 32)
     assert_same_weights(source, loaded)
     _, _, expected = outputs(source)
     _, _, got = outputs(loaded)
@@ -202,7 +202,7 @@ def test_original_mae_checkpoint_with_namespace_args(tmp_path: Path) -> None:
     # The released files hold {"model": ...} only; MAE's defaults fill in what the weights do not tell.
     torch.save({"model": checkpoint["model"]}, tmp_path / "released.pth")
     released = load_checkpoint(tmp_path / "released.pth")
-    assert (released.config["mask_ratio"], released.config["norm_pix_loss"]) == (0.75, True)
+    assert (released.config["mask_ratio"], released.config["norm_pix"]) == (0.75, True)
     assert_same_weights(source, released)
 
 
@@ -244,7 +244,7 @@ def test_bare_safetensors_and_widths_outside_the_registry(tmp_path: Path) -> Non
     ):
         load_checkpoint(tmp_path / "model.safetensors")
     loaded = load_checkpoint(
-        tmp_path / "model.safetensors", overrides={"num_heads": 2, "norm_eps": 1e-6, "norm_pix_loss": True}
+        tmp_path / "model.safetensors", overrides={"num_heads": 2, "norm_eps": 1e-6, "norm_pix": True}
     )
     assert_same_weights(source, loaded)
     _, _, expected = outputs(source)
@@ -253,7 +253,7 @@ def test_bare_safetensors_and_widths_outside_the_registry(tmp_path: Path) -> Non
 
 
 def test_hf_directory_loads_in_transformers_with_equal_outputs(tmp_path: Path, transformers) -> None:
-    model = tiny_model(in_chans=3, norm_pix_loss=True, mask_ratio=0.75)
+    model = tiny_model(in_chans=3, norm_pix=True, mask_ratio=0.75)
     save_checkpoint_as(model, tmp_path / "hf", "hf")
     hf, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -423,3 +423,116 @@ def test_import_mimkit_is_lazy() -> None:
     assert result.stdout.split() == ["0.1.0", "mimkit.build", "MaskSpec"]
     assert mimkit.create_model is create_model and mimkit.__version__ == "0.1.0"
     assert {"create_model", "load_checkpoint", "MaskedImageModel", "MaskSpec", "load_config"} <= set(dir(mimkit))
+
+
+# model_args and the target section of the run config as checkpoints written before the target's sections stored
+# them: norm_pix_loss, cls_pretraining, and the teacher's and class-token head's keys flat in target
+OLD_MODEL_ARGS = {
+    "name": "vit_tiny",
+    "img_size": 16,
+    "in_chans": 1,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "drop_path_rate": 0.0,
+    "norm_eps": 1e-06,
+    "norm_pix_loss": False,
+    "loss": "mse",
+    "target": "pixel",
+    "teacher": None,
+    "teacher_options": None,
+    "data_mean": None,
+    "data_std": None,
+    "tokenizer": None,
+    "teacher_cache": None,
+    "cls_pretraining": True,
+    "cls_layer": 0,
+    "cls_depth": 1,
+    "mask_ratio": 0.75,
+    "mask_type": "random",
+    "mask_options": {},
+    "grad_checkpointing": False,
+    "encoder_sees": "visible",
+    "head": "mae",
+    "loss_on": "hidden",
+    "norm_features": None,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "patch_size": 4,
+    "decoder_embed_dim": 128,
+    "decoder_depth": 2,
+    "decoder_num_heads": 4,
+    "decoder": "micro",
+}
+OLD_TARGET = {
+    "type": "pixel",
+    "norm_pix": False,
+    "loss": None,
+    "loss_on": "hidden",
+    "norm_features": None,
+    "teacher": None,
+    "teacher_stage": None,
+    "teacher_input_size": None,
+    "teacher_cache": None,
+    "tokenizer": None,
+    "cls_pretraining": True,
+    "cls_layer": 0,
+    "cls_depth": 1,
+}
+OLD_RUN = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "model.img_size=16",
+    "target.norm_pix=false", "target.cls.enabled=true", "target.cls.layer=0", "target.cls.depth=1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stored", ["model_args", "config"])
+def test_a_checkpoint_with_the_names_of_older_versions_loads(tmp_path: Path, stored: str) -> None:
+    from mimkit.models.cls_pretraining import ClassTokenPretraining
+
+    config = load_config(None, OLD_RUN)
+    torch.manual_seed(0)
+    model = perturb(build_model(config)).eval()
+    old_config = {**config.to_dict(), "target": dict(OLD_TARGET)}
+    state = {"model": model.state_dict(), "config": old_config}
+    if stored == "model_args":  # else only the run config describes the model
+        state["model_args"] = dict(OLD_MODEL_ARGS)
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.config == model.config and "norm_pix_loss" not in loaded.config
+    assert (loaded.config["norm_pix"], loaded.config["cls_enabled"], loaded.config["cls_layer"]) == (False, True, 0)
+    assert loaded.run_config == config and loaded.run_config.target.cls.depth == 1
+    assert isinstance(loaded.decoder, ClassTokenPretraining) and loaded.decoder.layer == 0
+    assert len(loaded.decoder.head.blocks) == 1 and not loaded.target.norm_pix
+    assert_same_weights(model, loaded)
+    if stored == "model_args":
+        encoder, args, _ = load_encoder(tmp_path / "old.pt")
+        assert args["norm_pix"] is False and "cls_pretraining" not in args and encoder.embed_dim == 32
+
+
+def test_a_hf_directory_with_the_model_args_of_older_versions_keeps_them(tmp_path: Path, transformers) -> None:
+    import warnings
+
+    model = tiny_model(norm_pix=False, mask_ratio=0.6)
+    save_checkpoint_as(model, tmp_path / "hf", "hf")
+    extra_path = tmp_path / "hf" / MIMKIT_EXTRA_NAME
+    extra = json.loads(extra_path.read_text())
+    args = extra["model_args"]
+    args["norm_pix_loss"], args["cls_pretraining"] = args.pop("norm_pix"), args.pop("cls_enabled")
+    extra_path.write_text(json.dumps(extra))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mimkit.json is not set aside as disagreeing with config.json
+        loaded = load_checkpoint(tmp_path / "hf")
+    assert loaded.config == model.config and loaded.config["decoder"] == "micro"
+    assert_same_weights(model, loaded)
+
+
+def test_old_model_argument_names_are_refused_naming_the_new_ones() -> None:
+    from mimkit.models.registry import stored_model_args
+
+    with pytest.raises(ValueError, match=r"model argument norm_pix_loss is now norm_pix"):
+        create_model("vit_tiny", **TINY, norm_pix_loss=False)
+    with pytest.raises(ValueError, match=r"cls_pretraining is now cls_enabled"):
+        create_model("vit_tiny", **TINY, cls_pretraining=True)
+    assert stored_model_args({"norm_pix_loss": False, "depth": 2}) == {"norm_pix": False, "depth": 2}
+    with pytest.raises(ValueError, match=r"norm_pix_loss=True \(its old name\) and norm_pix=False disagree"):
+        stored_model_args({"norm_pix_loss": True, "norm_pix": False})

@@ -70,7 +70,7 @@ def test_tiny_model_overfits_eight_images() -> None:
         depth=2,
         num_heads=4,
         decoder="micro",
-        norm_pix_loss=False,
+        norm_pix=False,
     )
     noise = torch.rand(8, 16, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)

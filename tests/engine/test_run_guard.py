@@ -248,8 +248,8 @@ def test_a_full_disk_while_logging_names_the_file_and_the_space(tmp_path: Path, 
         ),
         (["data.dataset=folder", "data.root={missing}"], "data.root={missing}: image folder {missing} does not exist"),
         (
-            ["target.type=maskdistill", "target.teacher={missing}"],
-            "target.teacher {missing} does not exist",
+            ["target.type=maskdistill", "target.teacher.spec={missing}"],
+            "target.teacher.spec {missing} does not exist",
         ),
     ],
 )

@@ -19,7 +19,7 @@ from mimkit.targets import patch_loss
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=1, depth=2, embed_dim=64, num_heads=2, decoder="micro")
 RECIPE = "configs/mae_vit_tiny_fmnist.yaml"
-TEACHER = ["target.teacher=efficientnet_lite0", "target.teacher_input_size=128"]
+TEACHER = ["target.teacher.spec=efficientnet_lite0", "target.teacher.input_size=128"]
 
 
 def fmnist(count: int = 4) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_mask_token_in_the_encoder_with_the_mae_decoder() -> None:
 
 
 def test_class_token_head_on_the_beit_encoder_shares_the_fc_layer() -> None:
-    model = beit_model(cls_pretraining=True, cls_layer=0).train()
+    model = beit_model(cls_enabled=True, cls_layer=0).train()
     assert isinstance(model.decoder, ClassTokenPretraining)
     assert isinstance(model.decoder.head, ClassTokenBlocks)
     assert model.decoder.head.pred is model.decoder.decoder.pred

@@ -35,7 +35,7 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 
 def test_loss_only_on_hidden_patches() -> None:
-    model = tiny(norm_pix_loss=False)
+    model = tiny(norm_pix=False)
     images = torch.randn(2, 1, 16, 16)
     noise = torch.rand(2, 16)
     out = model(images, noise)

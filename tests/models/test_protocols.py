@@ -35,7 +35,7 @@ def test_every_masker_implements_exactly_the_capabilities_it_uses(kind: str) -> 
 
 @pytest.mark.parametrize(
     ("overrides", "decoder_prefix", "hidden_states"),
-    [({}, 1, False), ({"encoder_sees": "all", "head": "linear"}, 1, False), ({"cls_pretraining": True}, 1, True)],
+    [({}, 1, False), ({"encoder_sees": "all", "head": "linear"}, 1, False), ({"cls_enabled": True}, 1, True)],
 )
 def test_built_models_are_made_of_parts_that_implement_their_protocols(
     overrides: dict, decoder_prefix: int, hidden_states: bool

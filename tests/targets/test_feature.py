@@ -121,7 +121,7 @@ def test_cosine_loss_is_one_minus_cosine_similarity() -> None:
 def test_each_target_overfits_eight_images(images, kind) -> None:
     # One fixed mask on eight real images: the loss on the hidden patches must fall 10x (pixels: raw, as in
     # the MAE test; per-patch normalized 4x4 patches are near noise for so small a model).
-    model = model_with(kind, **({"norm_pix_loss": False} if kind == "pixel" else {}))
+    model = model_with(kind, **({"norm_pix": False} if kind == "pixel" else {}))
     spec: MaskSpec = RandomMasker(0.75)(8, model.grid, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
@@ -138,8 +138,8 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path: Path) -> None:
     overrides = [
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=64",
         "train.batch_size=16", "train.max_steps=3", "train.progress=false", "log.tensorboard=false",
-        "eval.reconstruct=true", "eval.knn=false", "target.type=maskdistill", "target.teacher=efficientnet_lite0",
-        "target.teacher_input_size=64", f"train.output_dir={tmp_path}",
+        "eval.reconstruct=true", "eval.knn=false", "target.type=maskdistill", "target.teacher.spec=efficientnet_lite0",
+        "target.teacher.input_size=64", f"train.output_dir={tmp_path}",
     ]  # fmt: skip
     trainer = Pretrainer(load_config(None, overrides))
     teacher = trainer.model.target.teacher
@@ -160,13 +160,15 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path: Path) -> None:
 
 
 def test_target_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"target\.teacher: target\.type=maskdistill needs a teacher"):
+    with pytest.raises(ConfigError, match=r"target\.teacher\.spec: target\.type=maskdistill needs a teacher"):
         load_config(None, ["target.type=maskdistill"])
-    with pytest.raises(ConfigError, match=r"target\.teacher: only target\.type maskdistill or milan takes a teacher"):
-        load_config(None, ["target.teacher=efficientnet_lite0"])
+    with pytest.raises(
+        ConfigError, match=r"target\.teacher\.spec: only target\.type maskdistill or milan takes a teacher"
+    ):
+        load_config(None, ["target.teacher.spec=efficientnet_lite0"])
     with pytest.raises(ConfigError, match=r"target\.type: unknown 'clip'"):
         load_config(None, ["target.type=clip"])
-    config = load_config(None, ["target.type=maskdistill", "target.teacher=efficientnet_lite0"])
+    config = load_config(None, ["target.type=maskdistill", "target.teacher.spec=efficientnet_lite0"])
     assert config.target.resolved_loss() == "smooth_l1" and load_config(None).target.resolved_loss() == "mse"
 
 
@@ -194,7 +196,7 @@ def test_milan_recipe_trains_with_teacher_guided_masks(tmp_path: Path) -> None:
     overrides = [
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=32",
         "train.batch_size=16", "train.max_steps=2", "train.progress=false", "log.tensorboard=false",
-        "eval.knn=false", "target.type=milan", "target.teacher=efficientnet_lite0", "target.teacher_input_size=64",
+        "eval.knn=false", "target.type=milan", "target.teacher.spec=efficientnet_lite0", "target.teacher.input_size=64",
         "mask.type=attention", "mask.attention.mode=keep", "mask.attention.source=teacher",
         f"train.output_dir={tmp_path}",
     ]  # fmt: skip
@@ -224,7 +226,7 @@ def test_vqkd_target_keeps_its_tokenizer_frozen_and_out_of_the_state_dict(images
 
 
 def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(images) -> None:
-    model = model_with("vqkd", cls_pretraining=True, cls_depth=1)
+    model = model_with("vqkd", cls_enabled=True, cls_depth=1)
     assert model.decoder.layer == 1 and model.decoder.head.pred is model.decoder.decoder.pred  # 3/4 of 2 blocks
     out = model(images, generator=torch.Generator().manual_seed(0))
     main_loss, aux_loss = out.extras["main_loss"], out.extras["aux_loss"]
@@ -236,8 +238,8 @@ def test_class_token_pretraining_adds_a_second_prediction_of_the_hidden_codes(im
     assert all(block.mlp.fc2.weight.grad.abs().sum() > 0 for block in model.encoder.blocks)
     plain = model_with("vqkd")
     assert "aux_loss" not in plain(images, generator=torch.Generator().manual_seed(0)).extras
-    with pytest.raises(ConfigError, match=r"target\.cls_pretraining: needs an encoder with a class token"):
-        load_config(RECIPES / "convmae_tiny_fmnist.yaml", ["target.cls_pretraining=true"])
+    with pytest.raises(ConfigError, match=r"target\.cls\.enabled: needs an encoder with a class token"):
+        load_config(RECIPES / "convmae_tiny_fmnist.yaml", ["target.cls.enabled=true"])
 
 
 def test_a_guided_milan_step_runs_the_teacher_once(images) -> None:
@@ -273,13 +275,13 @@ def test_unaugmented_training_reads_the_teacher_from_the_cache_after_one_epoch(t
     overrides = [
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder=micro", "data.limit=32",
         "train.batch_size=16", "train.epochs=2", "train.progress=false", "log.tensorboard=false", "eval.knn=false",
-        "eval.reconstruct=false", "target.type=maskdistill", "target.teacher=efficientnet_lite0",
-        "target.teacher_input_size=64", f"target.teacher_cache={tmp_path / 'cache'}", "data.crop_scale=[1,1]",
+        "eval.reconstruct=false", "target.type=maskdistill", "target.teacher.spec=efficientnet_lite0",
+        "target.teacher.input_size=64", f"target.teacher.cache={tmp_path / 'cache'}", "data.crop_scale=[1,1]",
         "data.crop_ratio=[1,1]", "data.hflip=false", f"train.output_dir={tmp_path / 'run'}",
     ]  # fmt: skip
     trainer = Pretrainer(load_config(None, overrides))
     trainer.fit()
     cache = trainer.model.target.cache
     assert (cache.misses, cache.hits) == (32, 32)  # epoch 1 computes every image, epoch 2 reads them all
-    with pytest.raises(ConfigError, match=r"target\.teacher_cache"):
-        load_config(None, [f"target.teacher_cache={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"target\.teacher\.cache"):
+        load_config(None, [f"target.teacher.cache={tmp_path}"])

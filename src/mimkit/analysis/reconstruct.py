@@ -157,4 +157,4 @@ def reconstruct_files(
     )
     depth, width = args.get("depth"), args.get("embed_dim")
     title = f"{args.get('name', model.name)} ({width}-d x {depth}) from {Path(checkpoint).name}"
-    return save_reconstruction_grid(result, out, mean, std, title=title, norm_pix=bool(args["norm_pix_loss"]))
+    return save_reconstruction_grid(result, out, mean, std, title=title, norm_pix=bool(args["norm_pix"]))

@@ -355,7 +355,7 @@ def hf_config_from_args(args: Mapping[str, Any]) -> ViTMAEConfig:
         decoder_num_attention_heads=resolved["decoder_num_heads"],
         decoder_intermediate_size=int(resolved["decoder_embed_dim"] * mlp_ratio),
         mask_ratio=resolved["mask_ratio"],
-        norm_pix_loss=resolved["norm_pix_loss"],
+        norm_pix_loss=resolved["norm_pix"],
     )
 
 
@@ -407,7 +407,7 @@ def args_from_hf_config(config: ViTMAEConfig) -> dict[str, Any]:
             decoder_depth=config.decoder_num_hidden_layers,
             decoder_num_heads=config.decoder_num_attention_heads,
             mask_ratio=config.mask_ratio,
-            norm_pix_loss=config.norm_pix_loss,
+            norm_pix=config.norm_pix_loss,
         ),
     }
 

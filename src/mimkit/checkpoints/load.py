@@ -47,7 +47,7 @@ from mimkit.files import CheckpointError, error_summary, load_checkpoint_file, s
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.mim import MaskedImageModel
-from mimkit.models.registry import create_encoder
+from mimkit.models.registry import create_encoder, stored_model_args
 from mimkit.models.vit import VisionTransformer
 
 SAVE_LAYOUTS = ("mimkit", "mae", "hf")
@@ -80,7 +80,7 @@ _HF_CONFIG_KEYS = (
     "decoder_depth",
     "decoder_num_heads",
     "mask_ratio",
-    "norm_pix_loss",
+    "norm_pix",
 )
 _KINDS = (
     "a mimkit training checkpoint (model + model_args/config), an original MAE checkpoint (model [+ args]), "
@@ -205,6 +205,14 @@ class CheckpointContents:
     read_weights: Callable[[], dict[str, Tensor]]
 
 
+def _stored_args(args: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``model_args`` as stored in ``path``, the names of older versions read as today's."""
+    try:
+        return stored_model_args(args)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its model_args are inconsistent ({err})") from None
+
+
 def _mimkit_contents(state: dict[str, Any], path: Path) -> CheckpointContents:
     """A training checkpoint or a file from :func:`save_checkpoint_as` (weights in the mimkit or MAE layout)."""
     weights = _tensors_only(unwrap_checkpoint(state), path)
@@ -213,7 +221,7 @@ def _mimkit_contents(state: dict[str, Any], path: Path) -> CheckpointContents:
         raise CheckpointError(f"{path} has neither model_args nor a run config to rebuild its model from")
     return CheckpointContents(
         path=path,
-        args=dict(model_args) if isinstance(model_args, Mapping) else None,
+        args=_stored_args(model_args, path) if isinstance(model_args, Mapping) else None,
         args_source="model_args",
         run_config=state.get("config"),
         run_config_path=path,
@@ -227,7 +235,7 @@ def _infer_args(weights: Mapping[str, Tensor], path: Path, layout: str, override
     hints: dict[str, Any] = {}
     if layout in ("hf", "hf_legacy"):
         # What ViTMAEConfig() would have said: HF's own defaults, not MAE's.
-        hints = {"norm_eps": 1e-12, "norm_pix_loss": False}
+        hints = {"norm_eps": 1e-12, "norm_pix": False}
         if not overrides:
             warnings.warn(
                 f"{path}: HuggingFace weights without their config.json; the architecture is read off the shapes, "
@@ -271,7 +279,7 @@ def _mae_args_hint(args: Any) -> dict[str, Any]:
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
     hint: dict[str, Any] = {}
     if isinstance(values.get("norm_pix_loss"), bool):
-        hint["norm_pix_loss"] = values["norm_pix_loss"]
+        hint["norm_pix"] = values["norm_pix_loss"]
     if isinstance(values.get("mask_ratio"), float):
         hint["mask_ratio"] = values["mask_ratio"]
     if isinstance(values.get("input_size"), int):
@@ -353,6 +361,7 @@ def _hf_contents(directory: Path, overrides: Mapping[str, Any]) -> CheckpointCon
         except ValueError as err:
             raise CheckpointError(f"{extra_path} is not valid JSON ({err})") from None
         saved = extra.get("model_args") if isinstance(extra, dict) else None
+        saved = _stored_args(saved, extra_path) if isinstance(saved, dict) else None
         if isinstance(saved, dict) and all(saved.get(key) == args.get(key) for key in _HF_CONFIG_KEYS):
             args = dict(saved)  # keeps the name, decoder preset, loss and mask type
             run_config = extra.get("config")

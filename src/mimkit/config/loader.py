@@ -90,16 +90,23 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types name the key.
 
     A schema may list keys it no longer has in a class attribute ``MOVED_KEYS`` (old name -> new dotted name
-    under the same section); such a key is refused with its new name."""
+    under the same section); such a key is refused with its new name, and so is one that names a section now
+    (``teacher`` -> ``teacher.spec``) when it holds a value instead of a mapping."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})  # keys of older configs -> where they live now
-    if any(key in moved for key in unknown):
+    old = [
+        key
+        for key in sorted(data)
+        if key in moved
+        and (key not in names or (dataclasses.is_dataclass(hints[key]) and not isinstance(data[key], dict)))
+    ]
+    if old:
         raise ConfigError(
-            "; ".join(f"{prefix}{key} moved to {prefix}{moved[key]}" for key in unknown if key in moved)
+            "; ".join(f"{prefix}{key} moved to {prefix}{moved[key]}" for key in old)
             + " (rename the key in the recipe or override)"
         )
     if unknown:

@@ -138,14 +138,44 @@ class MaskConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """``target.teacher``: the frozen teacher of ``maskdistill`` and ``milan``. ``spec``, ``stage`` and
+    ``input_size`` are the arguments of :func:`~mimkit.targets.build_teacher`; ``cache`` is the folder of the
+    target's :class:`~mimkit.targets.FeatureCache`."""
+
+    # efficientnet_lite0, a mimkit checkpoint path, timm:NAME@FILE or hf_clip:DIR; null: no teacher
+    spec: str | None = None
+    stage: int | None = None  # EfficientNet-Lite0 / timm stage whose map is the target; null: the teacher's
+    input_size: int | None = None  # side images are resized to for the teacher; null: the teacher's
+    cache: str | None = None  # keep the teacher's features on disk (small data, no augmentation)
+
+    def options(self) -> dict[str, int] | None:
+        """The set ``stage`` and ``input_size`` as :func:`~mimkit.targets.build_teacher` options, or None
+        without a teacher."""
+        if self.spec is None:
+            return None
+        options = {"stage": self.stage, "input_size": self.input_size}
+        return {key: value for key, value in options.items() if value is not None}
+
+
+@dataclass
+class ClassTokenConfig:
+    """``target.cls``: BEiT v2's class-token head (ViT encoders,
+    :class:`~mimkit.models.cls_pretraining.ClassTokenPretraining`)."""
+
+    enabled: bool = False
+    layer: int | None = None  # the early encoder block whose patch tokens it reads; null: the one at 3/4 depth
+    depth: int = 2  # its transformer blocks
+
+
+@dataclass
 class TargetConfig:
     """What the decoder predicts and the loss on hidden patches (see :mod:`mimkit.targets`).
 
     ``type``: ``pixel`` (MAE), ``hog`` (MaskFeat), ``maskdistill`` or ``milan`` (a frozen teacher's
-    features, the teacher named by ``teacher``: ``efficientnet_lite0``, a mimkit checkpoint path,
-    ``timm:NAME@FILE`` or ``hf_clip:DIR``; milan also swaps in the prompting decoder) or ``vqkd`` (the
+    features, the teacher of section ``teacher``; milan also swaps in the prompting decoder) or ``vqkd`` (the
     codes of the VQ-KD ``tokenizer``, BEiT v2). ``loss`` defaults to the target's usual one
-    (:data:`~mimkit.targets.DEFAULT_LOSSES`). ``cls_pretraining`` adds BEiT v2's class-token head.
+    (:data:`~mimkit.targets.DEFAULT_LOSSES`). Section ``cls`` adds BEiT v2's class-token head.
     """
 
     type: str = "pixel"
@@ -154,27 +184,27 @@ class TargetConfig:
     loss_on: str = "hidden"  # "all": the loss on every patch, visible ones too (MAE's ablation)
     # teacher targets: LayerNorm (no affine) over each patch's features; null: maskdistill on, milan off
     norm_features: bool | None = None
-    teacher: str | None = None
-    teacher_stage: int | None = None
-    teacher_input_size: int | None = None
-    teacher_cache: str | None = None  # keep the teacher's features on disk (small data, no augmentation)
     tokenizer: str | None = None  # vqkd: the tokenizer.pt of mimkit tokenizer-train
-    cls_pretraining: bool = False  # BEiT v2's class-token head (ViT encoders)
-    cls_layer: int | None = None  # its early encoder block; None: the one at 3/4 of the depth
-    cls_depth: int = 2
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cls: ClassTokenConfig = field(default_factory=ClassTokenConfig)
+
+    # the flat keys of configs written before the sections -> where they live now (see nest_target_keys); a
+    # ``teacher`` that is not a section is the teacher's spec
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {
+        "teacher": "teacher.spec",
+        "teacher_stage": "teacher.stage",
+        "teacher_input_size": "teacher.input_size",
+        "teacher_cache": "teacher.cache",
+        "cls_pretraining": "cls.enabled",
+        "cls_layer": "cls.layer",
+        "cls_depth": "cls.depth",
+    }
 
     def resolved_loss(self) -> str:
         """``loss``, or the target's usual loss when unset."""
         from mimkit.targets import DEFAULT_LOSSES
 
         return self.loss or DEFAULT_LOSSES.get(self.type, "mse")
-
-    def teacher_options(self) -> dict[str, int] | None:
-        """The set ``teacher_*`` keys as :func:`~mimkit.targets.build_teacher` options."""
-        if self.teacher is None:
-            return None
-        options = {"stage": self.teacher_stage, "input_size": self.teacher_input_size}
-        return {key: value for key, value in options.items() if value is not None}
 
 
 @dataclass
@@ -398,10 +428,12 @@ class Config:
         )
         check(self.mask.exploitation_every_steps >= 1, "mask.exploitation_every_steps", "must be >= 1")
         check(
-            self.mask.type != "attention" or self.mask.attention.source == "encoder" or self.target.teacher is not None,
+            self.mask.type != "attention"
+            or self.mask.attention.source == "encoder"
+            or self.target.teacher.spec is not None,
             "mask.attention.source",
             "mask.attention.source=teacher needs a teacher target (target.type=maskdistill or milan with "
-            "target.teacher)",
+            "target.teacher.spec)",
         )
         check(self.target.type in TARGETS, "target.type", f"unknown {self.target.type!r}; one of {list(TARGETS)}")
         loss = self.target.resolved_loss()
@@ -417,11 +449,11 @@ class Config:
             else "only target.type=vqkd takes a tokenizer",
         )
         check(
-            not self.target.cls_pretraining or self.model.name not in CONV_ENCODERS,
-            "target.cls_pretraining",
+            not self.target.cls.enabled or self.model.name not in CONV_ENCODERS,
+            "target.cls.enabled",
             "needs an encoder with a class token (ViT), not ConvMAE",
         )
-        check(self.target.cls_depth >= 1, "target.cls_depth", "must be >= 1")
+        check(self.target.cls.depth >= 1, "target.cls.depth", "must be >= 1")
         if self.mask.type == "fine_random":  # hides parts of patches: only a pixel loss can score them
             check(conv, "mask.type", "fine_random masks ConvMAE's stage-1 grid: use a convmae_* model.name")
             check(self.target.type == "pixel", "mask.type", "fine_random scores hidden pixels: use target.type=pixel")
@@ -432,14 +464,14 @@ class Config:
             "normalizes a teacher's features: only for target.type maskdistill or milan",
         )
         check(
-            self.target.teacher_cache is None or self.target.teacher is not None,
-            "target.teacher_cache",
-            "caches a teacher's features: set target.teacher (maskdistill or milan)",
+            self.target.teacher.cache is None or self.target.teacher.spec is not None,
+            "target.teacher.cache",
+            "caches a teacher's features: set target.teacher.spec (maskdistill or milan)",
         )
         teacher = self.target.type in TEACHER_TARGETS
         check(
-            (self.target.teacher is not None) == teacher,
-            "target.teacher",
+            (self.target.teacher.spec is not None) == teacher,
+            "target.teacher.spec",
             f"target.type={self.target.type} needs a teacher (efficientnet_lite0, a checkpoint path, "
             "timm:NAME@FILE, hf_clip:DIR)"
             if teacher
@@ -529,11 +561,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
     A run saved before ``model.head`` existed was built with MAE's visible-only encoder and the head its target
     had then (:func:`~mimkit.models.registry.default_head`), and is rebuilt so; one saved before the masker's
-    sections holds their keys flat in ``mask`` and is read as :func:`nest_mask_keys` moves them.
+    sections holds their keys flat in ``mask`` and is read as :func:`nest_mask_keys` moves them, and one saved
+    before the target's ``teacher`` and ``cls`` sections as :func:`nest_target_keys` moves its flat ``target``
+    keys.
     """
     from mimkit.models.registry import default_head
 
-    data = nest_mask_keys(data)
+    data = nest_target_keys(nest_mask_keys(data))
     model = data.get("model")
     if isinstance(model, dict) and "head" not in model:
         target = data.get("target")
@@ -557,16 +591,37 @@ def nest_mask_keys(data: dict[str, Any]) -> dict[str, Any]:
     masker's sections (``mask.hint_ratio``) moved into their sections (``mask.self_guided.hint_ratio``); a config
     without them is returned as it is. Every reader of a stored config goes through :func:`config_from_dict`, which
     calls it; a recipe or override with a flat key is refused, naming the new key."""
-    mask = data.get("mask")
-    if not isinstance(mask, dict) or not any(key in MaskConfig.MOVED_KEYS for key in mask):
+    return _nest_moved_keys(data, "mask", MaskConfig.MOVED_KEYS)
+
+
+def nest_target_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (:meth:`Config.to_dict` output) with the flat ``target`` keys of configs written before the
+    teacher's and the class-token head's sections (``target.teacher: efficientnet_lite0``,
+    ``target.teacher_stage``, ``target.cls_pretraining``) moved into them (``target.teacher.spec``,
+    ``target.teacher.stage``, ``target.cls.enabled``, see :attr:`TargetConfig.MOVED_KEYS`); a config without them
+    is returned as it is. Called by :func:`config_from_dict`, as :func:`nest_mask_keys`."""
+    return _nest_moved_keys(data, "target", TargetConfig.MOVED_KEYS)
+
+
+def _nest_moved_keys(data: dict[str, Any], section: str, moved: dict[str, str]) -> dict[str, Any]:
+    """``data`` with the keys of its ``section`` that ``moved`` lists (old name -> ``part.name``) moved into their
+    parts. A key that names a part itself (``teacher``) is old only when it does not hold a mapping."""
+    stored = data.get(section)
+    if not isinstance(stored, dict):
         return data
-    nested = {key: value for key, value in mask.items() if key not in MaskConfig.MOVED_KEYS}
-    for key, value in mask.items():
-        if key in MaskConfig.MOVED_KEYS:
-            section, name = MaskConfig.MOVED_KEYS[key].split(".")
-            stored = nested.get(section)
-            nested[section] = {**(stored if isinstance(stored, dict) else {}), name: value}
-    return {**data, "mask": nested}
+
+    def flat(key: str, value: Any) -> bool:
+        return key in moved and not (moved[key].split(".")[0] == key and isinstance(value, dict))
+
+    if not any(flat(key, value) for key, value in stored.items()):
+        return data
+    nested = {key: value for key, value in stored.items() if not flat(key, value)}
+    for key, value in stored.items():
+        if flat(key, value):
+            part, name = moved[key].split(".")
+            kept = nested.get(part)
+            nested[part] = {**(kept if isinstance(kept, dict) else {}), name: value}
+    return {**data, section: nested}
 
 
 def mask_options(mask: MaskConfig) -> dict[str, Any]:
@@ -607,19 +662,19 @@ def model_overrides(config: Config) -> dict[str, Any]:
         mask_type=config.mask.type,
         mask_ratio=config.mask.ratio,
         mask_options=mask_options(config.mask),
-        norm_pix_loss=config.target.norm_pix,
+        norm_pix=config.target.norm_pix,
         loss=config.target.resolved_loss(),
         target=config.target.type,
-        teacher=config.target.teacher,
-        teacher_options=config.target.teacher_options(),
+        teacher=config.target.teacher.spec,
+        teacher_options=config.target.teacher.options(),
         tokenizer=config.target.tokenizer,
-        teacher_cache=config.target.teacher_cache,
-        cls_pretraining=config.target.cls_pretraining,
-        cls_layer=config.target.cls_layer,
-        cls_depth=config.target.cls_depth,
+        teacher_cache=config.target.teacher.cache,
+        cls_enabled=config.target.cls.enabled,
+        cls_layer=config.target.cls.layer,
+        cls_depth=config.target.cls.depth,
         **(
             dict(zip(("data_mean", "data_std"), config.normalization(), strict=True))
-            if config.target.teacher or config.target.tokenizer
+            if config.target.teacher.spec or config.target.tokenizer
             else {}
         ),
     )

@@ -100,15 +100,15 @@ def check_paths(config: Config) -> None:
     target = config.target
     if target.tokenizer:
         check_input_path(target.tokenizer, "target.tokenizer")
-    teacher = target.teacher
+    teacher = target.teacher.spec
     if teacher and teacher != "efficientnet_lite0":
         kind, _, rest = teacher.partition(":") if ":" in teacher else ("", "", teacher)
         if kind == "timm":
-            check_input_path(rest.partition("@")[2], "target.teacher (timm:NAME@FILE)")
+            check_input_path(rest.partition("@")[2], "target.teacher.spec (timm:NAME@FILE)")
         elif kind == "hf_clip":
-            check_input_path(rest, "target.teacher (hf_clip:DIR)", "folder")
+            check_input_path(rest, "target.teacher.spec (hf_clip:DIR)", "folder")
         elif not kind:
-            check_input_path(rest, "target.teacher")
+            check_input_path(rest, "target.teacher.spec")
 
 
 def write_config(config: Config, out_dir: Path) -> None:

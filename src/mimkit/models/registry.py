@@ -4,6 +4,7 @@ decoders they describe. :func:`mimkit.build.create_model` assembles them with a 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from mimkit.models.cls_pretraining import ClassTokenPretraining
@@ -58,7 +59,7 @@ DEFAULTS: dict[str, Any] = dict(
     qkv_bias=True,
     drop_path_rate=0.0,
     norm_eps=1e-6,
-    norm_pix_loss=True,
+    norm_pix=True,  # MAE's norm_pix_loss: the pixel target is each patch normalized
     loss=None,  # the target's usual loss (mimkit.targets.DEFAULT_LOSSES): MSE for pixels
     target="pixel",
     teacher=None,
@@ -67,7 +68,7 @@ DEFAULTS: dict[str, Any] = dict(
     data_std=None,
     tokenizer=None,
     teacher_cache=None,
-    cls_pretraining=False,
+    cls_enabled=False,
     cls_layer=None,
     cls_depth=2,
     mask_ratio=0.75,
@@ -79,6 +80,10 @@ DEFAULTS: dict[str, Any] = dict(
     loss_on="hidden",  # "all": the loss on every patch (MAE's ablation)
     norm_features=None,  # teacher targets: LayerNorm the teacher's features per patch (None: maskdistill yes, milan no)
 )
+
+# Arguments that checkpoints of older versions stored under another name (old -> new). A stored ``model_args``
+# is read through stored_model_args; model_args refuses the old names, naming the new one.
+RENAMED_ARGS: dict[str, str] = {"norm_pix_loss": "norm_pix", "cls_pretraining": "cls_enabled"}
 
 # Arguments of ConvMAE only: the depthwise kernel of the convolution blocks and multi-scale fusion.
 CONV_DEFAULTS: dict[str, Any] = dict(kernel_size=5, fuse=True)
@@ -99,22 +104,23 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
 
     Overrides use the original MAE constructor's names (``img_size``, ``patch_size``, ``in_chans``,
     ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``decoder_embed_dim``, ``decoder_depth``,
-    ``decoder_num_heads``, ``norm_pix_loss``) plus ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword
-    arguments of the masker, e.g. ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``,
-    ``qkv_bias``, ``drop_path_rate``, ``grad_checkpointing`` (activation checkpointing of every encoder and
-    decoder block while training: less memory, about one more forward pass of compute) and ``decoder`` (a
-    preset of :data:`DECODERS`), and the target:
-    ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher``, ``teacher_options`` and
-    ``tokenizer`` (see :func:`~mimkit.targets.create_target`), ``data_mean`` and ``data_std`` (the
-    normalization of the images, which a teacher undoes), and BEiT v2's class-token pretraining:
-    ``cls_pretraining``, ``cls_layer`` (default: the block at 3/4 of the depth), ``cls_depth``; and the design
-    switches of MaskDistill's unified view and MAE's ablations: ``encoder_sees`` (``"visible"``, MAE, or
-    ``"all"``, BEiT's encoder with a mask embedding), ``head`` (one of :data:`HEADS`; None:
-    :func:`default_head`) and ``loss_on`` (``"hidden"`` or ``"all"``).
+    ``decoder_num_heads``) and ``norm_pix`` (MAE's ``norm_pix_loss``, named as the pixel target's option) plus
+    ``mask_ratio``, ``mask_type``, ``mask_options`` (keyword arguments of the masker, e.g.
+    ``{"min_num_patches": 16}`` for ``block``), ``loss``, ``norm_eps``, ``qkv_bias``, ``drop_path_rate``,
+    ``grad_checkpointing`` (activation checkpointing of every encoder and decoder block while training: less
+    memory, about one more forward pass of compute) and ``decoder`` (a preset of :data:`DECODERS`), and the
+    target: ``target`` (one of :data:`~mimkit.targets.TARGETS`), ``teacher`` (its spec), ``teacher_options``
+    (``stage``, ``input_size``), ``teacher_cache`` and ``tokenizer`` (see :func:`~mimkit.targets.create_target`),
+    ``data_mean`` and ``data_std`` (the normalization of the images, which a teacher undoes), and BEiT v2's
+    class-token pretraining: ``cls_enabled``, ``cls_layer`` (default: the block at 3/4 of the depth),
+    ``cls_depth``; and the design switches of MaskDistill's unified view and MAE's ablations: ``encoder_sees``
+    (``"visible"``, MAE, or ``"all"``, BEiT's encoder with a mask embedding), ``head`` (one of :data:`HEADS`;
+    None: :func:`default_head`) and ``loss_on`` (``"hidden"`` or ``"all"``).
 
     ConvMAE models (:data:`CONV_ENCODERS`) take ``embed_dims``, ``depths`` and ``patch_sizes`` (one value
     per stage, stored as tuples), ``kernel_size`` and ``fuse`` instead of ``embed_dim``, ``depth`` and
-    ``patch_size``.
+    ``patch_size``. The names older versions used (:data:`RENAMED_ARGS`) are refused, naming today's; a stored
+    ``model_args`` is read with :func:`stored_model_args`.
     """
     if name in ENCODERS:
         encoder, defaults, valid = ENCODERS[name], DEFAULTS, ARG_NAMES
@@ -123,6 +129,8 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS) + sorted(CONV_ENCODERS)}")
     unknown = set(overrides) - valid
+    if renamed := sorted(unknown & set(RENAMED_ARGS)):
+        raise ValueError("; ".join(f"model argument {old} is now {RENAMED_ARGS[old]}" for old in renamed))
     if unknown:
         raise ValueError(f"unknown model argument(s) {sorted(unknown)} for {name!r}; valid: {sorted(valid)}")
     decoder = overrides.get("decoder") or "mae"
@@ -136,6 +144,22 @@ def model_args(name: str, **overrides: Any) -> dict[str, Any]:
     args["head"] = args["head"] or default_head(args["target"])
     check_design(name, args)
     return args
+
+
+def stored_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Model arguments as a checkpoint stored them (``model_args``, ``mimkit.json``), with the names older versions
+    wrote (:data:`RENAMED_ARGS`, e.g. ``norm_pix_loss``) read as today's (``norm_pix``).
+
+    Raises:
+        ValueError: the old and the new name are both stored, with different values.
+    """
+    upgraded = {key: value for key, value in args.items() if key not in RENAMED_ARGS}
+    for old, new in RENAMED_ARGS.items():
+        if old in args:
+            if new in args and args[new] != args[old]:
+                raise ValueError(f"{old}={args[old]!r} (its old name) and {new}={args[new]!r} disagree")
+            upgraded[new] = args[old]
+    return upgraded
 
 
 def check_design(name: str, args: dict[str, Any]) -> None:
@@ -210,13 +234,14 @@ def create_decoder(
     """Build the head that predicts a target of ``out_dim`` values per patch from the encoder's output.
 
     Args:
-        args: resolved arguments of :func:`model_args` (``head``, the ``decoder_*`` sizes, ``cls_pretraining``).
+        args: resolved arguments of :func:`model_args` (``head``, the ``decoder_*`` sizes, ``cls_enabled``,
+            ``cls_layer``, ``cls_depth``).
         encoder: the encoder the head reads (its grid, width and prefix tokens).
         out_dim: values the head predicts per patch, the target's ``dim``.
 
     Returns:
         MAE's or MILAN's decoder or BEiT's linear head, wrapped in BEiT v2's class-token head when
-        ``cls_pretraining`` is set.
+        ``cls_enabled`` is set.
     """
     main_decoder: MAEDecoder | LinearHead
     if args["head"] == "linear":  # BEiT, MaskDistill, BEiT v2
@@ -235,7 +260,7 @@ def create_decoder(
             num_prefix_tokens=encoder.num_prefix_tokens,
             grad_checkpointing=args["grad_checkpointing"],
         )
-    if not args["cls_pretraining"]:
+    if not args["cls_enabled"]:
         return main_decoder
     # BEiT v2's class-token head on an early block's patch tokens
     depth = len(encoder.blocks)
