@@ -15,9 +15,16 @@ One step, in this order::
     non-finite loss (on any rank) -> TrainingDiverged
     zero_grad; loss.backward(); clip_grad_norm_(params, clip_grad); optimizer.step()
     on_update(loss)                                                     # e.g. an EMA, a loss sum
-    step += 1; window += loss and terms; bar
+    step += 1; on_step(step); window += loss and terms; bar
     a log step: metrics.log(step, window means, lr, on_log's extras)
     step < total: a stop signal -> save(), raise; else a save step -> save()
+
+A task that runs forward and backward itself (gradient accumulation, autocast) hands the loop ``update``
+instead of ``compute`` (:meth:`TrainLoop.run_update`): the loop sets the lr, calls it, then clips, steps and
+zeroes the gradients. With ``defer_check`` the loss is not read back every step: a flag on the device
+collects non-finite losses and is checked at each log step and before every save, so no checkpoint holds
+weights a non-finite loss touched (the pretraining loop, where a host sync per step costs throughput).
+The window's sums stay on the device too; they are read at log steps and saves only.
 
 The loop draws no random number: a task that moves onto it keeps its sequence of draws.
 """
@@ -53,6 +60,10 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], cl
     optimizer.step()
 
 
+def _split(computed: Computed) -> tuple[Tensor, dict[str, Tensor]]:
+    return computed if isinstance(computed, tuple) else (computed, {})
+
+
 class Logs(Protocol):
     """What the loop logs to (a :class:`~mimkit.engine.logging.MetricsLogger` or ``NullLogger``)."""
 
@@ -80,10 +91,16 @@ class TrainLoop:
         prefix: of the logged keys (``"train/"``: ``train/loss``, ``train/lr``, ``train/<term>``).
         on_update: called with the detached loss after each optimizer step, while :attr:`step` is still
             the step just taken (an EMA update, a loss sum the task keeps).
+        on_step: called with the new :attr:`step` once the counter has moved, before the window is logged
+            (pictures or measurements of the updated weights).
         on_log: ``(step, means) -> extra metrics`` at each log step, after the window's means are taken.
         save: writes the run's state after :attr:`step`; returns where (None: nothing written).
         save_every_steps: call ``save`` after every this many steps (not after the last).
         save_on_log: call ``save`` after each log step (not after the last).
+        save_at: ``step -> bool``, further steps to call ``save`` after (not after the last).
+        defer_check: check the loss for NaN/inf at log steps and before saves instead of every step (see
+            above); the message then names the steps between two checks and ``checkpoint_dir``.
+        checkpoint_dir: where the task's checkpoints are, for the deferred check's message.
         device: where the loss lives (the all-reduces under ``torchrun`` run there).
         ranks_agree: the stop and divergence decisions and the logged means are agreed by every rank (one
             all-reduce each); False where one process trains alone under ``torchrun`` (e.g. rank 0's probe).
@@ -108,10 +125,14 @@ class TrainLoop:
         log_at: Callable[[int], bool] | None = None,
         prefix: str = "train/",
         on_update: Callable[[Tensor], object] | None = None,
+        on_step: Callable[[int], object] | None = None,
         on_log: Callable[[int, dict[str, float]], dict[str, Any]] | None = None,
         save: Callable[[], Path | None] | None = None,
         save_every_steps: int | None = None,
         save_on_log: bool = False,
+        save_at: Callable[[int], bool] | None = None,
+        defer_check: bool = False,
+        checkpoint_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         ranks_agree: bool | None = None,
     ) -> None:
@@ -131,13 +152,17 @@ class TrainLoop:
         self.log_every_steps = log_every_steps
         self.log_at = log_at
         self.prefix = prefix
-        self.on_update, self.on_log = on_update, on_log
+        self.on_update, self.on_step, self.on_log = on_update, on_step, on_log
         self.save, self.save_every_steps, self.save_on_log = save, save_every_steps, save_on_log
+        self.save_at = save_at
+        self.defer_check, self.checkpoint_dir = defer_check, checkpoint_dir
         self.device = torch.device(device)
         self.ranks_agree = distributed.place().distributed if ranks_agree is None else ranks_agree
         self.lr = schedule(step)
-        self.window: dict[str, float] = {}  # sums of each logged value since the last log
+        self.window: dict[str, Tensor] = {}  # float64 sums on the device of each logged value since the last log
         self.window_steps = 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # since the last deferred check
+        self.checked_step = step  # the step of the last deferred check
         self.last: dict[str, float] = {}  # the means of the last logging window
         self.logged = False  # whether the step just taken was a log step
         self.signals = StopSignals()
@@ -171,7 +196,9 @@ class TrainLoop:
 
     def state_dict(self) -> dict[str, Any]:
         """The logging window in progress and the last one's means (the step is the task's to save)."""
-        return {"window": dict(self.window), "window_steps": self.window_steps, "last": dict(self.last)}
+        sums = torch.stack(list(self.window.values())).tolist() if self.window else []
+        window = dict(zip(self.window, sums, strict=True))
+        return {"window": window, "window_steps": self.window_steps, "last": dict(self.last)}
 
     def agreed_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with the window's sums averaged over the ranks when they agree, so that every
@@ -179,7 +206,7 @@ class TrainLoop:
         call it."""
         state = self.state_dict()
         if self.ranks_agree and self.window:
-            sums = torch.tensor(list(self.window.values()), dtype=torch.float64, device=self.device)
+            sums = torch.stack(list(self.window.values()))
             world = distributed.place().world_size
             averaged = (value / world for value in distributed.all_reduce(sums).tolist())
             state["window"] = dict(zip(self.window, averaged, strict=True))
@@ -187,7 +214,10 @@ class TrainLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the windows :meth:`state_dict` saved."""
-        self.window = {key: float(value) for key, value in state.get("window", {}).items()}
+        self.window = {
+            key: torch.tensor(float(value), dtype=torch.float64, device=self.device)
+            for key, value in state.get("window", {}).items()
+        }
         self.window_steps = int(state.get("window_steps", 0))
         self.last = {key: float(value) for key, value in state.get("last", {}).items()}
 
@@ -212,16 +242,46 @@ class TrainLoop:
             TrainingInterrupted: a stop signal arrived; ``save`` wrote the state after this step.
         """
         self.set_lr()
-        computed = compute()
-        loss, terms = computed if isinstance(computed, tuple) else (computed, {})
-        self.check(loss)
+        loss, terms = _split(compute())
+        if not self.defer_check:
+            self.check(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_and_step(self.optimizer, self.params, self.clip_grad)
+        return self._finish(loss, terms)
+
+    def run_update(self, update: Callable[[], Computed]) -> Tensor:
+        """One step whose forward and backward the task runs itself: the lr, ``update()`` (it calls backward
+        and returns the loss, or the loss and its named terms), the divergence check, clipping, the optimizer
+        step, zero_grad (no gradient is held past the step), then what :meth:`run_step` does after its step.
+
+        Returns:
+            The step's loss, detached.
+
+        Raises:
+            TrainingDiverged: the loss is not finite (on any rank); without ``defer_check`` the optimizer has
+                not stepped.
+            TrainingInterrupted: a stop signal arrived; ``save`` wrote the state after this step.
+        """
+        self.set_lr()
+        loss, terms = _split(update())
+        if not self.defer_check:
+            self.check(loss)
+        clip_and_step(self.optimizer, self.params, self.clip_grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._finish(loss, terms)
+
+    def _finish(self, loss: Tensor, terms: dict[str, Tensor]) -> Tensor:
+        """After the optimizer step: ``on_update``, the step counter, ``on_step``, the window, the log, a save
+        and the stop signal."""
         loss = loss.detach()
+        if self.defer_check:
+            self.nonfinite |= ~torch.isfinite(loss)
         if self.on_update is not None:
             self.on_update(loss)
         self.step += 1
+        if self.on_step is not None:
+            self.on_step(self.step)
         self.record({"loss": loss, **{key: value.detach() for key, value in terms.items()}})
         self.end_step()
         return loss
@@ -235,23 +295,42 @@ class TrainLoop:
                 f"{self.task} diverged at step {self.step} (loss {loss.item()}){self.context}; lower {self.lower}"
             )
 
+    def check_deferred(self) -> None:
+        """With ``defer_check``: raise :class:`TrainingDiverged` when a loss since the last check was NaN or
+        infinite (on any rank, when they agree). Every rank must call it at the same steps."""
+        if not self.defer_check:
+            return
+        bad = distributed.any_rank(self.nonfinite, self.device) if self.ranks_agree else bool(self.nonfinite)
+        since, self.checked_step = self.checked_step, self.step
+        if bad:
+            kept = f" in {self.checkpoint_dir}" if self.checkpoint_dir is not None else ""
+            raise TrainingDiverged(
+                f"{self.task}: loss became NaN/inf between steps {since} and {self.step}; training stopped and the "
+                f"last good checkpoint{kept} was kept. Lower {self.lower}, or check the data."
+            )
+
+    def checkpoint(self) -> Path | None:
+        """``save()`` after the deferred check (a checkpoint never holds weights a non-finite loss touched);
+        where it wrote, or None without ``save``. Every rank must call it."""
+        self.check_deferred()
+        return self.save() if self.save is not None else None
+
     def record(self, values: dict[str, Tensor]) -> None:
         """Add the step's values to the window, move the bar, and log the window's means at a log step."""
         for key, value in values.items():
-            self.window[key] = self.window.get(key, 0) + value.item()
+            value = value.to(self.device, torch.float64)
+            self.window[key] = self.window[key] + value if key in self.window else value
         self.window_steps += 1
         if self.bar is not None:
             self.bar.update(1)
         self.logged = self.is_log_step()
         if not self.logged:
             return
-        means = {key: total / self.window_steps for key, total in self.window.items()}
+        self.check_deferred()
+        sums = torch.stack(list(self.window.values())) / self.window_steps
         if self.ranks_agree:
-            reduced = distributed.all_reduce(
-                torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
-            )
-            world = distributed.place().world_size
-            means = dict(zip(means, (value / world for value in reduced.tolist()), strict=True))
+            sums = distributed.all_reduce(sums) / distributed.place().world_size
+        means = dict(zip(self.window, sums.tolist(), strict=True))
         self.last, self.window, self.window_steps = means, {}, 0
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{self.lr:.2e}")
@@ -273,7 +352,8 @@ class TrainLoop:
             return
         stop = self.signals.agreed(self.device) if self.ranks_agree else self.signals.requested
         if stop:
-            raise self.signals.interrupted(self.step, self.save() if self.save is not None else None)
+            raise self.signals.interrupted(self.step, self.checkpoint())
         periodic = bool(self.save_every_steps and self.step % self.save_every_steps == 0)
-        if self.save is not None and (periodic or (self.save_on_log and self.logged)):
-            self.save()
+        chosen = self.save_at is not None and self.save_at(self.step)
+        if self.save is not None and (periodic or chosen or (self.save_on_log and self.logged)):
+            self.checkpoint()

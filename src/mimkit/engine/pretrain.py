@@ -14,20 +14,17 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from mimkit.build import build_model
 from mimkit.config import Config, config_from_dict
 from mimkit.engine import distributed
-from mimkit.engine.divergence import TrainingDiverged
 from mimkit.engine.logging import MetricsLogger, NullLogger
-from mimkit.engine.loop import clip_and_step, set_group_lrs
+from mimkit.engine.loop import TrainLoop
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.previews import ReconstructionPreviews, preview_every
 from mimkit.engine.rng import rng_state, set_rng_state
 from mimkit.engine.run_guard import (
     RunLock,
-    StopSignals,
     TrainingInterrupted,
     check_input_path,
     check_output_dir,
@@ -220,10 +217,10 @@ class Pretrainer:
             self._build_online_probe()
         # exploitation rate measured since the last log: (visible, mask, count); a stateful masker keeps its own
         self.exploitation_log = torch.zeros(3)
-        self.step = 0
         self.last_loss = math.nan  # mean loss over the last logging interval
-        if resume_path is not None:
-            self._load(resume_path)
+        resumed = self._load(resume_path) if resume_path is not None else {}
+        self.loop = self._train_loop(int(resumed.get("step", 0)))
+        self.loop.load_state_dict(resumed.get("loop", {}))
         # The module that runs forward and backward: the model itself, or its DistributedDataParallel
         # wrapper (which all-reduces gradients); self.model stays the plain module for everything else.
         self.forward_model: torch.nn.Module = self.model
@@ -252,12 +249,55 @@ class Pretrainer:
             self.logger = MetricsLogger(
                 self.out_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step if resume_path else None
             )
+        self.loop.metrics = self.logger
         # reconstructions of held-aside images while training (pixel targets; a sharded model is not whole here)
         self.previews: ReconstructionPreviews | None = None
         self.preview_steps = preview_every(cfg, self.total_steps)
         shows = cfg.eval.reconstruct and cfg.target.type == "pixel" and not self.sharded
         if self.place.is_main and self.preview_steps and shows:
             self.previews = ReconstructionPreviews(cfg, self.out_dir, self.device, self.mean, self.std)
+        self.preview_seconds = 0.0  # reconstruction pictures since the last log
+        self.last_log_step, self.last_log_time = self.step, time.perf_counter()
+        self.probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's images and labels
+
+    @property
+    def step(self) -> int:
+        """The number of optimizer steps taken (the loop's counter)."""
+        return self.loop.step
+
+    def _train_loop(self, step: int) -> TrainLoop:
+        """The engine loop around :meth:`_forward_backward`: lr schedule, clipping, the deferred NaN/inf check,
+        logging, saves and stop signals."""
+        cfg = self.config
+        spe = self.steps_per_epoch
+
+        def at_epoch_end(step: int, every: int | None) -> bool:
+            """Whether ``step`` ends an epoch whose number ``every`` divides (never when ``every`` is unset)."""
+            return every is not None and every > 0 and step % spe == 0 and (step // spe) % every == 0
+
+        return TrainLoop(
+            self.optimizer,
+            self.lr_at,
+            total_steps=self.total_steps,
+            task="pretrain",
+            lower="optim.blr, set optim.clip_grad",
+            params=list(self.model.parameters()),  # clipping's norm sums in the model's order
+            clip_grad=cfg.optim.clip_grad,
+            step=step,
+            progress=cfg.train.progress and self.place.is_main,
+            log_at=lambda at: at % cfg.log.every_steps == 0 or at % spe == 0 or at >= self.total_steps,
+            on_update=self._after_update,
+            on_step=self._after_step,
+            on_log=self._log_extras,
+            save=self._save_step,
+            save_every_steps=cfg.train.save_every_steps,
+            save_at=lambda at: (
+                at_epoch_end(at, cfg.train.save_every_epochs) or at_epoch_end(at, cfg.train.keep_every_epochs)
+            ),
+            defer_check=True,  # no host sync per step; checked at log steps and before every save
+            checkpoint_dir=self.out_dir,
+            device=self.device,
+        )
 
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under DistributedDataParallel: rank 0's weights are broadcast, gradients averaged.
@@ -304,7 +344,9 @@ class Pretrainer:
                 f"{existing} already exists; pass --resume to continue that run or choose another train.output_dir"
             )
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path) -> dict[str, Any]:
+        """Load the model, optimizer, probe, masker and RNG states of ``path``; returns the checkpoint (its
+        ``step`` and ``loop`` window are the loop's to take)."""
         state = load_checkpoint_file(path, merge_shards=not self.sharded)
         for key in ("step",) if "sharded" in state else ("model", "optimizer", "step"):
             if key not in state:
@@ -324,7 +366,6 @@ class Pretrainer:
             state = {**state, **self._local_shards_of(path, state)}
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
         self.last_loss = float(state.get("loss", math.nan))
         if self.online_probe is not None and self.probe_optimizer is not None:
             if "online_probe" in state:
@@ -343,7 +384,8 @@ class Pretrainer:
             self.exploitation_log = torch.tensor(log_window, dtype=torch.float32)
         if "rng" in state:
             set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d", path, int(state["step"]))
+        return state
 
     def _local_shards_of(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's share of a checkpoint's model and optimizer, as DTensors placed like the sharded
@@ -368,8 +410,9 @@ class Pretrainer:
         }
         return {"model": distributed.to_sharded_like(pieces["model"], model_like), "optimizer": optimizer}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as plain tensors and Python values."""
+    def state_dict(self, window: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs, as plain tensors and Python values; ``window``: the loop's logging window
+        to save (default: this rank's own, :meth:`TrainLoop.state_dict`)."""
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -386,6 +429,7 @@ class Pretrainer:
             "rng": rng_state(),
             "config": self.config.to_dict(),
             "model_args": dict(self.model.config),
+            "loop": window if window is not None else self.loop.state_dict(),
         }
         if isinstance(self.model.masker, StatefulMasker):
             state["masker"] = {"state": self.model.masker.state_dict()}
@@ -397,19 +441,29 @@ class Pretrainer:
             }
         return state
 
-    def save(self, name: str = CHECKPOINT_NAME) -> Path:
+    def save(self, name: str = CHECKPOINT_NAME, window: dict[str, Any] | None = None) -> Path:
         """Write ``output_dir/name``; every rank calls it, rank 0 writes (with FSDP every rank writes its
         shards first, and ``last.pt`` naming them is replaced only once all are complete)."""
         path = self.out_dir / name
         if self.sharded:
-            self._save_sharded(path)
+            self._save_sharded(path, window)
         elif self.place.is_main:
-            save_checkpoint(path, self.state_dict())
+            save_checkpoint(path, self.state_dict(window))
         return path
 
-    def _save_sharded(self, path: Path) -> None:
+    def _save_step(self) -> Path:
+        """What the loop saves after a step (every rank calls it): ``last.pt`` with the logging window every
+        rank agrees on, and at the end of every ``train.keep_every_epochs``-th epoch a numbered copy."""
+        window = self.loop.agreed_state_dict()
+        path = self.save(window=window)
+        keep, spe = self.config.train.keep_every_epochs, self.steps_per_epoch
+        if keep and self.step % spe == 0 and (self.step // spe) % keep == 0:
+            self.save(f"epoch_{self.step // spe:04d}.pt", window=window)
+        return path
+
+    def _save_sharded(self, path: Path, window: dict[str, Any] | None) -> None:
         folder = f"{SHARDS_DIR}/step_{self.step:08d}"
-        state = self.state_dict()
+        state = self.state_dict(window)
         local, keys = distributed.local_shards({"model": state.pop("model"), "optimizer": state.pop("optimizer")})
         save_checkpoint(shard_path(self.out_dir / folder, self.place.rank), local)
         distributed.barrier()  # all shards complete before anything names them
@@ -438,14 +492,19 @@ class Pretrainer:
         )
 
     def train_step(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """One optimizer step on a uint8 batch (B, C, H, W); returns the detached mean loss.
+        """One optimizer step on a uint8 batch (B, C, H, W) through the loop (lr, clipping, logging, saves,
+        stop signals); returns the detached mean loss.
 
-        With the online probe on, ``labels`` (B,) also train the probe on the same augmented images
-        (see :meth:`probe_step`); the pretraining update does not depend on them.
+        With the online probe on, ``labels`` (B,) also train the probe on the same augmented images after
+        the update (see :meth:`probe_step`); the pretraining update does not depend on them.
         """
+        return self.loop.run_update(partial(self._forward_backward, images_uint8, labels))
+
+    def _forward_backward(self, images_uint8: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The step's augmentation, masks, exploitation measurement, and forward and backward passes (over
+        ``optim.accum_steps`` micro-batches, DDP reducing once); returns the detached mean loss."""
         cfg = self.config
         seed, step, rank = cfg.train.seed, self.step, self.place.rank
-        set_group_lrs(self.optimizer, self.lr_at(step))
         batch = images_uint8.shape[0]
         part = (rank * batch, self.place.world_size * batch)  # this rank's rows of the global batch
         # a custom augment that knows nothing of ranks still works in a single process
@@ -476,12 +535,51 @@ class Pretrainer:
                     out = self.forward_model(images[rows], mask=mask.rows(rows))
                 (out.loss.float() / accum).backward()
             total += out.loss.detach().float() / accum
-        clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.clip_grad)
-        self.optimizer.zero_grad(set_to_none=True)  # after the step: no gradient held through the probe
         if self.online_probe is not None and labels is not None:
-            self.probe_step(images, labels)
-        self.step += 1
+            self.probe_batch = (images, labels)
         return total
+
+    def _after_update(self, loss: torch.Tensor) -> None:
+        """After the optimizer step: the online probe's step on the updated encoder."""
+        if self.probe_batch is not None:
+            images, labels = self.probe_batch
+            self.probe_batch = None
+            self.probe_step(images, labels)
+
+    def _after_step(self, step: int) -> None:
+        """Reconstruction pictures of the held-aside images every ``preview_steps`` (rank 0)."""
+        if self.previews is not None and step % self.preview_steps == 0:
+            self.previews(self.model, step, self.logger)
+            self.preview_seconds += self.previews.seconds[-1]
+            self.last_log_time += self.previews.seconds[-1]  # img/s counts training time only
+
+    def _log_extras(self, step: int, means: dict[str, float]) -> dict[str, Any]:
+        """What a log step adds to the loop's loss and lr: throughput, epoch, picture time, the online
+        probe's window and the exploitation rates measured since the last log."""
+        now = time.perf_counter()
+        world = self.place.world_size
+        self.last_loss = means["loss"]
+        steps = step - self.last_log_step
+        metrics: dict[str, Any] = {
+            "train/img_per_s": steps * self.config.train.batch_size * world / max(now - self.last_log_time, 1e-9),
+            "epoch": step / self.steps_per_epoch,
+        }
+        self.last_log_step, self.last_log_time = step, now
+        if self.preview_seconds:
+            metrics["time/reconstruction_s"], self.preview_seconds = self.preview_seconds, 0.0
+        if self.online_probe is not None:
+            distributed.all_reduce(self.probe_running)
+            probe_loss, probe_correct, probe_seen = self.probe_running.tolist()
+            if probe_seen:
+                metrics["probe/loss"] = probe_loss / probe_seen
+                metrics["probe/acc"] = probe_correct / probe_seen
+            self.probe_running.zero_()
+        visible_sum, mask_sum, count = self.exploitation_log.tolist()
+        if count:
+            metrics["exploitation/visible"] = visible_sum / count
+            metrics["exploitation/mask"] = mask_sum / count
+            self.exploitation_log.zero_()
+        return metrics
 
     def _make_mask(self, images: torch.Tensor, part: tuple[int, int]) -> Any:
         """This rank's masks. A masker that does not look at the images draws the masks of the whole
@@ -546,101 +644,25 @@ class Pretrainer:
             [loss.detach() * labels.numel(), correct.float(), logits.new_tensor(labels.numel())]
         )
 
-    def _check_finite(self, nonfinite: torch.Tensor, since: int) -> None:
-        if distributed.any_rank(nonfinite, self.device):
-            raise TrainingDiverged(
-                f"loss became NaN/inf between steps {since} and {self.step}; training stopped and the last good "
-                f"checkpoint in {self.out_dir} was kept. Lower optim.blr, set optim.clip_grad, or check the data."
-            )
-
     def fit(self) -> PretrainResult:
         """Train until ``total_steps``; checkpoints, logs and a progress bar along the way."""
         cfg = self.config
         start_step = self.step
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="pretrain",
-            unit="step",
-            disable=not (cfg.train.progress and self.place.is_main),
-            dynamic_ncols=True,
-        )
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        running = torch.zeros((), device=self.device)
-        last_log_step, last_log_time = self.step, time.perf_counter()
-        last_checked = self.step
-        preview_seconds = 0.0  # reconstruction pictures since the last log
+        self.last_log_step, self.last_log_time = self.step, time.perf_counter()
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            signals = stack.enter_context(StopSignals())
             stack.callback(self.logger.close)
-            stack.callback(bar.close)
-            while self.step < self.total_steps:
+            stack.enter_context(self.loop)
+            while not self.loop.done:
                 epoch = self.step // self.steps_per_epoch
                 self.loader.set_epoch(epoch)
                 start_batch = self.step - epoch * self.steps_per_epoch
                 for images, labels in self.loader.iter_from(start_batch):
-                    loss = self.train_step(images, labels)
-                    nonfinite |= ~torch.isfinite(loss)
-                    running += loss
-                    bar.update(1)
-                    at_epoch_end = self.step % self.steps_per_epoch == 0
-                    done = self.step >= self.total_steps
-                    if self.previews is not None and self.step % self.preview_steps == 0:
-                        self.previews(self.model, self.step, self.logger)
-                        preview_seconds += self.previews.seconds[-1]
-                        last_log_time += self.previews.seconds[-1]  # img/s counts training time only
-                    if self.step % cfg.log.every_steps == 0 or at_epoch_end or done:
-                        self._check_finite(nonfinite, last_checked)
-                        last_checked = self.step
-                        now = time.perf_counter()
-                        steps = self.step - last_log_step
-                        world = self.place.world_size
-                        self.last_loss = loss_value = float(distributed.all_reduce(running)) / max(steps, 1) / world
-                        img_s = steps * cfg.train.batch_size * world / max(now - last_log_time, 1e-9)
-                        lr = self.lr_at(self.step - 1)
-                        metrics = {
-                            "train/loss": loss_value,
-                            "train/lr": lr,
-                            "train/img_per_s": img_s,
-                            "epoch": self.step / self.steps_per_epoch,
-                        }
-                        if preview_seconds:
-                            metrics["time/reconstruction_s"], preview_seconds = preview_seconds, 0.0
-                        if self.online_probe is not None:
-                            distributed.all_reduce(self.probe_running)
-                            probe_loss, probe_correct, probe_seen = self.probe_running.tolist()
-                            if probe_seen:
-                                metrics["probe/loss"] = probe_loss / probe_seen
-                                metrics["probe/acc"] = probe_correct / probe_seen
-                            self.probe_running.zero_()
-                        visible_sum, mask_sum, count = self.exploitation_log.tolist()
-                        if count:
-                            metrics["exploitation/visible"] = visible_sum / count
-                            metrics["exploitation/mask"] = mask_sum / count
-                            self.exploitation_log.zero_()
-                        self.logger.log(self.step, metrics)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-                        running.zero_()
-                        last_log_step, last_log_time = self.step, now
-                    save_steps = cfg.train.save_every_steps
-                    epochs_done = self.step // self.steps_per_epoch
-                    stopping = signals.agreed(self.device)  # every rank stops after the same step
-                    if (
-                        (save_steps and self.step % save_steps == 0)
-                        or done
-                        or stopping
-                        or (at_epoch_end and epochs_done % cfg.train.save_every_epochs == 0)
-                    ):
-                        self._check_finite(nonfinite, last_checked)
-                        self.save()
-                    keep = cfg.train.keep_every_epochs
-                    if keep and at_epoch_end and epochs_done % keep == 0:
-                        self.save(f"epoch_{epochs_done:04d}.pt")
-                    if stopping:
-                        raise signals.interrupted(self.step, self.out_dir / CHECKPOINT_NAME)
-                    if done:
+                    self.train_step(images, labels)
+                    if self.loop.done:
                         break
+            if self.step > start_step:
+                self.loop.checkpoint()  # the last step's, after the NaN/inf check
         seconds = time.perf_counter() - started
         images_seen = (self.step - start_step) * cfg.train.batch_size * self.place.world_size
         return PretrainResult(
