@@ -239,6 +239,25 @@ def test_the_target_sections_hold_their_parts_constructor_arguments() -> None:
     assert head == ["layer", "depth"] and set(head) <= set(inspect.signature(ClassTokenPretraining).parameters)
 
 
+def test_the_tokenizer_teacher_is_the_target_teacher_section_with_a_teacher_by_default() -> None:
+    from mimkit.config import TeacherConfig
+
+    config = load_config(None, ["teacher.stage=3", "teacher.input_size=64"], schema=TokenizerConfig)
+    assert isinstance(config.teacher, TeacherConfig) and config.teacher.spec == "efficientnet_lite0"
+    assert config.teacher.options() == {"stage": 3, "input_size": 64}
+    assert list(to_plain(config)["teacher"]) == ["spec", "stage", "input_size", "cache"]
+    with pytest.raises(ConfigError, match=r"^teacher\.cache: the tokenizer keeps no feature cache"):
+        load_config(None, ["teacher.cache=/tmp/features"], schema=TokenizerConfig)
+    with pytest.raises(ConfigError, match=r"^teacher\.spec: expected a string"):
+        load_config(None, ["teacher.spec=null"], schema=TokenizerConfig)
+    with pytest.raises(ConfigError, match=r"^teacher\.spec: must name a teacher"):
+        load_config(None, ["teacher.spec=''"], schema=TokenizerConfig)
+    # a config stored before the section had a cache key loads as it was written
+    stored = to_plain(TokenizerConfig())
+    del stored["teacher"]["cache"]
+    assert from_dict(TokenizerConfig, stored).validate() == TokenizerConfig()
+
+
 @pytest.mark.parametrize(
     ("old", "new"),
     [

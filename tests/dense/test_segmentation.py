@@ -1,6 +1,7 @@
 """Semantic segmentation: class-mask folders, the UperNet head on every backbone, IoU, training end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,63 @@ def test_the_training_section_is_checked_as_detections_naming_each_key() -> None
         for schema in (SegConfig, DetectConfig):
             with pytest.raises(ConfigError, match=rf"^train\.{key}: "):
                 load_config(None, [f"train.{key}={value}"], schema=schema)
+
+
+SHARED_MODEL_RULES = (  # an override each shared backbone rule refuses, and the message it gives
+    ("sample_ratio=0", "sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
+    ("fill=zeros", "fill", "must be one of"),
+    ("stem=vit", "stem", "must be one of"),
+    ("stem_channels=[16,32]", "stem_channels", "sets the side stem of model.stem=patch_embed"),
+    ("p5_pool=sum", "p5_pool", "must be one of"),
+    ("drop_path=1", "drop_path", "must lie in [0, 1)"),
+    ("img_size=0", "img_size", "must be positive"),
+    ("random_init=true", "random_init", "needs model.checkpoint"),
+    ("backbone=resnet", "backbone", "must be one of"),
+)
+
+
+@pytest.mark.parametrize(("override", "key", "message"), SHARED_MODEL_RULES, ids=[r[1] for r in SHARED_MODEL_RULES])
+def test_the_backbone_keys_are_checked_alike_in_detection_and_segmentation(
+    override: str, key: str, message: str
+) -> None:
+    from mimkit.config import ConfigError
+    from mimkit.tasks.detect import DetectConfig
+
+    errors = []
+    for schema in (DetectConfig, SegConfig):
+        with pytest.raises(ConfigError, match=rf"^model\.{key}: {re.escape(message)}") as caught:
+            load_config(None, [f"model.{override}"], schema=schema)
+        errors.append(str(caught.value))
+    if key != "backbone":  # the backbones each task offers differ
+        assert errors[0] == errors[1]
+
+
+def test_each_task_keeps_its_backbone_defaults_and_choices() -> None:
+    from mimkit.config import ConfigError
+    from mimkit.tasks.detect import DetectConfig
+
+    detect, seg = load_config(None, [], schema=DetectConfig), load_config(None, [], schema=SegConfig)
+    assert (detect.model.backbone, detect.model.sample_ratio) == ("mimdet", 0.5)
+    assert (seg.model.backbone, seg.model.sample_ratio) == ("vit_pyramid", 1.0)
+    assert load_config(None, ["model.backbone=vit_pyramid"], schema=SegConfig).model.backbone == "vit_pyramid"
+    with pytest.raises(ConfigError, match=r"^model\.backbone: must be one of \('mimdet', 'convmae'\)"):
+        load_config(None, ["model.backbone=vit_pyramid"], schema=DetectConfig)
+
+
+def test_a_stored_model_section_in_the_former_key_order_loads() -> None:
+    from mimkit.config import from_dict, to_plain
+    from mimkit.tasks.detect import DetectConfig
+
+    # the model keys of configs written before the shared backbone section, in the order they were saved
+    detect_keys = ("backbone", "checkpoint", "random_init", "sample_ratio", "fill", "stem", "stem_channels",
+                   "p5_pool", "fpn_channels", "anchor_sizes", "box_head_dim", "masks", "drop_path",
+                   "score_threshold", "img_size", "mean", "std")  # fmt: skip
+    seg_keys = ("backbone", "checkpoint", "random_init", "head_channels", "pyramid_channels", "sample_ratio", "fill",
+                "stem", "stem_channels", "p5_pool", "drop_path", "img_size", "mean", "std")  # fmt: skip
+    overrides = ["model.stem=patch_embed", "model.stem_channels=[16,32]", "model.mean=[0.5,0.5,0.5]"]
+    for schema, keys, ratio in ((DetectConfig, detect_keys, "0.25"), (SegConfig, seg_keys, "0.75")):
+        config = load_config(None, [f"model.sample_ratio={ratio}", *overrides], schema=schema)
+        plain = to_plain(config)
+        assert sorted(plain["model"]) == sorted(keys)
+        stored = {**plain, "model": {key: plain["model"][key] for key in keys}}
+        assert from_dict(schema, stored).validate() == config

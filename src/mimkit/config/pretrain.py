@@ -141,7 +141,8 @@ class MaskConfig:
 class TeacherConfig:
     """``target.teacher``: the frozen teacher of ``maskdistill`` and ``milan``. ``spec``, ``stage`` and
     ``input_size`` are the arguments of :func:`~mimkit.targets.build_teacher`; ``cache`` is the folder of the
-    target's :class:`~mimkit.targets.FeatureCache`."""
+    target's :class:`~mimkit.targets.FeatureCache`. ``mimkit tokenizer-train``'s ``teacher`` section is this one
+    with a default spec (:class:`~mimkit.tasks.tokenizer.TokenizerTeacherConfig`)."""
 
     # efficientnet_lite0, a mimkit checkpoint path, timm:NAME@FILE or hf_clip:DIR; null: no teacher
     spec: str | None = None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 import yaml
@@ -36,7 +36,7 @@ from mimkit.models.mim import MaskedImageModel
 from mimkit.models.vit import VisionTransformer
 
 if TYPE_CHECKING:
-    from mimkit.tasks.segment import SegConfig, SegModelConfig
+    from mimkit.tasks.segment import SegConfig
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")  # a command's config schema
@@ -58,8 +58,12 @@ def with_legacy_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class DetectModelConfig:
-    """The detector: backbone, where its encoder comes from, and head sizes."""
+class BackboneConfig:
+    """The ``model`` keys detection and segmentation share: the backbone, where its encoder comes from, MIMDet's
+    options, the input side and normalization. A task's model section derives from it, adds its head's keys
+    and sets its own defaults and :attr:`BACKBONES`; :meth:`checks` holds the rules of these keys for both."""
+
+    BACKBONES: ClassVar[tuple[str, ...]] = BACKBONES  # the values model.backbone takes
 
     backbone: str = "mimdet"  # mimdet (a ViT checkpoint) or convmae (a ConvMAE checkpoint)
     checkpoint: str | None = None  # pretrained encoder; None: the `encoder` section, randomly initialized
@@ -69,15 +73,36 @@ class DetectModelConfig:
     stem: str = "conv"  # MIMDet's ConvStem as the ViT's input; patch_embed: pretrained patch embedding + side stem
     stem_channels: tuple[int, int] | None = None  # stem=patch_embed: side stem (C4, C8); None: the ConvStem's
     p5_pool: str = "avg"  # MIMDet: 1/32 level by parameter-free 2x2 average (or max) pooling of the 1/16 one
+    drop_path: float = 0.0
+    img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
+    mean: tuple[float, ...] | None = None  # normalization; None: the pretraining run's (or the folder default)
+    std: tuple[float, ...] | None = None
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key, message) of every rule on these keys, for the detection and segmentation configs."""
+        m = self
+        return [
+            (m.backbone in m.BACKBONES, "model.backbone", f"must be one of {m.BACKBONES}"),
+            (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
+            (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
+            (m.stem in STEMS, "model.stem", f"must be one of {STEMS}"),
+            (m.stem == "patch_embed" or m.stem_channels is None, "model.stem_channels", STEM_CHANNELS_ONLY),
+            (m.p5_pool in P5_POOLS, "model.p5_pool", f"must be one of {P5_POOLS}"),
+            (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
+            (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
+            (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
+        ]
+
+
+@dataclass
+class DetectModelConfig(BackboneConfig):
+    """The detector: the backbone and its encoder (:class:`BackboneConfig`), FPN and head sizes."""
+
     fpn_channels: int = 64
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64)
     box_head_dim: int = 256
     masks: bool = True  # Mask R-CNN; false: Faster R-CNN for box-only data (e.g. imported VOC)
-    drop_path: float = 0.0
     score_threshold: float = 0.05
-    img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
-    mean: tuple[float, ...] | None = None  # normalization; None: the pretraining run's (or the folder default)
-    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -151,16 +176,8 @@ class DetectConfig:
         """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
         m = self.model
         checks = [
-            (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}"),
-            (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1] (MIMDet samples 0.25 to 0.5)"),
-            (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
-            (m.stem in STEMS, "model.stem", f"must be one of {STEMS}"),
-            (m.stem == "patch_embed" or m.stem_channels is None, "model.stem_channels", STEM_CHANNELS_ONLY),
-            (m.p5_pool in P5_POOLS, "model.p5_pool", f"must be one of {P5_POOLS}"),
+            *m.checks(),
             (len(m.anchor_sizes) == 4, "model.anchor_sizes", "needs one size per pyramid level (4)"),
-            (0 <= m.drop_path < 1, "model.drop_path", "must lie in [0, 1)"),
-            (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
-            (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
             *self.train.checks(),
         ]
         for ok, key, message in checks:
@@ -258,9 +275,7 @@ def pretrained_for(config: DetectConfig | SegConfig) -> Pretrained:
     )
 
 
-def mimdet_body(
-    encoder: VisionTransformer, decoder: MAEDecoder | None, m: DetectModelConfig | SegModelConfig
-) -> MIMDetBackbone:
+def mimdet_body(encoder: VisionTransformer, decoder: MAEDecoder | None, m: BackboneConfig) -> MIMDetBackbone:
     """:class:`MIMDetBackbone` with a detection or segmentation config's ``model`` keys; a bad stem for this
     encoder is a :class:`~mimkit.config.ConfigError` naming ``model.stem``."""
     try:

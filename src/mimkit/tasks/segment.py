@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -28,14 +28,14 @@ from mimkit.config import ConfigError, ModelConfig
 from mimkit.dense.data.segmentation import IGNORE_INDEX, SegmentationFolder
 from mimkit.dense.evaluation.coco_ap import PALETTE
 from mimkit.dense.evaluation.miou import confusion_matrix, iou_from_confusion
-from mimkit.dense.models.backbones import FILLS, P5_POOLS, STEMS, ConvMAEBackbone, ViTPyramid
+from mimkit.dense.models.backbones import ConvMAEBackbone, ViTPyramid
 from mimkit.dense.models.upernet import Segmenter
 from mimkit.engine.run_guard import holding_run_lock
 from mimkit.models.convvit import ConvViT
 from mimkit.models.mae_decoder import MAEDecoder
 from mimkit.models.vit import VisionTransformer
 from mimkit.tasks.detect import (
-    STEM_CHANNELS_ONLY,
+    BackboneConfig,
     DetectTrainConfig,
     Pretrained,
     check_data_paths,
@@ -51,23 +51,15 @@ SEG_BACKBONES = ("vit_pyramid", "mimdet", "convmae")
 
 
 @dataclass
-class SegModelConfig:
-    """The segmenter: backbone, where its encoder comes from, head width."""
+class SegModelConfig(BackboneConfig):
+    """The segmenter: the backbone and its encoder (:class:`~mimkit.tasks.detect.BackboneConfig`), head width."""
+
+    BACKBONES: ClassVar[tuple[str, ...]] = SEG_BACKBONES
 
     backbone: str = "vit_pyramid"  # vit_pyramid or mimdet (a ViT checkpoint), convmae (a ConvMAE checkpoint)
-    checkpoint: str | None = None
-    random_init: bool = False
+    sample_ratio: float = 1.0  # mimdet: all tokens unless set
     head_channels: int = 64
     pyramid_channels: int = 64  # vit_pyramid: width of each level
-    sample_ratio: float = 1.0  # mimdet: fraction of tokens seen in training
-    fill: str = "decoder"
-    stem: str = "conv"  # mimdet: ConvStem as the ViT's input, or patch_embed (see DetectModelConfig)
-    stem_channels: tuple[int, int] | None = None  # mimdet, stem=patch_embed only
-    p5_pool: str = "avg"  # mimdet: avg or max
-    drop_path: float = 0.0
-    img_size: int | None = None  # input side; None: the encoder's pretraining img_size (position tables follow)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -98,16 +90,8 @@ class SegConfig:
 
     def validate(self) -> SegConfig:
         """Raise :class:`~mimkit.config.ConfigError` naming the first bad key."""
-        m = self.model
         checks = [
-            (m.backbone in SEG_BACKBONES, "model.backbone", f"must be one of {SEG_BACKBONES}"),
-            (0 < m.sample_ratio <= 1, "model.sample_ratio", "must lie in (0, 1]"),
-            (m.fill in FILLS, "model.fill", f"must be one of {FILLS}"),
-            (m.stem in STEMS, "model.stem", f"must be one of {STEMS}"),
-            (m.stem == "patch_embed" or m.stem_channels is None, "model.stem_channels", STEM_CHANNELS_ONLY),
-            (m.p5_pool in P5_POOLS, "model.p5_pool", f"must be one of {P5_POOLS}"),
-            (m.img_size is None or m.img_size > 0, "model.img_size", "must be positive"),
-            (not m.random_init or m.checkpoint is not None, "model.random_init", "needs model.checkpoint"),
+            *self.model.checks(),  # the same backbone keys and rules as detection's
             (self.data.num_classes is None or self.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
             *self.train.checks(),  # the same training section as detection's
         ]

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from mimkit.config import ConfigError, to_plain
+from mimkit.config import ConfigError, TeacherConfig, to_plain
 from mimkit.data import EvalTransform, FashionMNIST, build_loader, build_training_dataset, training_transform
 from mimkit.data.transforms import default_normalization
 from mimkit.engine.logging import MetricsLogger
@@ -76,18 +76,11 @@ class TokenizerModelConfig:
 
 
 @dataclass
-class TokenizerTeacherConfig:
-    """The frozen teacher of :func:`~mimkit.targets.build_teacher`: ``spec``, its ``stage`` and input side
-    (None: the teacher's defaults)."""
+class TokenizerTeacherConfig(TeacherConfig):
+    """``teacher``: the pretraining target's teacher section (``spec``, ``stage``, ``input_size``) with a teacher
+    by default; its ``cache`` is refused (the teacher sees a freshly augmented crop at every step)."""
 
     spec: str = "efficientnet_lite0"
-    stage: int | None = None
-    input_size: int | None = None
-
-    def options(self) -> dict[str, Any]:
-        """Keyword options of :func:`~mimkit.targets.build_teacher` that are set."""
-        options = {"stage": self.stage, "input_size": self.input_size}
-        return {key: value for key, value in options.items() if value is not None}
 
 
 @dataclass
@@ -184,6 +177,11 @@ class TokenizerConfig:
                 "must be divisible by 4 and by model.decoder_num_heads",
             ),
             (bool(self.teacher.spec), "teacher.spec", "must name a teacher (e.g. efficientnet_lite0)"),
+            (
+                self.teacher.cache is None,
+                "teacher.cache",
+                "the tokenizer keeps no feature cache (its teacher sees a new augmented crop each step); remove it",
+            ),
             (d.dataset in ("fashion_mnist", "folder"), "data.dataset", "must be 'fashion_mnist' or 'folder'"),
             (d.dataset != "folder" or bool(d.root), "data.root", "data.dataset=folder needs data.root"),
             (d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 (or null)"),
@@ -213,7 +211,8 @@ def build_tokenizer(config: TokenizerConfig, teacher: Teacher | None = None) -> 
     """The tokenizer a config describes, with ``teacher`` (built from ``config.teacher`` when None)."""
     mean, std = config.normalization()
     if teacher is None:
-        teacher = build_teacher(config.teacher.spec, student_mean=mean, student_std=std, **config.teacher.options())
+        options = config.teacher.options() or {}
+        teacher = build_teacher(config.teacher.spec, student_mean=mean, student_std=std, **options)
     m = config.model
     return VQKDTokenizer(
         img_size=m.img_size,
