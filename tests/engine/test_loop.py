@@ -273,6 +273,7 @@ whole, _ = run(False)
 parted, _ = run(True)
 if rank == 0:
     json.dump({"whole": whole, "parted": parted}, open(sys.argv[1], "w"))
+dist.barrier()  # no rank tears down its communication threads while another still uses them
 dist.destroy_process_group()
 """
 
