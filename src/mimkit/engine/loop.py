@@ -297,8 +297,9 @@ class TrainLoop:
 
     def check_deferred(self) -> None:
         """With ``defer_check``: raise :class:`TrainingDiverged` when a loss since the last check was NaN or
-        infinite (on any rank, when they agree). Every rank must call it at the same steps."""
-        if not self.defer_check:
+        infinite (on any rank, when they agree). Every rank must call it at the same steps; a second call at the
+        same step (a log step that is also a save step) has nothing new to check."""
+        if not self.defer_check or self.checked_step == self.step:
             return
         bad = distributed.any_rank(self.nonfinite, self.device) if self.ranks_agree else bool(self.nonfinite)
         since, self.checked_step = self.checked_step, self.step

@@ -270,11 +270,6 @@ class Pretrainer:
         logging, saves and stop signals."""
         cfg = self.config
         spe = self.steps_per_epoch
-
-        def at_epoch_end(step: int, every: int | None) -> bool:
-            """Whether ``step`` ends an epoch whose number ``every`` divides (never when ``every`` is unset)."""
-            return every is not None and every > 0 and step % spe == 0 and (step // spe) % every == 0
-
         return TrainLoop(
             self.optimizer,
             self.lr_at,
@@ -292,12 +287,17 @@ class Pretrainer:
             save=self._save_step,
             save_every_steps=cfg.train.save_every_steps,
             save_at=lambda at: (
-                at_epoch_end(at, cfg.train.save_every_epochs) or at_epoch_end(at, cfg.train.keep_every_epochs)
+                self._ends_epoch(at, cfg.train.save_every_epochs) or self._ends_epoch(at, cfg.train.keep_every_epochs)
             ),
             defer_check=True,  # no host sync per step; checked at log steps and before every save
             checkpoint_dir=self.out_dir,
             device=self.device,
         )
+
+    def _ends_epoch(self, step: int, every: int | None) -> bool:
+        """Whether ``step`` ends an epoch whose number ``every`` divides (never when ``every`` is unset)."""
+        spe = self.steps_per_epoch
+        return every is not None and every > 0 and step % spe == 0 and (step // spe) % every == 0
 
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under DistributedDataParallel: rank 0's weights are broadcast, gradients averaged.
@@ -456,9 +456,8 @@ class Pretrainer:
         rank agrees on, and at the end of every ``train.keep_every_epochs``-th epoch a numbered copy."""
         window = self.loop.agreed_state_dict()
         path = self.save(window=window)
-        keep, spe = self.config.train.keep_every_epochs, self.steps_per_epoch
-        if keep and self.step % spe == 0 and (self.step // spe) % keep == 0:
-            self.save(f"epoch_{self.step // spe:04d}.pt", window=window)
+        if self._ends_epoch(self.step, self.config.train.keep_every_epochs):
+            self.save(f"epoch_{self.step // self.steps_per_epoch:04d}.pt", window=window)
         return path
 
     def _save_sharded(self, path: Path, window: dict[str, Any] | None) -> None:
